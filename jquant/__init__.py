@@ -1,0 +1,4 @@
+"""jquant: functional quantization transforms for JAX."""
+from jquant.spec import QuantSpec
+from jquant.qarray import QArray, quantize, dequantize
+from jquant.ste import ste_round, fake_quant

@@ -1,0 +1,217 @@
+"""The quantization formulas: granularity layout, scale and zero-point, round, clip, dequantize.
+
+Conventions (every function here follows them; tests check them against NumPy float64):
+
+* Integer ranges (`QuantSpec.qmin/qmax`): symmetric b-bit → [-(2^(b-1)-1), 2^(b-1)-1] (int8:
+  [-127, 127]); asymmetric → [-2^(b-1), 2^(b-1)-1] (int8: [-128, 127]); sign → {-1, +1}.
+* Symmetric scale: z = 0, s = absmax / Qmax.
+* Asymmetric scale: lo = min(min(x), 0), hi = max(max(x), 0), s = (hi - lo) / (Qmax - Qmin),
+  z = Qmin - round(lo / s), an integer in [Qmin, Qmax], so 0.0 is represented exactly.
+  If hi - lo overflows to Inf (|x| near the float max), s = hi/(Qmax-Qmin) - lo/(Qmax-Qmin).
+* Sign scale (XNOR-Net): s = mean|x| over the group; q = +1 where x >= 0, else -1.
+* Quantize: q = clip(round(x / s) + z, Qmin, Qmax) with round half to even (`jnp.round`).
+* Dequantize: x̂ = s · (q - z).
+* Arithmetic runs in float32 (float64 for float64 inputs); scales are stored in that dtype.
+  bf16/f16 inputs are upcast exactly, and `dequantize` casts back to the input dtype.
+* Zero scale: a group that is all zeros (or whose scale underflows to 0) gets s = 0; division
+  uses 1 in its place, so q = z and x̂ = 0 exactly — never NaN.
+* NaN/Inf input: not masked. A NaN anywhere in a group makes that group's scale NaN and the whole
+  group dequantizes to NaN; an Inf makes the scale Inf and the group dequantizes to NaN/Inf. The
+  corruption stays visible; it is never turned into plausible numbers.
+
+Granularity is one code path: the "grouped view" of a tensor splits `group_axis` (size n) into
+`(n // group_size, group_size)`; the scale is reduced over the inner group axis and over every
+axis that is not a channel axis, with keepdims. Per-tensor and per-channel are the same code with
+no split.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Optional, Tuple
+
+import jax.numpy as jnp
+
+from jquant.spec import QuantSpec
+
+
+@dataclasses.dataclass(frozen=True)
+class Layout:
+    """A spec resolved against a shape: where the groups are and which axes a scale spans.
+
+    Attributes:
+      shape: the tensor's shape.
+      grouped_shape: `shape` with `group_axis` split into (n // group_size, group_size).
+      channel_axes: non-negative channel axes in original coordinates.
+      group_axis: the non-negative split axis in original coordinates, or None.
+      reduce_axes: axes of the grouped view that share one scale.
+    """
+
+    shape: Tuple[int, ...]
+    grouped_shape: Tuple[int, ...]
+    channel_axes: Tuple[int, ...]
+    group_axis: Optional[int]
+    reduce_axes: Tuple[int, ...]
+
+    @property
+    def scale_shape(self) -> Tuple[int, ...]:
+        """Shape of the scale (and zero-point): `grouped_shape` with 1 on every reduced axis."""
+        return tuple(1 if i in self.reduce_axes else d for i, d in enumerate(self.grouped_shape))
+
+    def grouped_axis(self, axis: int) -> int:
+        """Position in the grouped view of original `axis` (the outer part, for the split axis)."""
+        return axis + 1 if self.group_axis is not None and axis > self.group_axis else axis
+
+    def to_grouped(self, x):
+        """Reshape `x` (of `shape`) to `grouped_shape` — a free reshape, no data movement."""
+        return jnp.reshape(x, self.grouped_shape)
+
+    def from_grouped(self, x):
+        """Inverse of `to_grouped`."""
+        return jnp.reshape(x, self.shape)
+
+
+def _normalize_axis(axis: int, ndim: int, what: str) -> int:
+    if not -ndim <= axis < ndim:
+        raise ValueError(f"QuantSpec.{what}={axis} is out of range for a tensor of rank {ndim}; "
+                         f"allowed: {-ndim}..{ndim - 1}" if ndim else
+                         f"QuantSpec.{what}={axis} given for a 0-d tensor, which has no axes")
+    return axis % ndim
+
+
+def layout(shape: Tuple[int, ...], spec: QuantSpec) -> Layout:
+    """Resolve `spec`'s granularity against `shape`.
+
+    Raises:
+      ValueError: a channel/group axis out of range, a group size that does not divide its axis,
+        or a group size without any non-channel axis to split.
+    """
+    shape = tuple(int(d) for d in shape)
+    ndim = len(shape)
+    channel = tuple(sorted(_normalize_axis(a, ndim, "channel_axes") for a in spec.channel_axes))
+    if len(set(channel)) != len(channel):
+        raise ValueError(f"QuantSpec.channel_axes={spec.channel_axes} name the same axis twice for rank {ndim}")
+    group_axis = None
+    if spec.group_size is not None:
+        if spec.group_axis is None:
+            candidates = [a for a in range(ndim) if a not in channel]
+            if not candidates:
+                raise ValueError(f"QuantSpec.group_size={spec.group_size} needs an axis to split, but every axis of "
+                                 f"shape {shape} is a channel axis {channel}")
+            group_axis = candidates[-1]
+        else:
+            group_axis = _normalize_axis(spec.group_axis, ndim, "group_axis")
+            if group_axis in channel:
+                raise ValueError(f"QuantSpec.group_axis={spec.group_axis} is a channel axis {channel} for rank {ndim}")
+        n = shape[group_axis]
+        if n % spec.group_size:
+            raise ValueError(f"QuantSpec.group_size={spec.group_size} does not divide axis {group_axis} of size {n} "
+                             f"(shape {shape}); choose a divisor of {n}")
+    if group_axis is None:
+        grouped = shape
+        reduce_axes = tuple(a for a in range(ndim) if a not in channel)
+    else:
+        g = spec.group_size
+        grouped = shape[:group_axis] + (shape[group_axis] // g, g) + shape[group_axis + 1:]
+        reduce_axes = tuple(sorted(
+            [a + (a > group_axis) for a in range(ndim) if a not in channel and a != group_axis] + [group_axis + 1]))
+    return Layout(shape, grouped, channel, group_axis, reduce_axes)
+
+
+def compute_dtype(dtype) -> jnp.dtype:
+    """Float dtype the formulas run in: float32, or float64 for float64 input."""
+    return jnp.promote_types(dtype, jnp.float32) if jnp.issubdtype(dtype, jnp.floating) else jnp.dtype(jnp.float32)
+
+
+def scale_from_range(lo, hi, spec: QuantSpec):
+    """Scale and zero-point for the range [lo, hi] (arrays of the scale's shape, or scalars).
+
+    Symmetric: s = max(|lo|, |hi|) / Qmax, z = None. Asymmetric: lo → min(lo, 0), hi → max(hi, 0),
+    s = (hi - lo) / (Qmax - Qmin), z = Qmin - round(lo / s) (int8). Sign: not range based — use
+    `compute_scale`.
+
+    Returns:
+      (scale, zero_point): float scale; int8 zero-point of the same shape, or None if symmetric.
+    """
+    if spec.method == "sign":
+        raise ValueError("QuantSpec(method='sign') has no clip range: its scale is mean|x|; use compute_scale")
+    dtype = compute_dtype(jnp.result_type(lo, hi))
+    lo = jnp.asarray(lo, dtype)
+    hi = jnp.asarray(hi, dtype)
+    if spec.symmetric:
+        return jnp.maximum(jnp.abs(lo), jnp.abs(hi)) / spec.qmax, None
+    lo = jnp.minimum(lo, 0)
+    hi = jnp.maximum(hi, 0)
+    levels = spec.qmax - spec.qmin
+    span = hi - lo
+    # hi - lo can overflow to Inf when |lo|, |hi| approach the float max; dividing first cannot.
+    scale = jnp.where(jnp.isinf(span) & jnp.isfinite(lo) & jnp.isfinite(hi), hi / levels - lo / levels, span / levels)
+    zero_point = spec.qmin - jnp.round(lo / _safe(scale))
+    zero_point = jnp.clip(zero_point, spec.qmin, spec.qmax)
+    # NaN propagates into the scale; the zero-point must still be a valid integer.
+    zero_point = jnp.where(jnp.isnan(zero_point), spec.qmin, zero_point).astype(jnp.int8)
+    return scale, zero_point
+
+
+def compute_scale(x, spec: QuantSpec, lay: Optional[Layout] = None):
+    """Scale and zero-point of `x` from its own range (absmax / min-max / mean|x|).
+
+    Args:
+      x: float array of any shape.
+      spec: the QuantSpec.
+      lay: `layout(x.shape, spec)` if already known.
+
+    Returns:
+      (scale, zero_point) of shape `lay.scale_shape`; scale float32 (float64 for float64 x),
+      zero_point int8 or None when symmetric.
+    """
+    lay = lay or layout(x.shape, spec)
+    xg = lay.to_grouped(x.astype(compute_dtype(x.dtype)))
+    if spec.method == "sign":
+        if xg.size == 0:
+            return jnp.zeros(lay.scale_shape, xg.dtype), None
+        return jnp.mean(jnp.abs(xg), axis=lay.reduce_axes, keepdims=True), None
+    if spec.symmetric:
+        absmax = _reduce(jnp.max, jnp.abs(xg), lay)
+        return scale_from_range(-absmax, absmax, spec)
+    return scale_from_range(_reduce(jnp.min, xg, lay), _reduce(jnp.max, xg, lay), spec)
+
+
+def _reduce(fn, xg, lay: Layout):
+    # Reductions over empty axes have no identity for max/min; an empty tensor has range [0, 0].
+    if xg.size == 0:
+        return jnp.zeros(lay.scale_shape, xg.dtype)
+    return fn(xg, axis=lay.reduce_axes, keepdims=True)
+
+
+def _safe(scale):
+    """The divisor used for `scale`: 1 where the scale is 0, so an all-zero group gives q = z."""
+    return jnp.where(scale == 0, jnp.ones_like(scale), scale)
+
+
+def quantize_grouped(xg, scale, zero_point, spec: QuantSpec):
+    """Integers of the grouped view `xg`: q = clip(round(x / s) + z, Qmin, Qmax) as int8.
+
+    For `method="sign"`: q = +1 where x >= 0, else -1 (NaN maps to +1; its scale is NaN).
+    """
+    if spec.method == "sign":
+        return jnp.where(xg < 0, -1, 1).astype(jnp.int8)
+    q = unclipped_integers(xg, scale, zero_point)
+    return jnp.clip(q, spec.qmin, spec.qmax).astype(jnp.int8)
+
+
+def unclipped_integers(xg, scale, zero_point):
+    """round(x / s) + z before clipping, in the compute dtype (used for the STE clip mask)."""
+    xg = xg.astype(scale.dtype)
+    q = jnp.round(xg / _safe(scale))
+    if zero_point is not None:
+        q = q + zero_point.astype(q.dtype)
+    return q
+
+
+def dequantize_grouped(q, scale, zero_point):
+    """x̂ = s · (q - z) in the scale's dtype, on the grouped view."""
+    q = q.astype(scale.dtype)
+    if zero_point is not None:
+        q = q - zero_point.astype(scale.dtype)
+    return scale * q

@@ -1,0 +1,145 @@
+"""`QArray`, a quantized tensor as a pytree, and `quantize` / `dequantize`.
+
+Storage (`QArray.value`):
+* bits 5..8: the signed integers q as int8, in the tensor's own shape;
+* bits 1..4: unsigned codes packed into uint8 along the last axis (`jquant.packing`): uniform
+  codes are q - Qmin, sign codes are (q + 1) / 2. 4-bit takes half the bytes of int8, 2-bit a
+  quarter, 1-bit an eighth; 3-bit uses 4-bit containers (honestly counted in `bits_per_weight`).
+
+Scale and zero-point have shape `numerics.layout(shape, spec).scale_shape`: the tensor's shape
+(with the group axis split) and 1 on every axis that shares a scale.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional, Tuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jquant import numerics, packing
+from jquant.spec import QuantSpec
+
+
+@jax.tree_util.register_pytree_with_keys_class
+class QArray:
+    """A quantized tensor: integer storage, scale, zero-point, and static metadata.
+
+    Children (arrays, so `jit`, `tree_map`, `device_put` and sharding see them): `value`, `scale`,
+    `zero_point` (None when symmetric). Static auxiliary data: `spec`, `shape`, `dtype` (the
+    original float dtype that `dequantize` returns).
+    """
+
+    def __init__(self, value, scale, zero_point, *, spec: QuantSpec, shape: Tuple[int, ...], dtype):
+        self.value = value
+        self.scale = scale
+        self.zero_point = zero_point
+        self.spec = spec
+        self.shape = tuple(shape)
+        self.dtype = jnp.dtype(dtype)
+
+    def tree_flatten_with_keys(self):
+        keys = jax.tree_util.GetAttrKey
+        children = ((keys("value"), self.value), (keys("scale"), self.scale), (keys("zero_point"), self.zero_point))
+        return children, (self.spec, self.shape, self.dtype)
+
+    @classmethod
+    def tree_unflatten(cls, aux, children):
+        spec, shape, dtype = aux
+        return cls(*children, spec=spec, shape=shape, dtype=dtype)
+
+    @property
+    def ndim(self) -> int:
+        return len(self.shape)
+
+    @property
+    def size(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def layout(self) -> numerics.Layout:
+        """The spec resolved against `shape` (group split, reduced axes)."""
+        return numerics.layout(self.shape, self.spec)
+
+    @property
+    def q(self):
+        """The signed integers q as int8, in `shape` (unpacked if stored packed)."""
+        if packing.container_bits(self.spec.bits) == 8:
+            return self.value
+        codes = packing.unpack(self.value, self.spec.bits, self.shape).astype(jnp.int8)
+        if self.spec.method == "sign":
+            return 2 * codes - 1
+        return codes + jnp.int8(self.spec.qmin)
+
+    def dequantize(self):
+        """x̂ = s · (q - z) in the original shape and dtype."""
+        lay = self.layout
+        x = numerics.dequantize_grouped(lay.to_grouped(self.q), self.scale, self.zero_point)
+        return lay.from_grouped(x).astype(self.dtype)
+
+    @property
+    def nbytes(self) -> int:
+        """True storage bytes: integer storage + scales + zero-points."""
+        return sum(int(np.prod(a.shape)) * jnp.dtype(a.dtype).itemsize
+                   for a in (self.value, self.scale, self.zero_point) if a is not None)
+
+    @property
+    def bits_per_weight(self) -> float:
+        """8 · nbytes / number of elements: what one weight really costs, metadata included."""
+        return 8 * self.nbytes / max(self.size, 1)
+
+    def __repr__(self) -> str:
+        return f"QArray({self.spec!r}, shape={self.shape}, dtype={self.dtype.name}, bits/weight={self.bits_per_weight:.3f})"
+
+
+def quantize(x, spec: QuantSpec, *, scale=None, zero_point=None) -> QArray:
+    """Quantize a float array to a QArray (numerics in `jquant.numerics`).
+
+    Args:
+      x: float array (f32, bf16, f16, f64) of any shape.
+      spec: the QuantSpec.
+      scale, zero_point: a fixed (calibrated) scale and zero-point, broadcastable to the scale
+        shape `numerics.layout(x.shape, spec).scale_shape`; default: computed from `x`
+        (absmax, min/max, or mean|x| for sign). `zero_point` is needed iff `spec.symmetric` is False.
+
+    Returns:
+      QArray with `shape == x.shape` and `dtype == x.dtype`.
+
+    Raises:
+      TypeError: `x` is not a float array. ValueError: the spec does not fit `x.shape`.
+    """
+    x = jnp.asarray(x)
+    if not jnp.issubdtype(x.dtype, jnp.floating):
+        raise TypeError(f"quantize expects a float array, got dtype {x.dtype}")
+    lay = numerics.layout(x.shape, spec)
+    scale, zero_point = resolve_scale(x, spec, lay, scale, zero_point)
+    q = numerics.quantize_grouped(lay.to_grouped(x), scale, zero_point, spec)
+    q = lay.from_grouped(q)
+    if packing.container_bits(spec.bits) == 8:
+        value = q
+    else:
+        codes = (q + 1) // 2 if spec.method == "sign" else q - spec.qmin
+        value = packing.pack(codes.astype(jnp.uint8), spec.bits)
+    return QArray(value, scale, zero_point, spec=spec, shape=x.shape, dtype=x.dtype)
+
+
+def resolve_scale(x, spec: QuantSpec, lay: numerics.Layout, scale, zero_point):
+    """The (scale, zero_point) to use: computed from `x`, or the given ones broadcast to shape."""
+    if scale is None:
+        if zero_point is not None:
+            raise ValueError("zero_point given without scale; pass both or neither")
+        return numerics.compute_scale(x, spec, lay)
+    if spec.symmetric != (zero_point is None):
+        need = "no zero_point (symmetric spec)" if spec.symmetric else "a zero_point (asymmetric spec)"
+        raise ValueError(f"a fixed scale for {spec!r} needs {need}")
+    scale = jnp.broadcast_to(jnp.asarray(scale, numerics.compute_dtype(x.dtype)), lay.scale_shape)
+    if zero_point is not None:
+        zero_point = jnp.broadcast_to(jnp.asarray(zero_point).astype(jnp.int8), lay.scale_shape)
+    return scale, zero_point
+
+
+def dequantize(qarray: QArray):
+    """`qarray.dequantize()`: x̂ = s · (q - z) in the original shape and dtype."""
+    return qarray.dequantize()

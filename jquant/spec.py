@@ -1,0 +1,111 @@
+"""`QuantSpec`: what a tensor is quantized to (bit width, symmetry, granularity, method)."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Optional, Tuple, Union
+
+METHODS = ("uniform", "sign")
+"""Quantization methods this version knows. Codebook methods will join this tuple."""
+
+
+@dataclasses.dataclass(frozen=True)
+class QuantSpec:
+    """How one tensor is quantized. Frozen and hashable, so it can be a `jit` static argument.
+
+    Args:
+      bits: bit width, 1..8. `method="uniform"` needs 2..8 (a symmetric 1-bit grid would hold
+        only 0); `method="sign"` needs exactly 1.
+      symmetric: True → zero-point 0, integers in [-(2^(b-1)-1), 2^(b-1)-1]; False → a zero-point
+        is stored and integers use the full signed range [-2^(b-1), 2^(b-1)-1].
+      channel_axes: axes that keep their own scale (per-channel); every other axis shares one.
+        `()` is per-tensor. Negative axes count from the end, as in NumPy.
+      group_size: if set, `group_size` consecutive elements along `group_axis` share a scale
+        (per-group). Must divide that axis.
+      group_axis: the axis split into groups; must not be a channel axis. Default (None with a
+        group size): the last axis that is not a channel axis — the contraction axis of a Dense
+        kernel `(in, out)` with `channel_axes=(1,)`, of a conv kernel `HWIO` with
+        `channel_axes=(3,)`, and of an activation `(batch, features)`.
+      method: "uniform" (affine integer grid) or "sign" (1-bit XNOR-Net: q ∈ {-1, +1},
+        scale = mean|x| per group).
+
+    Raises:
+      ValueError: naming the field, the value given and what is allowed.
+    """
+
+    bits: int = 8
+    symmetric: bool = True
+    channel_axes: Union[int, Tuple[int, ...]] = ()
+    group_size: Optional[int] = None
+    group_axis: Optional[int] = None
+    method: str = "uniform"
+
+    def __post_init__(self):
+        axes = self.channel_axes
+        if isinstance(axes, int) and not isinstance(axes, bool):
+            axes = (axes,)
+        try:
+            axes = tuple(axes)
+        except TypeError:
+            raise ValueError(f"QuantSpec.channel_axes must be an int or a tuple of ints, got {self.channel_axes!r}") from None
+        if not all(isinstance(a, int) and not isinstance(a, bool) for a in axes):
+            raise ValueError(f"QuantSpec.channel_axes must hold ints, got {self.channel_axes!r}")
+        if len(set(axes)) != len(axes):
+            raise ValueError(f"QuantSpec.channel_axes has a repeated axis: {axes}")
+        object.__setattr__(self, "channel_axes", axes)
+
+        if self.method not in METHODS:
+            raise ValueError(f"QuantSpec.method={self.method!r} is unknown; allowed: {', '.join(METHODS)}")
+        if not isinstance(self.bits, int) or isinstance(self.bits, bool):
+            raise ValueError(f"QuantSpec.bits must be an int, got {self.bits!r}")
+        if self.method == "sign":
+            if self.bits != 1:
+                raise ValueError(f"QuantSpec.bits={self.bits} with method='sign'; sign quantization is 1-bit (bits=1)")
+            if not self.symmetric:
+                raise ValueError("QuantSpec.symmetric=False with method='sign'; sign quantization is symmetric")
+        elif not 2 <= self.bits <= 8:
+            hint = " (for 1-bit use method='sign')" if self.bits == 1 else ""
+            raise ValueError(f"QuantSpec.bits={self.bits} is out of range for method='uniform'; allowed: 2..8{hint}")
+
+        if self.group_size is not None:
+            if not isinstance(self.group_size, int) or isinstance(self.group_size, bool) or self.group_size < 1:
+                raise ValueError(f"QuantSpec.group_size must be a positive int or None, got {self.group_size!r}")
+        if self.group_axis is not None:
+            if self.group_size is None:
+                raise ValueError(f"QuantSpec.group_axis={self.group_axis} needs a group_size")
+            if not isinstance(self.group_axis, int) or isinstance(self.group_axis, bool):
+                raise ValueError(f"QuantSpec.group_axis must be an int or None, got {self.group_axis!r}")
+            if self.group_axis in axes:
+                raise ValueError(f"QuantSpec.group_axis={self.group_axis} is also a channel axis {axes}; "
+                                 "groups split an axis that is otherwise shared")
+
+    @property
+    def qmin(self) -> int:
+        """Smallest stored integer: -(2^(b-1)-1) symmetric, -2^(b-1) asymmetric, -1 for sign."""
+        if self.method == "sign":
+            return -1
+        return -(2 ** (self.bits - 1)) + (1 if self.symmetric else 0)
+
+    @property
+    def qmax(self) -> int:
+        """Largest stored integer: 2^(b-1) - 1 (1 for sign)."""
+        return 1 if self.method == "sign" else 2 ** (self.bits - 1) - 1
+
+    @property
+    def integer_magnitude(self) -> int:
+        """Bound on |q - z|: Qmax symmetric, Qmax - Qmin asymmetric (used for int32 overflow checks)."""
+        return self.qmax if self.symmetric else self.qmax - self.qmin
+
+    def __repr__(self) -> str:
+        parts = [f"bits={self.bits}"]
+        if not self.symmetric:
+            parts.append("symmetric=False")
+        if self.channel_axes:
+            parts.append(f"channel_axes={self.channel_axes}")
+        if self.group_size is not None:
+            parts.append(f"group_size={self.group_size}")
+        if self.group_axis is not None:
+            parts.append(f"group_axis={self.group_axis}")
+        if self.method != "uniform":
+            parts.append(f"method={self.method!r}")
+        return f"QuantSpec({', '.join(parts)})"

@@ -1,0 +1,72 @@
+"""Straight-through estimators: `ste_round` and `fake_quant`.
+
+Both are `jax.custom_jvp` functions. A custom JVP gives reverse mode (`grad`, `vjp`) by JAX's
+linearize-and-transpose *and* forward mode (`jvp`, `jacfwd`, Hessian-vector products as
+jvp∘grad), which a `custom_vjp` would refuse; the backward pass is the one the STE prescribes.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+from jquant import numerics
+from jquant.qarray import resolve_scale
+from jquant.spec import QuantSpec
+
+
+@jax.custom_jvp
+def ste_round(x):
+    """Round half to even forward; identity backward (∂round(x)/∂x := 1)."""
+    return jnp.round(x)
+
+
+@ste_round.defjvp
+def _ste_round_jvp(primals, tangents):
+    (x,), (dx,) = primals, tangents
+    return jnp.round(x), dx
+
+
+def fake_quant(x, spec: QuantSpec, *, scale=None, zero_point=None):
+    """Quantize-dequantize with the straight-through estimator.
+
+    Forward: exactly `quantize(x, spec, ...).dequantize()` (same numbers, no packing).
+    Backward: the upstream gradient where the clip is inactive and 0 where it saturates:
+    ∂x̂/∂x = 1 if Qmin <= round(x/s) + z <= Qmax, else 0 — i.e. 1 inside the clip range
+    [s(Qmin - z), s(Qmax - z)] (widened by the half step that rounds back into it), 0 outside.
+    With the scale computed from `x` itself every element is inside; with a fixed (calibrated)
+    `scale`/`zero_point` the elements beyond the range get zero gradient. The scale and
+    zero-point receive no gradient (a learned step size is a separate estimator).
+    `method="sign"` has no clip: its gradient is the identity (BinaryConnect STE).
+
+    Args:
+      x: float array; spec: the QuantSpec; scale, zero_point: as in `jquant.quantize`.
+
+    Returns:
+      float array of x's shape and dtype.
+    """
+    x = jnp.asarray(x)
+    lay = numerics.layout(x.shape, spec)
+    scale, zero_point = resolve_scale(x, spec, lay, scale, zero_point)
+    scale = jax.lax.stop_gradient(scale)
+    return _fake_quant(spec, lay, x, scale, zero_point)
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(0, 1))
+def _fake_quant(spec, lay, x, scale, zero_point):
+    q = numerics.quantize_grouped(lay.to_grouped(x), scale, zero_point, spec)
+    return lay.from_grouped(numerics.dequantize_grouped(q, scale, zero_point)).astype(x.dtype)
+
+
+@_fake_quant.defjvp
+def _fake_quant_jvp(spec, lay, primals, tangents):
+    x, scale, zero_point = primals
+    dx = tangents[0]
+    out = _fake_quant(spec, lay, x, scale, zero_point)
+    if spec.method == "sign":
+        return out, dx
+    q = numerics.unclipped_integers(lay.to_grouped(x), scale, zero_point)
+    inside = lay.from_grouped((q >= spec.qmin) & (q <= spec.qmax))
+    return out, jnp.where(inside, dx, jnp.zeros_like(dx))
