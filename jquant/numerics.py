@@ -98,7 +98,9 @@ def layout(shape: Tuple[int, ...], spec: QuantSpec) -> Layout:
             if not candidates:
                 raise ValueError(f"QuantSpec.group_size={spec.group_size} needs an axis to split, but every axis of "
                                  f"shape {shape} is a channel axis {channel}")
-            group_axis = candidates[-1]
+            # The largest shared axis (the last of equals): the contraction axis of Dense (in, out),
+            # Conv HWIO and DenseGeneral kernels alike, and the axis where one scale covers most values.
+            group_axis = max(reversed(candidates), key=lambda a: shape[a])
         else:
             group_axis = _normalize_axis(spec.group_axis, ndim, "group_axis")
             if group_axis in channel:

@@ -6,9 +6,9 @@ A leaf's path is its keys, attribute names and indices joined with "/", e.g.
 
 Kernel conventions (what the presets and the docs assume; a rule can say anything else):
 * Dense `(in, out)`, Conv `(H, W, I, O)`, DenseGeneral/Einsum kernels whose output features are
-  last: the output channel is the last axis → `channel_axes=(-1,)`; groups split the axis before
-  it (`group_axis` default: the last non-channel axis), which is the contraction axis of Dense and
-  the input-feature axis of Conv.
+  last: the output channel is the last axis → `channel_axes=(-1,)`; groups split the largest
+  other axis (the `group_axis` default), which is the contraction axis of Dense `(in, out)`, the
+  input-feature axis of Conv `HWIO` and the `in` axis of attention `(in, heads, head_dim)`.
 * Embedding tables `(vocab, features)`: one scale per token row → `channel_axes=(0,)`.
 """
 

@@ -23,9 +23,10 @@ class QuantSpec:
       group_size: if set, `group_size` consecutive elements along `group_axis` share a scale
         (per-group). Must divide that axis.
       group_axis: the axis split into groups; must not be a channel axis. Default (None with a
-        group size): the last axis that is not a channel axis — the contraction axis of a Dense
-        kernel `(in, out)` with `channel_axes=(1,)`, of a conv kernel `HWIO` with
-        `channel_axes=(3,)`, and of an activation `(batch, features)`.
+        group size): the largest axis that is not a channel axis (the last of equal ones) — the
+        contraction axis of a Dense kernel `(in, out)` with `channel_axes=(1,)`, of a conv kernel
+        `HWIO` with `channel_axes=(3,)` (I is larger than H and W), of attention kernels
+        `(in, heads, head_dim)`, and the feature axis of a per-token activation.
       method: "uniform" (affine integer grid) or "sign" (1-bit XNOR-Net: q ∈ {-1, +1},
         scale = mean|x| per group).
 

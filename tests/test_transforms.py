@@ -1,0 +1,131 @@
+"""quantize_params / dequantize_params / fake_quant_params on Flax and plain trees; report."""
+
+import warnings
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import linen as nn
+
+import jquant
+from jquant import Policy, QuantSpec, Rule
+from jquant.policy import is_qarray
+
+
+class Block(nn.Module):
+    """A small pre-norm transformer block: attention (DenseGeneral kernels) and an MLP."""
+
+    @nn.compact
+    def __call__(self, x):
+        h = nn.LayerNorm()(x)
+        x = x + nn.MultiHeadDotProductAttention(num_heads=4, qkv_features=128)(h, h)
+        h = nn.LayerNorm()(x)
+        return x + nn.Dense(128)(nn.gelu(nn.Dense(512)(h)))
+
+
+@pytest.fixture(scope="module")
+def model_and_params():
+    model = Block()
+    x = jax.random.normal(jax.random.key(1), (2, 16, 128))
+    params = model.init(jax.random.key(0), x)
+    return model, params, x
+
+
+def _kernels(tree):
+    return {p: l for p, l in jquant.policy.leaves_with_paths(tree) if p.endswith("kernel")}
+
+
+def test_int8_per_channel_keeps_the_block_function(model_and_params):
+    model, params, x = model_and_params
+    qparams = jquant.quantize_params(params, jquant.int8_weights())
+    assert all(is_qarray(k) for k in _kernels(qparams).values()) and len(_kernels(qparams)) == 6
+    y = model.apply(params, x)
+    yq = jax.jit(model.apply)(jquant.dequantize_params(qparams), x)
+    cos = jnp.sum(y * yq) / (jnp.linalg.norm(y) * jnp.linalg.norm(yq))
+    assert cos >= 0.9995
+    # quantization did change the function
+    assert float(jnp.max(jnp.abs(y - yq))) > 0
+
+
+def test_structure_dtypes_and_untouched_leaves(model_and_params):
+    _, params, _ = model_and_params
+    tree = {"params": params["params"], "step": jnp.array(7, jnp.int32), "ema": jnp.ones((4,), jnp.bfloat16)}
+    policy = Policy([Rule(r".*query/kernel", None), Rule(r".*", QuantSpec(8))])
+    qtree = jquant.quantize_params(tree, policy)
+    flat_in = jquant.policy.leaves_with_paths(tree)
+    flat_out = dict(jquant.policy.leaves_with_paths(qtree))
+    for path, leaf in flat_in:
+        out = flat_out[path]
+        if path.endswith("query/kernel") or path == "step":
+            assert out is leaf  # None rule and non-float leaves stay exactly as they were
+        else:
+            assert is_qarray(out), path
+    back = jquant.dequantize_params(qtree)
+    assert jax.tree_util.tree_structure(back) == jax.tree_util.tree_structure(tree)
+    for (path, a), (_, b) in zip(flat_in, jquant.policy.leaves_with_paths(back)):
+        assert a.shape == b.shape and a.dtype == b.dtype, path
+
+
+def test_fake_quant_params_matches_quantize_then_dequantize_and_has_gradients(model_and_params):
+    model, params, x = model_and_params
+    policy = jquant.int4_weights(group_size=32)
+    fq = jax.jit(jquant.fake_quant_params, static_argnums=1)(params, policy)
+    dq = jquant.dequantize_params(jquant.quantize_params(params, policy))
+    for (p, a), (_, b) in zip(jquant.policy.leaves_with_paths(fq), jquant.policy.leaves_with_paths(dq)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b), err_msg=p)
+    grads = jax.grad(lambda p: jnp.sum(model.apply(jquant.fake_quant_params(p, policy), x) ** 2))(params)
+    for path, g in _kernels(grads).items():
+        assert float(jnp.sum(jnp.abs(g))) > 0, path
+
+
+def test_int4_group128_bits_per_weight_and_report():
+    params = {"layer": {"kernel": jax.random.normal(jax.random.key(0), (512, 256))}, "bias": jnp.zeros(256)}
+    policy = Policy([Rule(r".*kernel", QuantSpec(4, symmetric=False, channel_axes=(-1,), group_size=128))])
+    qparams = jquant.quantize_params(params, policy)
+    assert qparams["layer"]["kernel"].bits_per_weight <= 4.6
+    rep = jquant.report(params, qparams, policy)
+    row = {r.path: r for r in rep.rows}
+    k = row["layer/kernel"]
+    x = np.asarray(params["layer"]["kernel"], np.float64)
+    xh = np.asarray(qparams["layer"]["kernel"].dequantize(), np.float64)
+    assert k.sqnr_db == pytest.approx(10 * np.log10(np.sum(x ** 2) / np.sum((x - xh) ** 2)), abs=1e-3)
+    assert k.bytes_after == qparams["layer"]["kernel"].nbytes and k.bytes_before == x.size * 4
+    assert row["bias"].rule == "kept" and row["bias"].bytes_after == row["bias"].bytes_before
+    assert rep.compression == pytest.approx(rep.bytes_before / rep.bytes_after)
+    text = str(rep)
+    assert "layer/kernel" in text and "total" in text and f"{k.bits_per_weight:.3f}" in text
+
+
+def test_report_rejects_trees_of_different_structure():
+    with pytest.raises(ValueError, match="differ in structure"):
+        jquant.report({"a": jnp.ones(2)}, {"b": jnp.ones(2)})
+
+
+def test_errors_name_the_path_and_rule():
+    params = {"enc": {"kernel": jnp.ones((100, 8))}}
+    policy = Policy([Rule(r".*kernel", QuantSpec(4, channel_axes=(-1,), group_size=64))])
+    with pytest.raises(ValueError, match=r"enc/kernel: rule 0 .*group_size=64 does not divide axis 0 of size 100"):
+        jquant.quantize_params(params, policy)
+    bad = {"enc": {"kernel": jnp.ones((4, 8)).at[1, 2].set(jnp.nan)}}
+    with pytest.raises(ValueError, match=r"enc/kernel: 1 non-finite"):
+        jquant.quantize_params(bad, jquant.int8_weights())
+    with pytest.raises(TypeError, match="jquant.Policy"):
+        jquant.quantize_params(params, [Rule(".*", QuantSpec(8))])
+
+
+def test_under_jit_nan_is_not_inspected_but_propagates():
+    bad = {"kernel": jnp.ones((4, 8)).at[1, 2].set(jnp.nan)}
+    q = jax.jit(jquant.quantize_params, static_argnums=1)(bad, jquant.int8_weights())
+    out = np.asarray(q["kernel"].dequantize())
+    assert np.isnan(out[:, 2]).all() and np.isfinite(np.delete(out, 2, axis=1)).all()
+
+
+def test_unused_rule_warns():
+    params = {"dense": {"kernel": jnp.ones((4, 4))}}
+    policy = Policy([Rule(r".*kernal", QuantSpec(8))])
+    with pytest.warns(UserWarning, match="matched no float leaf"):
+        jquant.quantize_params(params, policy)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        jquant.quantize_params(params, policy, warn_unused=False)
