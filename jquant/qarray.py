@@ -73,6 +73,13 @@ class QArray:
             return 2 * codes - 1
         return codes + jnp.int8(self.spec.qmin)
 
+    def __getitem__(self, index):
+        """`qa[...]` is `qa` (how NNX reads a Variable's value); other indexing is not defined on
+        packed storage — dequantize first."""
+        if index is Ellipsis:
+            return self
+        raise TypeError(f"QArray supports only qa[...]; got qa[{index!r}] — index qa.dequantize() instead")
+
     def dequantize(self):
         """x̂ = s · (q - z) in the original shape and dtype."""
         lay = self.layout

@@ -1,0 +1,122 @@
+"""Drop-in quantized ops for explicit use in models: `QuantDot` and `QuantConv`.
+
+One object serves both phases of a weight's life:
+* training (QAT) — the weight is a float array: weight and activation are fake-quantized (STE
+  gradients, `jquant.fake_quant`) and a float op runs;
+* serving — the weight is a `QArray` (from `quantize_params`): with an activation spec the
+  activation is quantized per call and the exact integer path runs (`jquant.dot_general`); without
+  one the weight is dequantized on the fly (weight-only).
+Both phases compute the same x̂·ŵ, so served outputs equal QAT outputs up to float rounding.
+
+    dense = nn.Dense(128, dot_general=QuantDot(weight=QuantSpec(8, channel_axes=(1,)), act=QuantSpec(8)))
+    y = jnp.einsum("bi,io->bo", x, w, _dot_general=QuantDot(weight=QuantSpec(4, channel_axes=(1,))))
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Optional
+
+import jax.numpy as jnp
+from jax import lax
+
+from jquant.dot import dot_general
+from jquant.qarray import QArray
+from jquant.spec import QuantSpec
+from jquant.ste import fake_quant
+
+
+@dataclasses.dataclass(frozen=True)
+class QuantDot:
+    """A `lax.dot_general` replacement: lhs is the activation, rhs the weight.
+
+    Attributes:
+      weight: spec the float weight is fake-quantized with (None: keep it float).
+      act: spec the activation is quantized with, per call (None: keep it float).
+    """
+
+    weight: Optional[QuantSpec] = None
+    act: Optional[QuantSpec] = None
+
+    def __call__(self, lhs, rhs, dimension_numbers, precision=None, preferred_element_type=None, **unused):
+        if isinstance(rhs, QArray):
+            return dot_general(lhs, rhs, dimension_numbers, precision, preferred_element_type, lhs_spec=self.act)
+        lhs, rhs = _fake_quant_pair(lhs, rhs, self.act, self.weight)
+        return lax.dot_general(lhs, rhs, dimension_numbers, precision=precision,
+                               preferred_element_type=preferred_element_type)
+
+
+@dataclasses.dataclass(frozen=True)
+class QuantEinsum:
+    """A `jnp.einsum` replacement for two operands (`nnx.Einsum(einsum_op=...)`): lhs is the
+    activation, rhs the weight. QAT fake-quantizes both and runs `jnp.einsum`; a QArray weight runs
+    `jquant.dot_general` on the equivalent dimension numbers (explicit `->`, no ellipsis)."""
+
+    weight: Optional[QuantSpec] = None
+    act: Optional[QuantSpec] = None
+
+    def __call__(self, subscripts, lhs, rhs, precision=None, preferred_element_type=None, **unused):
+        if not isinstance(rhs, QArray):
+            lhs, rhs = _fake_quant_pair(lhs, rhs, self.act, self.weight)
+            return jnp.einsum(subscripts, lhs, rhs, precision=precision, preferred_element_type=preferred_element_type)
+        dimension_numbers, out_order = einsum_dimension_numbers(subscripts)
+        y = dot_general(lhs, rhs, dimension_numbers, precision, preferred_element_type, lhs_spec=self.act)
+        return jnp.transpose(y, out_order)
+
+
+def einsum_dimension_numbers(subscripts: str):
+    """`"bi,io->bo"` → (dot_general dimension numbers, permutation from dot_general's output order
+    (batch, lhs free, rhs free) to the einsum's output order).
+
+    Raises:
+      ValueError: not two operands with an explicit output, an ellipsis, a repeated index within
+        one operand, or an index summed out of only one operand.
+    """
+    spec = subscripts.replace(" ", "")
+    if "..." in spec or "->" not in spec or spec.count(",") != 1:
+        raise ValueError(f"einsum {subscripts!r}: quantized einsum needs two operands, an explicit '->' and no '...'")
+    inputs, out = spec.split("->")
+    lhs, rhs = inputs.split(",")
+    for term in (lhs, rhs, out):
+        if len(set(term)) != len(term):
+            raise ValueError(f"einsum {subscripts!r}: repeated index in {term!r} is not supported")
+    for letter in set(lhs) ^ set(rhs):
+        if letter not in out:
+            raise ValueError(f"einsum {subscripts!r}: index {letter!r} is summed out of one operand only")
+    contract = [c for c in lhs if c in rhs and c not in out]
+    batch = [c for c in lhs if c in rhs and c in out]
+    lhs_free = [c for c in lhs if c not in rhs]
+    rhs_free = [c for c in rhs if c not in lhs]
+    dimension_numbers = (
+        (tuple(lhs.index(c) for c in contract), tuple(rhs.index(c) for c in contract)),
+        (tuple(lhs.index(c) for c in batch), tuple(rhs.index(c) for c in batch)))
+    produced = batch + lhs_free + rhs_free
+    return dimension_numbers, tuple(produced.index(c) for c in out)
+
+
+@dataclasses.dataclass(frozen=True)
+class QuantConv:
+    """A `lax.conv_general_dilated` replacement (`nn.Conv(conv_general_dilated=...)`).
+
+    A QArray weight is dequantized on the fly (the activation is still fake-quantized by `act`, so
+    served and QAT outputs agree); integer convolution is not implemented.
+    """
+
+    weight: Optional[QuantSpec] = None
+    act: Optional[QuantSpec] = None
+
+    def __call__(self, lhs, rhs, *args, **kwargs):
+        if isinstance(rhs, QArray):
+            rhs = rhs.dequantize()
+            lhs, _ = _fake_quant_pair(lhs, None, self.act, None)
+        else:
+            lhs, rhs = _fake_quant_pair(lhs, rhs, self.act, self.weight)
+        return lax.conv_general_dilated(lhs, rhs, *args, **kwargs)
+
+
+def _fake_quant_pair(lhs, rhs, act: Optional[QuantSpec], weight: Optional[QuantSpec]):
+    if act is not None:
+        lhs = fake_quant(lhs, act)
+    if weight is not None and rhs is not None:
+        rhs = fake_quant(rhs, weight)
+    return lhs, rhs
