@@ -32,7 +32,7 @@ def ensure_environment() -> None:
 
 
 def main(argv) -> int:
-    commands = {"demo": [str(ROOT / "examples" / "demo.py")], "test": ["-m", "pytest", str(ROOT / "tests")]}
+    commands = {"demo": [str(ROOT / "examples" / "digits_qat.py")], "test": ["-m", "pytest", str(ROOT / "tests")]}
     if not argv or argv[0] not in commands:
         print(__doc__)
         return 2

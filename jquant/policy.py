@@ -1,7 +1,7 @@
 """Quantization policies: ordered regex rules from parameter paths to specs.
 
 A leaf's path is its keys, attribute names and indices joined with "/", e.g.
-`params/encoder/layer_0/attn/query/kernel`. A trailing `value` attribute (the array inside an NNX
+`params/encoder/layer_0/attn/query/kernel` (the leading `params/` is optional in rules). A trailing `value` attribute (the array inside an NNX
 `Variable`) is dropped, so an NNX `State` and a Linen `params` dict give the same paths.
 
 Kernel conventions (what the presets and the docs assume; a rule can say anything else):
@@ -80,9 +80,15 @@ class Policy:
         object.__setattr__(self, "rules", rules)
 
     def rule_for(self, path: str) -> Optional[Tuple[int, Rule]]:
-        """(index, rule) of the first rule matching `path`, or None."""
+        """(index, rule) of the first rule matching `path`, or None.
+
+        A leading `params/` (Flax's parameter collection) is optional: a rule matches the path
+        with or without it, so `Dense_0/kernel` names the same leaf in `variables` and in
+        `variables["params"]`, and in a Linen model wrapped by `jquant.flax.quantize`.
+        """
+        candidates = (path, path[len("params/"):]) if path.startswith("params/") else (path,)
         for i, rule in enumerate(self.rules):
-            if rule.matches(path):
+            if any(rule.matches(candidate) for candidate in candidates):
                 return i, rule
         return None
 

@@ -73,3 +73,10 @@ def test_presets_match_kernels_only(params):
     assert jquant.w8a8().rules[0].act == QuantSpec(8)
     emb = jquant.int8_weights(embeddings=True)
     assert emb.rule_for("params/Embed_0/embedding")[1].spec.channel_axes == (0,)
+
+
+def test_leading_params_collection_is_optional():
+    policy = Policy([Rule(r"Dense_0/kernel", QuantSpec(8))])
+    assert policy.rule_for("params/Dense_0/kernel")[0] == 0
+    assert policy.rule_for("Dense_0/kernel")[0] == 0
+    assert policy.rule_for("other/Dense_0/kernel") is None

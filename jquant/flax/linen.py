@@ -3,8 +3,8 @@
 `quantize_linen(model, policy)` returns a `QuantizedLinen` with the model's `init` and `apply`
 and the very same params tree. While it runs, Flax's official method interceptor sees every
 `nn.Dense`, `nn.DenseGeneral` and `nn.Conv` call; when the policy has a rule for that layer's
-kernel (matched against `<module path>/kernel` and `params/<module path>/kernel`, the paths
-`quantize_params` sees), the call runs on a clone of the layer whose `dot_general` (or
+kernel (`params/<module path>/kernel`, the path `quantize_params` sees; the `params/` is
+optional in rules), the call runs on a clone of the layer whose `dot_general` (or
 `conv_general_dilated`) is a `QuantDot` (`QuantConv`) built from the rule, reading the same
 variables. Nothing in JAX or Flax is patched.
 
@@ -21,11 +21,12 @@ import contextvars
 import dataclasses
 import functools
 
+import jax.numpy as jnp
 from flax import linen as nn
 
-from jquant.flax.dtypes import promote_dtype_linen
 from jquant.ops import QuantConv, QuantDot
 from jquant.policy import Policy
+from jquant.qarray import QArray
 
 _INSIDE = contextvars.ContextVar("jquant_linen_inside", default=False)
 
@@ -66,12 +67,8 @@ def _hook(module):
 
 
 def _rule_for(policy: Policy, module):
-    path = "/".join(str(p) for p in module.path)
-    for candidate in (f"{path}/kernel", f"params/{path}/kernel"):
-        hit = policy.rule_for(candidate)
-        if hit is not None:
-            return hit[1]
-    return None
+    hit = policy.rule_for("params/" + "/".join(str(p) for p in module.path) + "/kernel")
+    return None if hit is None else hit[1]
 
 
 def _intercept(policy, next_fun, args, kwargs, context):
@@ -86,11 +83,31 @@ def _intercept(policy, next_fun, args, kwargs, context):
         raise ValueError(f"{'/'.join(module.path)}/kernel: rule {rule!r} matches a Linen nn.Einsum, which has no "
                          "injectable op; use jnp.einsum(..., _dot_general=jquant.QuantDot(...)) in the model, or "
                          "an NNX model (nnx.Einsum is supported)")
-    attribute, op, cleared = hook
-    variant = module.clone(parent=None, promote_dtype=promote_dtype_linen, **{attribute: op(rule.spec, rule.act)},
-                           **{name: None for name in cleared})
+    attribute, op_class, cleared = hook
+    op = op_class(rule.spec, rule.act)
+    variables = module.variables
+    kernel = variables.get("params", {}).get("kernel")
+    if isinstance(kernel, QArray):
+        # Flax checks a stored param's shape leaf by leaf against its initializer, which a packed
+        # QArray cannot pass; the layer gets a same-shaped stand-in (a broadcast zero that XLA
+        # drops, since nothing reads it) and the op gets the QArray.
+        stand_in = jnp.broadcast_to(jnp.zeros((), kernel.dtype), kernel.shape)
+        variables = {**variables, "params": {**variables["params"], "kernel": stand_in}}
+        op = _WithWeight(op, kernel)
+    variant = module.clone(parent=None, **{attribute: op}, **{name: None for name in cleared})
     token = _INSIDE.set(True)
     try:
-        return variant.apply(module.variables, *args, **kwargs)
+        return variant.apply(variables, *args, **kwargs)
     finally:
         _INSIDE.reset(token)
+
+
+@dataclasses.dataclass(frozen=True)
+class _WithWeight:
+    """An op called with the layer's stand-in kernel, run on the stored QArray instead."""
+
+    op: object
+    weight: QArray
+
+    def __call__(self, lhs, stand_in, *args, **kwargs):
+        return self.op(lhs, self.weight, *args, **kwargs)

@@ -1,6 +1,6 @@
-"""jquant demo: every quantization scheme on three tensors, and an integer-path classifier.
+"""Every quantization scheme on three tensors, and an integer-path classifier.
 
-Run: python run.py demo   (or, inside the environment: python examples/demo.py)
+Run: python examples/schemes.py   (inside the environment that `python3 run.py demo` sets up)
 
 Tensors:
   gaussian  (4096, 1024) N(0, 1) weights, the textbook case;
@@ -69,7 +69,7 @@ def main():
         logits = jax.jit(lambda x, wq: jquant.dot_general(x, wq, DN, lhs_spec=act_spec))(x_test, wq) + b
         return float(jnp.mean(jnp.argmax(logits, axis=1) == y_test))
 
-    print(f"jquant demo — jax {jax.__version__} on {jax.default_backend()}\n")
+    print(f"jquant schemes — jax {jax.__version__} on {jax.default_backend()}\n")
     header = (f"| {'scheme':<24} | {'bits/w':>6} | {'gaussian SQNR':>13} | {'heavy SQNR':>10} | "
               f"{'4096x1024 bytes':>15} | {'digits SQNR':>11} | {'digits acc':>10} |")
     print(header)

@@ -1,0 +1,191 @@
+"""jquant.flax.quantize (Linen and NNX) and the drop-in ops: QAT trains, serving matches QAT."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import linen as nn
+from flax import nnx
+from sklearn.datasets import load_digits
+
+import jquant
+from jquant import Policy, QuantDot, QuantSpec, Rule
+from jquant.ops import einsum_dimension_numbers
+
+W8A8 = Policy([Rule(r".*kernel", QuantSpec(8, channel_axes=(1,)), act=QuantSpec(8))])
+W2A8 = Policy([Rule(r".*kernel", QuantSpec(2, symmetric=False, channel_axes=(1,)), act=QuantSpec(8))])
+
+
+class Mlp(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        x = nn.relu(nn.Dense(128)(x))
+        return nn.Dense(10)(x)
+
+
+class Cnn(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        x = nn.relu(nn.Conv(8, (3, 3))(x))
+        return nn.Dense(10)(x.reshape(x.shape[0], -1))
+
+
+@pytest.fixture(scope="module")
+def digits():
+    data = load_digits()
+    x = (data.data / 16.0).astype(np.float32)
+    order = np.random.default_rng(0).permutation(len(x))
+    return x[order[:1400]], data.target[order[:1400]], x[order[1400:]], data.target[order[1400:]]
+
+
+def _train(apply, params, x, y, epochs=25):
+    optimizer = optax.adam(2e-3)
+
+    @jax.jit
+    def step(params, opt_state, xb, yb):
+        loss_fn = lambda p: optax.softmax_cross_entropy_with_integer_labels(apply(p, xb), yb).mean()
+        grads = jax.grad(loss_fn)(params)
+        updates, opt_state = optimizer.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state
+
+    opt_state = optimizer.init(params)
+    rng = np.random.default_rng(1)
+    for _ in range(epochs):
+        order = rng.permutation(len(x))
+        for i in range(0, len(x) - 63, 64):
+            params, opt_state = step(params, opt_state, x[order[i:i + 64]], y[order[i:i + 64]])
+    return params
+
+
+def _accuracy(logits, y):
+    return float(np.mean(np.argmax(np.asarray(logits), -1) == y))
+
+
+def test_linen_qat_trains_and_serving_matches(digits):
+    x, y, xt, yt = digits
+    model = Mlp()
+    params = model.init(jax.random.key(0), x[:1])
+    float_acc = _accuracy(model.apply(_train(model.apply, params, x, y), xt), yt)
+    for policy, allowed_drop in ((W8A8, 0.01), (W2A8, 0.04)):
+        qmodel = jquant.flax.quantize(model, policy)
+        qinit = qmodel.init(jax.random.key(0), x[:1])
+        assert jax.tree_util.tree_structure(qinit) == jax.tree_util.tree_structure(params)
+        # quantization really changes the function
+        assert float(jnp.max(jnp.abs(qmodel.apply(params, xt) - model.apply(params, xt)))) > 1e-3
+        trained = _train(qmodel.apply, params, x, y)
+        qat_logits = jax.jit(qmodel.apply)(trained, xt)
+        assert _accuracy(qat_logits, yt) >= float_acc - allowed_drop
+        served = jquant.quantize_params(trained, policy)
+        kernels = [leaf for path, leaf in jquant.policy.leaves_with_paths(served) if path.endswith("kernel")]
+        assert len(kernels) == 2 and all(isinstance(k, jquant.QArray) for k in kernels)
+        served_logits = jax.jit(qmodel.apply)(served, xt)
+        agree = np.mean(np.argmax(np.asarray(served_logits), -1) == np.argmax(np.asarray(qat_logits), -1))
+        assert agree >= 0.99
+
+
+def test_linen_w8a8_serving_runs_the_integer_dot(digits):
+    x = digits[0][:8]
+    qmodel = jquant.flax.quantize(Mlp(), W8A8)
+    served = jquant.quantize_params(qmodel.init(jax.random.key(0), x), W8A8)
+    jaxpr = str(jax.make_jaxpr(qmodel.apply)(served, x))
+    assert "preferred_element_type=int32" in jaxpr
+    # weight-only serving dequantizes instead: no integer dot
+    w4 = Policy([Rule(r".*kernel", QuantSpec(4, channel_axes=(1,)))])
+    served_w4 = jquant.quantize_params(jquant.dequantize_params(served), w4)
+    jaxpr = str(jax.make_jaxpr(jquant.flax.quantize(Mlp(), w4).apply)(served_w4, x))
+    assert "preferred_element_type=int32" not in jaxpr
+
+
+def test_linen_conv_qat_gradients_and_serving(digits):
+    x = digits[0][:16].reshape(16, 8, 8, 1)
+    policy = Policy([Rule(r".*kernel", QuantSpec(4, channel_axes=(-1,)), act=QuantSpec(8))])
+    qmodel = jquant.flax.quantize(Cnn(), policy)
+    params = qmodel.init(jax.random.key(0), x)
+    grads = jax.grad(lambda p: jnp.sum(qmodel.apply(p, x) ** 2))(params)
+    assert float(jnp.sum(jnp.abs(grads["params"]["Conv_0"]["kernel"]))) > 0
+    qat = qmodel.apply(params, x)
+    served = jax.jit(qmodel.apply)(jquant.quantize_params(params, policy), x)
+    np.testing.assert_allclose(np.asarray(served), np.asarray(qat), rtol=1e-4, atol=1e-4)
+
+
+def test_linen_rule_paths_and_none_rules(digits):
+    x = digits[0][:4]
+    policy = Policy([Rule(r"Dense_1/kernel", None), Rule(r"Dense_0/kernel", QuantSpec(2, channel_axes=(1,)))])
+    qmodel = jquant.flax.quantize(Mlp(), policy)
+    params = qmodel.init(jax.random.key(0), x)
+    # only Dense_0 is quantized: the result equals applying the fake-quantized Dense_0 kernel by hand
+    fq = jquant.fake_quant_params(params, policy)
+    np.testing.assert_allclose(np.asarray(qmodel.apply(params, x)), np.asarray(Mlp().apply(fq, x)), rtol=1e-5,
+                               atol=1e-6)
+
+
+def test_linen_einsum_rule_is_reported():
+    class WithEinsum(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            return nn.Einsum((4, 3), "bi,io->bo")(x)
+
+    qmodel = jquant.flax.quantize(WithEinsum(), W8A8)
+    params = qmodel.init(jax.random.key(0), jnp.ones((2, 4)))
+    with pytest.raises(ValueError, match="nn.Einsum"):
+        qmodel.apply(params, jnp.ones((2, 4)))
+
+
+class NnxNet(nnx.Module):
+    def __init__(self, rngs):
+        self.conv = nnx.Conv(1, 4, (3, 3), rngs=rngs)
+        self.dense = nnx.Linear(256, 16, rngs=rngs)
+        self.head = nnx.Einsum("bi,oi->bo", (10, 16), rngs=rngs)
+
+    def __call__(self, x):
+        x = nnx.relu(self.conv(x))
+        return self.head(nnx.relu(self.dense(x.reshape(x.shape[0], -1))))
+
+
+def test_nnx_qat_and_serving(digits):
+    x = digits[0][:16].reshape(16, 8, 8, 1)
+    policy = Policy([Rule(r"head/kernel", QuantSpec(8, channel_axes=(0,)), act=QuantSpec(8)),
+                     Rule(r".*kernel", QuantSpec(8, channel_axes=(-1,)), act=QuantSpec(8))])
+    model = NnxNet(nnx.Rngs(0))
+    float_out = model(x)
+    jquant.flax.quantize(model, policy)
+    qat = model(x)
+    assert float(jnp.max(jnp.abs(qat - float_out))) > 1e-4
+    grads = nnx.grad(lambda m: jnp.sum(m(x) ** 2))(model)
+    for name in ("conv", "dense", "head"):
+        assert float(jnp.sum(jnp.abs(getattr(grads, name).kernel[...]))) > 0, name
+    nnx.update(model, jquant.quantize_params(nnx.state(model, nnx.Param), policy))
+    assert isinstance(model.dense.kernel.get_value(), jquant.QArray)
+    served = nnx.jit(lambda m, xb: m(xb))(model, x)
+    np.testing.assert_allclose(np.asarray(served), np.asarray(qat), rtol=1e-4, atol=1e-4)
+
+
+def test_quant_dot_as_dense_and_einsum_drop_in():
+    x = jax.random.normal(jax.random.key(0), (4, 16))
+    w = jax.random.normal(jax.random.key(1), (16, 8))
+    op = QuantDot(weight=QuantSpec(4, channel_axes=(1,)), act=QuantSpec(8))
+    expected = jquant.fake_quant(x, QuantSpec(8)) @ jquant.fake_quant(w, QuantSpec(4, channel_axes=(1,)))
+    dense = nn.Dense(8, use_bias=False, dot_general=op)
+    out = dense.apply({"params": {"kernel": w}}, x)
+    np.testing.assert_allclose(np.asarray(out), np.asarray(expected), rtol=1e-6, atol=1e-6)
+    out = jnp.einsum("bi,io->bo", x, w, _dot_general=op)
+    np.testing.assert_allclose(np.asarray(out), np.asarray(expected), rtol=1e-6, atol=1e-6)
+    served = op(x, jquant.quantize(w, op.weight), (((1,), (0,)), ((), ())))
+    np.testing.assert_allclose(np.asarray(served), np.asarray(expected), rtol=1e-5, atol=1e-5)
+
+
+def test_einsum_dimension_numbers():
+    dn, order = einsum_dimension_numbers("bsi,hio->bhso")
+    assert dn == (((2,), (1,)), ((), ()))
+    assert order == (0, 2, 1, 3)  # produced (b, s, h, o) → (b, h, s, o)
+    for bad in ("bi,io", "...i,io->...o", "bii,io->bo", "bi,io,oc->bc", "bij,io->bo"):
+        with pytest.raises(ValueError, match="einsum"):
+            einsum_dimension_numbers(bad)
+
+
+def test_qarray_ellipsis_index():
+    qa = jquant.quantize(jnp.ones((2, 3)), QuantSpec(8))
+    assert qa[...] is qa
+    with pytest.raises(TypeError, match="dequantize"):
+        qa[0]
