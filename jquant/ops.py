@@ -21,46 +21,68 @@ import jax.numpy as jnp
 from jax import lax
 
 from jquant.dot import dot_general
-from jquant.qarray import QArray
+from jquant.qarray import QArray, quantize
 from jquant.spec import QuantSpec
 from jquant.ste import fake_quant
 
 
-@dataclasses.dataclass(frozen=True)
-class QuantDot:
+@dataclasses.dataclass(frozen=True, eq=False)
+class _QuantOp:
+    """What the three ops share: the weight and activation specs, and an optional static
+    (calibrated) activation scale/zero-point; without one the activation is quantized per call."""
+
+    weight: Optional[QuantSpec] = None
+    act: Optional[QuantSpec] = None
+    act_scale: Optional[object] = None
+    act_zero_point: Optional[object] = None
+
+    def fake_quant_inputs(self, lhs, rhs):
+        """QAT: fake-quantized activation and (float) weight."""
+        if self.act is not None:
+            lhs = fake_quant(lhs, self.act, scale=self.act_scale, zero_point=self.act_zero_point)
+        if self.weight is not None and not isinstance(rhs, QArray):
+            rhs = fake_quant(rhs, self.weight)
+        return lhs, rhs
+
+    def quantized_activation(self, lhs):
+        """Serving: the activation as a QArray for the integer path (unchanged without `act`)."""
+        if self.act is None:
+            return lhs
+        return quantize(lhs, self.act, scale=self.act_scale, zero_point=self.act_zero_point)
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class QuantDot(_QuantOp):
     """A `lax.dot_general` replacement: lhs is the activation, rhs the weight.
 
     Attributes:
       weight: spec the float weight is fake-quantized with (None: keep it float).
-      act: spec the activation is quantized with, per call (None: keep it float).
+      act: spec the activation is quantized with (None: keep it float).
+      act_scale, act_zero_point: a static activation scale/zero-point (from calibration);
+        None: computed from each call's activation (dynamic quantization).
     """
-
-    weight: Optional[QuantSpec] = None
-    act: Optional[QuantSpec] = None
 
     def __call__(self, lhs, rhs, dimension_numbers, precision=None, preferred_element_type=None, **unused):
         if isinstance(rhs, QArray):
-            return dot_general(lhs, rhs, dimension_numbers, precision, preferred_element_type, lhs_spec=self.act)
-        lhs, rhs = _fake_quant_pair(lhs, rhs, self.act, self.weight)
+            return dot_general(self.quantized_activation(lhs), rhs, dimension_numbers, precision,
+                               preferred_element_type)
+        lhs, rhs = self.fake_quant_inputs(lhs, rhs)
         return lax.dot_general(lhs, rhs, dimension_numbers, precision=precision,
                                preferred_element_type=preferred_element_type)
 
 
-@dataclasses.dataclass(frozen=True)
-class QuantEinsum:
+@dataclasses.dataclass(frozen=True, eq=False)
+class QuantEinsum(_QuantOp):
     """A `jnp.einsum` replacement for two operands (`nnx.Einsum(einsum_op=...)`): lhs is the
     activation, rhs the weight. QAT fake-quantizes both and runs `jnp.einsum`; a QArray weight runs
     `jquant.dot_general` on the equivalent dimension numbers (explicit `->`, no ellipsis)."""
 
-    weight: Optional[QuantSpec] = None
-    act: Optional[QuantSpec] = None
-
     def __call__(self, subscripts, lhs, rhs, precision=None, preferred_element_type=None, **unused):
         if not isinstance(rhs, QArray):
-            lhs, rhs = _fake_quant_pair(lhs, rhs, self.act, self.weight)
+            lhs, rhs = self.fake_quant_inputs(lhs, rhs)
             return jnp.einsum(subscripts, lhs, rhs, precision=precision, preferred_element_type=preferred_element_type)
         dimension_numbers, out_order = einsum_dimension_numbers(subscripts)
-        y = dot_general(lhs, rhs, dimension_numbers, precision, preferred_element_type, lhs_spec=self.act)
+        y = dot_general(self.quantized_activation(lhs), rhs, dimension_numbers, precision, preferred_element_type)
         return jnp.transpose(y, out_order)
 
 
@@ -94,29 +116,16 @@ def einsum_dimension_numbers(subscripts: str):
     return dimension_numbers, tuple(produced.index(c) for c in out)
 
 
-@dataclasses.dataclass(frozen=True)
-class QuantConv:
+@dataclasses.dataclass(frozen=True, eq=False)
+class QuantConv(_QuantOp):
     """A `lax.conv_general_dilated` replacement (`nn.Conv(conv_general_dilated=...)`).
 
     A QArray weight is dequantized on the fly (the activation is still fake-quantized by `act`, so
     served and QAT outputs agree); integer convolution is not implemented.
     """
 
-    weight: Optional[QuantSpec] = None
-    act: Optional[QuantSpec] = None
-
     def __call__(self, lhs, rhs, *args, **kwargs):
+        lhs, rhs = self.fake_quant_inputs(lhs, rhs)
         if isinstance(rhs, QArray):
             rhs = rhs.dequantize()
-            lhs, _ = _fake_quant_pair(lhs, None, self.act, None)
-        else:
-            lhs, rhs = _fake_quant_pair(lhs, rhs, self.act, self.weight)
         return lax.conv_general_dilated(lhs, rhs, *args, **kwargs)
-
-
-def _fake_quant_pair(lhs, rhs, act: Optional[QuantSpec], weight: Optional[QuantSpec]):
-    if act is not None:
-        lhs = fake_quant(lhs, act)
-    if weight is not None and rhs is not None:
-        rhs = fake_quant(rhs, weight)
-    return lhs, rhs

@@ -1,7 +1,7 @@
 """Flax integration: quantize an unmodified Linen or NNX model by a `Policy`."""
 
 from jquant.flax.linen import QuantizedLinen, quantize_linen
-from jquant.flax.nnx import quantize_nnx
+from jquant.flax.nnx import ObservedOp, QuantStat, calibrate_nnx, quantize_nnx
 
 
 def quantize(model, policy):

@@ -12,6 +12,8 @@ variables. Nothing in JAX or Flax is patched.
   call), straight-through gradients; optax trains the float params as usual.
 * `quantize_params(params, policy)` → serving: QArray kernels; with `rule.act` the integer
   int8×int8→int32 path runs, without it the kernel is dequantized on the fly.
+* Static activation ranges: `QuantizedLinen.calibrate(variables, batch)` updates observers (EMA of
+  the per-tensor min/max) in a `quant_stats` collection; layers that have them use those ranges.
 `init` always runs the float layers (it only creates the params).
 """
 
@@ -24,11 +26,16 @@ import functools
 import jax.numpy as jnp
 from flax import linen as nn
 
+from jquant.flax import observers
 from jquant.ops import QuantConv, QuantDot
 from jquant.policy import Policy
 from jquant.qarray import QArray
 
+STATS = "quant_stats"
+"""The Linen collection holding activation observers (`act_lo`, `act_hi`, `count` per layer)."""
+
 _INSIDE = contextvars.ContextVar("jquant_linen_inside", default=False)
+_CALIBRATION = contextvars.ContextVar("jquant_linen_calibration", default=None)  # momentum while calibrating
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,6 +52,22 @@ class QuantizedLinen:
     def apply(self, variables, *args, **kwargs):
         with self._intercepting():
             return self.model.apply(variables, *args, **kwargs)
+
+    def calibrate(self, variables, *args, momentum: float = 0.9, **kwargs):
+        """One calibration step: run the model on a batch and update every activation observer
+        (EMA of the per-tensor min/max, kept in the `quant_stats` collection).
+
+        Returns `variables` with `quant_stats` updated. From then on `apply` quantizes those
+        activations with the static ranges (frozen: only `calibrate` changes them) instead of
+        per-batch ranges; serving from `quantize_params(variables, policy)` keeps them. Jit-able.
+        """
+        token = _CALIBRATION.set(momentum)
+        try:
+            with self._intercepting():
+                _, stats = self.model.apply(variables, *args, mutable=[STATS], **kwargs)
+        finally:
+            _CALIBRATION.reset(token)
+        return {**variables, **stats}
 
     def _intercepting(self):
         return nn.intercept_methods(functools.partial(_intercept, self.policy))
@@ -84,7 +107,7 @@ def _intercept(policy, next_fun, args, kwargs, context):
                          "injectable op; use jnp.einsum(..., _dot_general=jquant.QuantDot(...)) in the model, or "
                          "an NNX model (nnx.Einsum is supported)")
     attribute, op_class, cleared = hook
-    op = op_class(rule.spec, rule.act)
+    op = op_class(rule.spec, rule.act, *_static_activation(module, args[0], rule))
     variables = module.variables
     kernel = variables.get("params", {}).get("kernel")
     if isinstance(kernel, QArray):
@@ -100,6 +123,24 @@ def _intercept(policy, next_fun, args, kwargs, context):
         return variant.apply(variables, *args, **kwargs)
     finally:
         _INSIDE.reset(token)
+
+
+def _static_activation(module, x, rule):
+    """(scale, zero_point) from the layer's `quant_stats`, or () for dynamic quantization. In a
+    calibration pass the layer's observer is updated first (and the pass itself stays dynamic)."""
+    if rule.act is None:
+        return ()
+    momentum = _CALIBRATION.get()
+    if momentum is not None:
+        stats = [module.variable(STATS, name, init) for name, init in observers.initial_stats()]
+        for variable, value in zip(stats, observers.observe([v.value for v in stats], x, rule.act, momentum,
+                                                             "/".join(module.path))):
+            variable.value = value
+        return ()
+    if not module.has_variable(STATS, "act_lo"):
+        return ()
+    stats = [module.get_variable(STATS, name) for name, _ in observers.initial_stats()]
+    return observers.static_scale(stats, rule.act)
 
 
 @dataclasses.dataclass(frozen=True)

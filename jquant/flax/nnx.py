@@ -10,14 +10,19 @@ this is done in place and the same model is returned.
 * Float kernels → QAT (fake quantization, straight-through gradients).
 * `nnx.update(model, quantize_params(nnx.state(model, nnx.Param), policy))` → serving with QArray
   kernels (integer path with `rule.act`, dequantize-on-the-fly without).
+* `calibrate_nnx(model, batches)` → static activation ranges: each quantized activation gets an
+  observer (`QuantStat` variables: EMA of the per-tensor min/max), then keeps those ranges.
 """
 
 from __future__ import annotations
 
+import dataclasses
+
 from flax import nnx
 
+from jquant.flax import observers
 from jquant.flax.dtypes import promote_dtype_nnx
-from jquant.ops import QuantConv, QuantDot, QuantEinsum
+from jquant.ops import QuantConv, QuantDot, QuantEinsum, _QuantOp
 from jquant.policy import Policy
 
 
@@ -41,4 +46,60 @@ def quantize_nnx(model, policy: Policy):
             node.dot_general = QuantDot(rule.spec, rule.act)
             if getattr(node, "dot_general_cls", None) is not None:
                 node.dot_general_cls = None
+    return model
+
+
+class QuantStat(nnx.Variable):
+    """Activation observer state (EMA of min/max, batches seen): calibrated, never trained."""
+
+
+_OP_ATTRIBUTES = (("dot_general", 0), ("einsum_op", 1), ("conv_general_dilated", 0))
+
+
+class ObservedOp(nnx.Module):
+    """A quantized op with an activation observer. While `observing`, each call updates the
+    observer and quantizes dynamically; afterwards the observed range is the static one."""
+
+    def __init__(self, op: _QuantOp, lhs_position: int, where: str):
+        self.op = op
+        self.lhs_position = lhs_position
+        self.where = where
+        self.observing = True
+        self.momentum = 0.9
+        self.act_lo, self.act_hi, self.count = (QuantStat(init()) for _, init in observers.initial_stats())
+
+    def __call__(self, *args, **kwargs):
+        stats = [v.get_value() for v in (self.act_lo, self.act_hi, self.count)]
+        if self.observing:
+            new = observers.observe(stats, args[self.lhs_position], self.op.act, self.momentum, self.where)
+            for variable, value in zip((self.act_lo, self.act_hi, self.count), new):
+                variable.set_value(value)
+            return self.op(*args, **kwargs)
+        scale, zero_point = observers.static_scale(stats, self.op.act)
+        return dataclasses.replace(self.op, act_scale=scale, act_zero_point=zero_point)(*args, **kwargs)
+
+
+def calibrate_nnx(model, batches, momentum: float = 0.9):
+    """Observe the activations of every quantized op with an activation spec over `batches`
+    (iterable of argument tuples for `model(*batch)`), then freeze them as static ranges.
+
+    Run it on a model already passed through `quantize_nnx`. Calibrating again continues the EMA.
+    Returns `model` (changed in place).
+    """
+    targets = []
+    for path, node in nnx.iter_graph(model):
+        for attribute, position in _OP_ATTRIBUTES:
+            op = getattr(node, attribute, None) if isinstance(node, nnx.Module) else None
+            if isinstance(op, _QuantOp) and op.act is not None:
+                where = "/".join(str(p) for p in path) + "/kernel"
+                targets.append((node, attribute, ObservedOp(op, position, where)))
+            elif isinstance(op, ObservedOp):
+                targets.append((node, attribute, op))
+    for node, attribute, observed in targets:
+        observed.observing, observed.momentum = True, momentum
+        setattr(node, attribute, nnx.data(observed))  # a module holding state, not a static attribute
+    for batch in batches:
+        model(*batch)
+    for _, _, observed in targets:
+        observed.observing = False
     return model

@@ -1,0 +1,46 @@
+"""Activation observers: an EMA of the per-tensor min/max, turned into a static scale.
+
+State per observed activation: `act_lo`, `act_hi` (float32 scalars) and `count` (int32, batches
+seen). The first batch sets lo/hi; later ones move them by lo ← m·lo + (1 − m)·min(x) (same for
+hi) with momentum m. Static ranges are per-tensor: a per-feature activation scale would vary along
+the contraction and rule out the integer path, and a per-token one depends on the batch.
+"""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+
+from jquant.numerics import scale_from_range
+from jquant.spec import QuantSpec
+
+
+def initial_stats():
+    """(name, initializer) of the observer state, in a fixed order."""
+    return (("act_lo", lambda: jnp.zeros((), jnp.float32)), ("act_hi", lambda: jnp.zeros((), jnp.float32)),
+            ("count", lambda: jnp.zeros((), jnp.int32)))
+
+
+def observe(stats, x, act: QuantSpec, momentum: float, where: str):
+    """New (act_lo, act_hi, count) after seeing the activation batch `x`.
+
+    Raises:
+      ValueError: `act` is not a per-tensor uniform spec, or momentum is outside [0, 1).
+    """
+    if act.channel_axes or act.group_size is not None or act.method != "uniform":
+        raise ValueError(f"{where}: static activation ranges are per-tensor uniform; {act!r} has channels, groups "
+                         "or a non-uniform method — use it dynamically (no calibration) instead")
+    if not 0 <= momentum < 1:
+        raise ValueError(f"calibration momentum={momentum} must be in [0, 1)")
+    lo, hi, count = stats
+    x = jnp.asarray(x, jnp.float32)
+    batch_lo, batch_hi = jnp.min(x), jnp.max(x)
+    first = count == 0
+    lo = jnp.where(first, batch_lo, momentum * lo + (1 - momentum) * batch_lo)
+    hi = jnp.where(first, batch_hi, momentum * hi + (1 - momentum) * batch_hi)
+    return lo, hi, count + 1
+
+
+def static_scale(stats, act: QuantSpec):
+    """(scale, zero_point) for `act` from observed (act_lo, act_hi, count)."""
+    lo, hi, _ = stats
+    return scale_from_range(lo, hi, act)
