@@ -49,23 +49,25 @@ def fake_quant(x, spec: QuantSpec, *, scale=None, zero_point=None):
     """
     x = jnp.asarray(x)
     lay = numerics.layout(x.shape, spec)
+    # A range computed from x contains x, so the mask would be all ones: skip computing it.
+    pass_through = scale is None or spec.method == "sign"
     scale, zero_point = resolve_scale(x, spec, lay, scale, zero_point)
     scale = jax.lax.stop_gradient(scale)
-    return _fake_quant(spec, lay, x, scale, zero_point)
+    return _fake_quant(spec, lay, pass_through, x, scale, zero_point)
 
 
-@functools.partial(jax.custom_jvp, nondiff_argnums=(0, 1))
-def _fake_quant(spec, lay, x, scale, zero_point):
+@functools.partial(jax.custom_jvp, nondiff_argnums=(0, 1, 2))
+def _fake_quant(spec, lay, pass_through, x, scale, zero_point):
     q = numerics.quantize_grouped(lay.to_grouped(x), scale, zero_point, spec)
     return lay.from_grouped(numerics.dequantize_grouped(q, scale, zero_point)).astype(x.dtype)
 
 
 @_fake_quant.defjvp
-def _fake_quant_jvp(spec, lay, primals, tangents):
+def _fake_quant_jvp(spec, lay, pass_through, primals, tangents):
     x, scale, zero_point = primals
     dx = tangents[0]
-    out = _fake_quant(spec, lay, x, scale, zero_point)
-    if spec.method == "sign":
+    out = _fake_quant(spec, lay, pass_through, x, scale, zero_point)
+    if pass_through:
         return out, dx
     q = numerics.unclipped_integers(lay.to_grouped(x), scale, zero_point)
     inside = lay.from_grouped((q >= spec.qmin) & (q <= spec.qmax))

@@ -121,6 +121,11 @@ def _intercept(policy, next_fun, args, kwargs, context):
     token = _INSIDE.set(True)
     try:
         return variant.apply(variables, *args, **kwargs)
+    except ValueError as err:
+        where = "params/" + "/".join(module.path) + "/kernel"
+        if str(err).startswith(where):
+            raise
+        raise ValueError(f"{where}: rule {rule!r}: {err}") from None
     finally:
         _INSIDE.reset(token)
 
