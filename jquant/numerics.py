@@ -148,7 +148,7 @@ def scale_from_range(lo, hi, spec: QuantSpec):
     span = hi - lo
     # hi - lo can overflow to Inf when |lo|, |hi| approach the float max; dividing first cannot.
     scale = jnp.where(jnp.isinf(span) & jnp.isfinite(lo) & jnp.isfinite(hi), hi / levels - lo / levels, span / levels)
-    zero_point = spec.qmin - jnp.round(lo / _safe(scale))
+    zero_point = spec.qmin - jnp.round(lo / safe_divisor(scale))
     zero_point = jnp.clip(zero_point, spec.qmin, spec.qmax)
     # NaN propagates into the scale; the zero-point must still be a valid integer.
     zero_point = jnp.where(jnp.isnan(zero_point), spec.qmin, zero_point).astype(jnp.int8)
@@ -174,19 +174,20 @@ def compute_scale(x, spec: QuantSpec, lay: Optional[Layout] = None):
             return jnp.zeros(lay.scale_shape, xg.dtype), None
         return jnp.mean(jnp.abs(xg), axis=lay.reduce_axes, keepdims=True), None
     if spec.symmetric:
-        absmax = _reduce(jnp.max, jnp.abs(xg), lay)
+        absmax = reduce_groups(jnp.max, jnp.abs(xg), lay)
         return scale_from_range(-absmax, absmax, spec)
-    return scale_from_range(_reduce(jnp.min, xg, lay), _reduce(jnp.max, xg, lay), spec)
+    return scale_from_range(reduce_groups(jnp.min, xg, lay), reduce_groups(jnp.max, xg, lay), spec)
 
 
-def _reduce(fn, xg, lay: Layout):
-    # Reductions over empty axes have no identity for max/min; an empty tensor has range [0, 0].
+def reduce_groups(fn, xg, lay: Layout):
+    """`fn` (jnp.max/min) over the shared axes of the grouped view, keepdims (scale shape).
+    An empty tensor has range [0, 0] (max/min over nothing has no identity)."""
     if xg.size == 0:
         return jnp.zeros(lay.scale_shape, xg.dtype)
     return fn(xg, axis=lay.reduce_axes, keepdims=True)
 
 
-def _safe(scale):
+def safe_divisor(scale):
     """The divisor used for `scale`: 1 where the scale is 0, so an all-zero group gives q = z."""
     return jnp.where(scale == 0, jnp.ones_like(scale), scale)
 
@@ -205,7 +206,7 @@ def quantize_grouped(xg, scale, zero_point, spec: QuantSpec):
 def unclipped_integers(xg, scale, zero_point):
     """round(x / s) + z before clipping, in the compute dtype (used for the STE clip mask)."""
     xg = xg.astype(scale.dtype)
-    q = jnp.round(xg / _safe(scale))
+    q = jnp.round(xg / safe_divisor(scale))
     if zero_point is not None:
         q = q + zero_point.astype(q.dtype)
     return q

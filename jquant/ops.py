@@ -20,7 +20,7 @@ from typing import Optional
 import jax.numpy as jnp
 from jax import lax
 
-from jquant.dot import dot_general
+from jquant.dot import INTEGER_METHODS, dot_general
 from jquant.qarray import QArray, quantize
 from jquant.spec import QuantSpec
 from jquant.ste import fake_quant
@@ -44,11 +44,15 @@ class _QuantOp:
             rhs = fake_quant(rhs, self.weight)
         return lhs, rhs
 
-    def quantized_activation(self, lhs):
-        """Serving: the activation as a QArray for the integer path (unchanged without `act`)."""
+    def served_operands(self, lhs, rhs: QArray):
+        """Serving: (activation, weight) for `jquant.dot_general`. With an integer-grid weight the
+        activation becomes a QArray (the integer path); a codebook weight has no integer grid, so
+        the activation is fake-quantized and the weight dequantized (the same numbers as QAT)."""
         if self.act is None:
-            return lhs
-        return quantize(lhs, self.act, scale=self.act_scale, zero_point=self.act_zero_point)
+            return lhs, rhs
+        if rhs.spec.method not in INTEGER_METHODS:
+            return self.fake_quant_inputs(lhs, rhs)[0], rhs.dequantize()
+        return quantize(lhs, self.act, scale=self.act_scale, zero_point=self.act_zero_point), rhs
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -64,8 +68,7 @@ class QuantDot(_QuantOp):
 
     def __call__(self, lhs, rhs, dimension_numbers, precision=None, preferred_element_type=None, **unused):
         if isinstance(rhs, QArray):
-            return dot_general(self.quantized_activation(lhs), rhs, dimension_numbers, precision,
-                               preferred_element_type)
+            return dot_general(*self.served_operands(lhs, rhs), dimension_numbers, precision, preferred_element_type)
         lhs, rhs = self.fake_quant_inputs(lhs, rhs)
         return lax.dot_general(lhs, rhs, dimension_numbers, precision=precision,
                                preferred_element_type=preferred_element_type)
@@ -82,7 +85,7 @@ class QuantEinsum(_QuantOp):
             lhs, rhs = self.fake_quant_inputs(lhs, rhs)
             return jnp.einsum(subscripts, lhs, rhs, precision=precision, preferred_element_type=preferred_element_type)
         dimension_numbers, out_order = einsum_dimension_numbers(subscripts)
-        y = dot_general(self.quantized_activation(lhs), rhs, dimension_numbers, precision, preferred_element_type)
+        y = dot_general(*self.served_operands(lhs, rhs), dimension_numbers, precision, preferred_element_type)
         return jnp.transpose(y, out_order)
 
 

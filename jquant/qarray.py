@@ -3,11 +3,12 @@
 Storage (`QArray.value`):
 * bits 5..8: the signed integers q as int8, in the tensor's own shape;
 * bits 1..4: unsigned codes packed into uint8 along the last axis (`jquant.packing`): uniform
-  codes are q - Qmin, sign codes are (q + 1) / 2. 4-bit takes half the bytes of int8, 2-bit a
+  codes are q - Qmin, sign codes are (q + 1) / 2, codebook codes are the level indices. 4-bit takes half the bytes of int8, 2-bit a
   quarter, 1-bit an eighth; 3-bit uses 4-bit containers (honestly counted in `bits_per_weight`).
 
 Scale and zero-point have shape `numerics.layout(shape, spec).scale_shape`: the tensor's shape
-(with the group axis split) and 1 on every axis that shares a scale.
+(with the group axis split) and 1 on every axis that shares a scale. For `method="kmeans"` the
+`scale` holds each group's sorted levels instead, shape `scale_shape + (2^bits,)`.
 """
 
 from __future__ import annotations
@@ -19,8 +20,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jquant import numerics, packing
-from jquant.spec import QuantSpec
+from jquant import codebook, numerics, packing
+from jquant.spec import CODEBOOK_METHODS, QuantSpec
 
 
 @jax.tree_util.register_pytree_with_keys_class
@@ -65,7 +66,8 @@ class QArray:
 
     @property
     def q(self):
-        """The signed integers q as int8, in `shape` (unpacked if stored packed)."""
+        """The integers q as int8, in `shape` (unpacked if stored packed): signed grid values for
+        uniform and sign, level indices 0..2^b-1 for codebook methods."""
         if packing.container_bits(self.spec.bits) == 8:
             return self.value
         codes = packing.unpack(self.value, self.spec.bits, self.shape).astype(jnp.int8)
@@ -81,8 +83,10 @@ class QArray:
         raise TypeError(f"QArray supports only qa[...]; got qa[{index!r}] — index qa.dequantize() instead")
 
     def dequantize(self):
-        """x̂ = s · (q - z) in the original shape and dtype."""
+        """x̂ = s · (q - z) (codebook methods: the indexed level) in the original shape and dtype."""
         lay = self.layout
+        if self.spec.method in CODEBOOK_METHODS:
+            return codebook.dequantize_codebook(self.q, self.scale, self.spec, lay).astype(self.dtype)
         x = numerics.dequantize_grouped(lay.to_grouped(self.q), self.scale, self.zero_point)
         return lay.from_grouped(x).astype(self.dtype)
 
@@ -121,6 +125,11 @@ def quantize(x, spec: QuantSpec, *, scale=None, zero_point=None) -> QArray:
     if not jnp.issubdtype(x.dtype, jnp.floating):
         raise TypeError(f"quantize expects a float array, got dtype {x.dtype}")
     lay = numerics.layout(x.shape, spec)
+    if spec.method in CODEBOOK_METHODS:
+        if zero_point is not None:
+            raise ValueError(f"{spec!r} has no zero-point; zero_point= is not accepted")
+        codes, scale = codebook.quantize_codebook(x, spec, lay, scale)
+        return QArray(packing.pack(codes, spec.bits), scale, None, spec=spec, shape=x.shape, dtype=x.dtype)
     scale, zero_point = resolve_scale(x, spec, lay, scale, zero_point)
     q = numerics.quantize_grouped(lay.to_grouped(x), scale, zero_point, spec)
     q = lay.from_grouped(q)

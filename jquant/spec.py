@@ -5,8 +5,11 @@ from __future__ import annotations
 import dataclasses
 from typing import Optional, Tuple, Union
 
-METHODS = ("uniform", "sign")
-"""Quantization methods this version knows. Codebook methods will join this tuple."""
+METHODS = ("uniform", "sign", "kmeans", "nf4")
+"""Quantization methods: affine integer grid, 1-bit sign, and the non-uniform codebooks."""
+
+CODEBOOK_METHODS = ("kmeans", "nf4")
+MAX_CODEBOOK_BITS = 4
 
 
 @dataclasses.dataclass(frozen=True)
@@ -27,8 +30,9 @@ class QuantSpec:
         contraction axis of a Dense kernel `(in, out)` with `channel_axes=(1,)`, of a conv kernel
         `HWIO` with `channel_axes=(3,)` (I is larger than H and W), of attention kernels
         `(in, heads, head_dim)`, and the feature axis of a per-token activation.
-      method: "uniform" (affine integer grid) or "sign" (1-bit XNOR-Net: q ∈ {-1, +1},
-        scale = mean|x| per group).
+      method: "uniform" (affine integer grid), "sign" (1-bit XNOR-Net: q ∈ {-1, +1},
+        scale = mean|x| per group), "kmeans" (2^bits Lloyd levels per group, bits 1..4) or "nf4"
+        (the fixed NormalFloat-4 levels times the group's absmax; bits=4). See `jquant.codebook`.
 
     Raises:
       ValueError: naming the field, the value given and what is allowed.
@@ -64,6 +68,15 @@ class QuantSpec:
                 raise ValueError(f"QuantSpec.bits={self.bits} with method='sign'; sign quantization is 1-bit (bits=1)")
             if not self.symmetric:
                 raise ValueError("QuantSpec.symmetric=False with method='sign'; sign quantization is symmetric")
+        elif self.method in CODEBOOK_METHODS:
+            if self.method == "nf4" and self.bits != 4:
+                raise ValueError(f"QuantSpec.bits={self.bits} with method='nf4'; NormalFloat-4 is 4-bit (bits=4)")
+            if not 1 <= self.bits <= MAX_CODEBOOK_BITS:
+                raise ValueError(f"QuantSpec.bits={self.bits} is too large for method='kmeans' (2^bits levels per group); "
+                                 f"allowed: 1..{MAX_CODEBOOK_BITS} — use method='uniform' for more bits")
+            if not self.symmetric:
+                raise ValueError(f"QuantSpec.symmetric=False with method={self.method!r}; codebooks have no zero-point "
+                                 "(leave symmetric=True)")
         elif not 2 <= self.bits <= 8:
             hint = " (for 1-bit use method='sign')" if self.bits == 1 else ""
             raise ValueError(f"QuantSpec.bits={self.bits} is out of range for method='uniform'; allowed: 2..8{hint}")
@@ -82,14 +95,19 @@ class QuantSpec:
 
     @property
     def qmin(self) -> int:
-        """Smallest stored integer: -(2^(b-1)-1) symmetric, -2^(b-1) asymmetric, -1 for sign."""
+        """Smallest stored integer: -(2^(b-1)-1) symmetric, -2^(b-1) asymmetric, -1 for sign,
+        0 for codebook indices."""
         if self.method == "sign":
             return -1
+        if self.method in CODEBOOK_METHODS:
+            return 0
         return -(2 ** (self.bits - 1)) + (1 if self.symmetric else 0)
 
     @property
     def qmax(self) -> int:
-        """Largest stored integer: 2^(b-1) - 1 (1 for sign)."""
+        """Largest stored integer: 2^(b-1) - 1 (1 for sign, 2^b - 1 for codebook indices)."""
+        if self.method in CODEBOOK_METHODS:
+            return 2 ** self.bits - 1
         return 1 if self.method == "sign" else 2 ** (self.bits - 1) - 1
 
     @property

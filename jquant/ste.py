@@ -13,8 +13,8 @@ import jax
 import jax.numpy as jnp
 
 from jquant import numerics
-from jquant.qarray import resolve_scale
-from jquant.spec import QuantSpec
+from jquant.qarray import quantize, resolve_scale
+from jquant.spec import CODEBOOK_METHODS, QuantSpec
 
 
 @jax.custom_jvp
@@ -39,7 +39,8 @@ def fake_quant(x, spec: QuantSpec, *, scale=None, zero_point=None):
     With the scale computed from `x` itself every element is inside; with a fixed (calibrated)
     `scale`/`zero_point` the elements beyond the range get zero gradient. The scale and
     zero-point receive no gradient (a learned step size is a separate estimator).
-    `method="sign"` has no clip: its gradient is the identity (BinaryConnect STE).
+    `method="sign"` and the codebook methods have no clip: their gradient is the identity
+    (BinaryConnect STE).
 
     Args:
       x: float array; spec: the QuantSpec; scale, zero_point: as in `jquant.quantize`.
@@ -48,6 +49,10 @@ def fake_quant(x, spec: QuantSpec, *, scale=None, zero_point=None):
       float array of x's shape and dtype.
     """
     x = jnp.asarray(x)
+    if spec.method in CODEBOOK_METHODS:
+        # No clip range: the levels span the group's values. Identity gradient (forward and reverse).
+        x_hat = quantize(x, spec, scale=scale).dequantize()
+        return x + jax.lax.stop_gradient(x_hat - x)
     lay = numerics.layout(x.shape, spec)
     # A range computed from x contains x, so the mask would be all ones: skip computing it.
     pass_through = scale is None or spec.method == "sign"
