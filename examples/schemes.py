@@ -6,8 +6,9 @@ Tensors:
   gaussian  (4096, 1024) N(0, 1) weights, the textbook case;
   heavy     (4096, 1024) Student-t (3 dof) weights: outliers, where granularity matters;
   digits    the (64, 10) weights of a ridge classifier fit on scikit-learn's digits (ships with
-            scikit-learn), evaluated on held-out digits with jquant.dot_general: int8 activations
-            (dynamic, per row) × quantized weights on the exact int32 path.
+            scikit-learn), evaluated on held-out digits through jquant.QuantDot: int8 activations
+            (dynamic, per row) × quantized weights, on the exact int32 path where the weights have
+            an integer grid.
 For each scheme: stored bits per weight (scales and zero-points included), SQNR in dB
 (10·log10(Σx² / Σ(x - x̂)²)), bytes, and for digits the test accuracy.
 """
@@ -29,6 +30,10 @@ SCHEMES = [
     ("int3 asym group-32", QuantSpec(3, symmetric=False, channel_axes=(1,), group_size=32)),
     ("int2 asym group-16", QuantSpec(2, symmetric=False, channel_axes=(1,), group_size=16)),
     ("1-bit sign per-channel", QuantSpec(1, method="sign", channel_axes=(1,))),
+    ("nf4 group-64", QuantSpec(4, method="nf4", channel_axes=(1,), group_size=64)),
+    ("4-bit k-means per-channel", QuantSpec(4, method="kmeans", channel_axes=(1,))),
+    ("3-bit k-means per-channel", QuantSpec(3, method="kmeans", channel_axes=(1,))),
+    ("2-bit k-means per-channel", QuantSpec(2, method="kmeans", channel_axes=(1,))),
 ]
 DN = (((1,), (0,)), ((), ()))
 
@@ -66,27 +71,28 @@ def main():
         return jnp.mean(jnp.argmax(x_test @ w + b, axis=1) == y_test)
 
     def accuracy_int(wq):
-        logits = jax.jit(lambda x, wq: jquant.dot_general(x, wq, DN, lhs_spec=act_spec))(x_test, wq) + b
+        logits = jax.jit(lambda x, wq: jquant.QuantDot(act=act_spec)(x, wq, DN))(x_test, wq) + b
         return float(jnp.mean(jnp.argmax(logits, axis=1) == y_test))
 
     print(f"jquant schemes — jax {jax.__version__} on {jax.default_backend()}\n")
-    header = (f"| {'scheme':<24} | {'bits/w':>6} | {'gaussian SQNR':>13} | {'heavy SQNR':>10} | "
+    header = (f"| {'scheme':<26} | {'bits/w':>6} | {'gaussian SQNR':>13} | {'heavy SQNR':>10} | "
               f"{'4096x1024 bytes':>15} | {'digits SQNR':>11} | {'digits acc':>10} |")
     print(header)
     print("|" + "|".join("-" * (len(c)) for c in header.split("|")[1:-1]) + "|")
     float_bytes = tensors["gaussian"].nbytes
-    print(f"| {'float32':<24} | {32:>6.2f} | {'-':>13} | {'-':>10} | {float_bytes:>15,} | {'-':>11} | "
+    print(f"| {'float32':<26} | {32:>6.2f} | {'-':>13} | {'-':>10} | {float_bytes:>15,} | {'-':>11} | "
           f"{float(accuracy_float(w)):>10.3f} |")
     for name, spec in SCHEMES:
         quantized = {k: jquant.quantize(v, spec) for k, v in tensors.items()}
         wq = jquant.quantize(w, spec)
         g = quantized["gaussian"]
-        print(f"| {name:<24} | {g.bits_per_weight:>6.2f} | {sqnr_db(tensors['gaussian'], g.dequantize()):>13.2f} | "
+        print(f"| {name:<26} | {g.bits_per_weight:>6.2f} | {sqnr_db(tensors['gaussian'], g.dequantize()):>13.2f} | "
               f"{sqnr_db(tensors['heavy'], quantized['heavy'].dequantize()):>10.2f} | {g.nbytes:>15,} | "
               f"{sqnr_db(w, wq.dequantize()):>11.2f} | {accuracy_int(wq):>10.3f} |")
-    print("\nbits/w counts scales (float32) and zero-points (int8); 3-bit values use 4-bit containers.")
-    print("digits acc: held-out accuracy through jquant.dot_general (int8 activations x quantized weights, int32 "
-          "accumulation) — except float32, a float matmul.")
+    print("\nbits/w counts scales (float32), zero-points (int8) and k-means levels (float32); 3-bit values use "
+          "4-bit containers.")
+    print("digits acc: held-out accuracy through jquant.QuantDot with int8 activations: the int32 integer path for "
+          "uniform and sign weights, dequantized codebook weights for nf4/k-means; float32 is a float matmul.")
 
 
 if __name__ == "__main__":
