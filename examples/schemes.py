@@ -13,6 +13,8 @@ For each scheme: stored bits per weight (scales and zero-points included), SQNR 
 (10·log10(Σx² / Σ(x - x̂)²)), bytes, and for digits the test accuracy.
 """
 
+import argparse
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -58,10 +60,13 @@ def digits_classifier():
 
 
 def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rows", type=int, default=4096, help="rows of the (rows, 1024) Gaussian/heavy tensors")
+    rows = parser.parse_args().rows
     keys = jax.random.split(jax.random.key(0), 2)
     tensors = {
-        "gaussian": jax.random.normal(keys[0], (4096, 1024), jnp.float32),
-        "heavy": jax.random.t(keys[1], 3.0, (4096, 1024), jnp.float32),
+        "gaussian": jax.random.normal(keys[0], (rows, 1024), jnp.float32),
+        "heavy": jax.random.t(keys[1], 3.0, (rows, 1024), jnp.float32),
     }
     w, b, x_test, y_test = digits_classifier()
     act_spec = QuantSpec(8, symmetric=False, channel_axes=(0,))  # dynamic, per row, asymmetric (pixels ≥ 0)
@@ -76,7 +81,7 @@ def main():
 
     print(f"jquant schemes — jax {jax.__version__} on {jax.default_backend()}\n")
     header = (f"| {'scheme':<26} | {'bits/w':>6} | {'gaussian SQNR':>13} | {'heavy SQNR':>10} | "
-              f"{'4096x1024 bytes':>15} | {'digits SQNR':>11} | {'digits acc':>10} |")
+              f"{f'{rows}x1024 bytes':>15} | {'digits SQNR':>11} | {'digits acc':>10} |")
     print(header)
     print("|" + "|".join("-" * (len(c)) for c in header.split("|")[1:-1]) + "|")
     float_bytes = tensors["gaussian"].nbytes

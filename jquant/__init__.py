@@ -8,3 +8,4 @@ from jquant.transforms import dequantize_params, fake_quant_params, quantize_par
 from jquant.report import Report, report
 from jquant.ops import QuantConv, QuantDot, QuantEinsum
 from jquant import flax
+from jquant.checkpoint import load, save
