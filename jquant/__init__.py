@@ -1,11 +1,25 @@
-"""jquant: functional quantization transforms for JAX."""
+"""jquant: functional quantization transforms for JAX.
+
+Layers, each importing only the ones above it: `spec` (QuantSpec) → `numerics` (formulas) →
+`packing`, `codebook` → `qarray` (QArray, quantize) → `ste` (fake_quant), `dot` (integer
+dot_general) → `ops` (QuantDot/QuantEinsum/QuantConv) → `policy`, `transforms`, `report`,
+`checkpoint` → `flax` (Linen and NNX integration).
+"""
+
 from jquant.spec import QuantSpec
-from jquant.qarray import QArray, quantize, dequantize
-from jquant.ste import ste_round, fake_quant
+from jquant.qarray import QArray, dequantize, quantize
+from jquant.ste import fake_quant, ste_round
 from jquant.dot import Accumulator, dot_general, int_dot_general, requantize
+from jquant.ops import QuantConv, QuantDot, QuantEinsum
 from jquant.policy import Policy, Rule, int4_weights, int8_weights, w8a8
 from jquant.transforms import dequantize_params, fake_quant_params, quantize_params
 from jquant.report import Report, report
-from jquant.ops import QuantConv, QuantDot, QuantEinsum
-from jquant import flax
 from jquant.checkpoint import load, save
+from jquant import flax
+
+__all__ = [
+    "QuantSpec", "QArray", "quantize", "dequantize", "fake_quant", "ste_round", "Accumulator", "dot_general",
+    "int_dot_general", "requantize", "QuantDot", "QuantEinsum", "QuantConv", "Rule", "Policy", "int8_weights",
+    "int4_weights", "w8a8", "quantize_params", "dequantize_params", "fake_quant_params", "report", "Report", "save",
+    "load", "flax",
+]
