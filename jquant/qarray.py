@@ -31,6 +31,9 @@ class QArray:
     Children (arrays, so `jit`, `tree_map`, `device_put` and sharding see them): `value`, `scale`,
     `zero_point` (None when symmetric). Static auxiliary data: `spec`, `shape`, `dtype` (the
     original float dtype that `dequantize` returns).
+
+    `shape` is static, so a QArray made inside `jax.vmap` keeps the per-example shape while its
+    leaves gain the batch axis: dequantize it inside the same `vmap` (or quantize the batch whole).
     """
 
     def __init__(self, value, scale, zero_point, *, spec: QuantSpec, shape: Tuple[int, ...], dtype):

@@ -1,0 +1,160 @@
+"""Plain NumPy float64 reference of jquant's quantization formulas (no JAX, no jquant imports).
+
+Written from the conventions in the docstrings of `jquant.numerics` and `jquant.QuantSpec`, not
+from their code, and as directly as possible:
+
+* integer range: symmetric b-bit [-(2^(b-1)-1), 2^(b-1)-1], asymmetric [-2^(b-1), 2^(b-1)-1],
+  sign {-1, +1};
+* granularity: every element belongs to one group; a group is one index of the channel axes and,
+  with a group size g, one block of g consecutive elements of the group axis (default: the
+  largest non-channel axis, the last of equal ones); all other axes are shared;
+* scale: symmetric s = absmax / Qmax; asymmetric lo = min(min x, 0), hi = max(max x, 0),
+  s = (hi - lo) / (Qmax - Qmin), z = Qmin - round(lo / s); sign s = mean|x|;
+* q = clip(round_half_even(x / s) + z, Qmin, Qmax); sign q = +1 for x >= 0 else -1;
+* x̂ = s (q - z); a zero scale divides by 1 instead, so q = z and x̂ = 0.
+
+Spec arguments are duck-typed: anything with `bits`, `symmetric`, `channel_axes`, `group_size`,
+`group_axis` and `method` attributes (a `QuantSpec` will do; only its fields are read).
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple, Optional, Tuple
+
+import numpy as np
+
+
+def qrange(bits: int, symmetric: bool = True, method: str = "uniform") -> Tuple[int, int]:
+    """(Qmin, Qmax) of the integer grid."""
+    if method == "sign":
+        return -1, 1
+    qmax = 2 ** (bits - 1) - 1
+    return (-qmax if symmetric else -qmax - 1), qmax
+
+
+def channel_and_group_axes(shape, spec) -> Tuple[Tuple[int, ...], Optional[int]]:
+    """Non-negative channel axes (sorted) and the non-negative group axis (None without groups)."""
+    ndim = len(shape)
+    axes = spec.channel_axes if isinstance(spec.channel_axes, tuple) else (spec.channel_axes,)
+    channel = tuple(sorted(a % ndim for a in axes)) if ndim else ()
+    if spec.group_size is None:
+        return channel, None
+    if spec.group_axis is not None:
+        return channel, spec.group_axis % ndim
+    shared = [a for a in range(ndim) if a not in channel]
+    largest = max(shape[a] for a in shared)
+    return channel, [a for a in shared if shape[a] == largest][-1]
+
+
+def group_ids(shape, spec) -> np.ndarray:
+    """An int array of `shape`: the id of the group (the scale) each element belongs to."""
+    channel, group_axis = channel_and_group_axes(shape, spec)
+    index = np.indices(shape)
+    ids = np.zeros(shape, np.int64)
+    for a in channel:  # mixed radix: one id per (channel index, group block)
+        ids = ids * shape[a] + index[a]
+    if group_axis is not None:
+        ids = ids * shape[group_axis] + index[group_axis] // spec.group_size
+    return ids
+
+
+def scale_shape(shape, spec) -> Tuple[int, ...]:
+    """Documented shape of jquant's scale: `shape` with the group axis split into (n/g, g), then 1
+    on every axis that is shared (the inner group axis and every non-channel axis)."""
+    channel, group_axis = channel_and_group_axes(shape, spec)
+    out = []
+    for a, d in enumerate(shape):
+        if a == group_axis:
+            out += [d // spec.group_size, 1]
+        else:
+            out.append(d if a in channel else 1)
+    return tuple(out)
+
+
+def expand(per_group, shape, spec) -> np.ndarray:
+    """Broadcast an array of `scale_shape(shape, spec)` back to one value per element of `shape`."""
+    _, group_axis = channel_and_group_axes(shape, spec)
+    grouped = list(shape)
+    if group_axis is not None:
+        grouped[group_axis:group_axis + 1] = [shape[group_axis] // spec.group_size, spec.group_size]
+    return np.broadcast_to(np.asarray(per_group), grouped).reshape(shape)
+
+
+class Reference(NamedTuple):
+    """Per-element results (all of the input's shape): scale and zero point of the element's group,
+    the zero point before rounding (Qmin - lo/s; equal to `zero_point` when symmetric or given),
+    t = x / s (float64, before rounding), q, x̂."""
+    scale: np.ndarray
+    zero_point: np.ndarray
+    zero_point_unrounded: np.ndarray
+    t: np.ndarray
+    q: np.ndarray
+    x_hat: np.ndarray
+
+
+def scale_and_zero_point(x, spec) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per-element scale, zero point and unrounded zero point (Qmin - lo/s) of `x` (float64)
+    computed from each group's values."""
+    x = np.asarray(x, np.float64)
+    qmin, qmax = qrange(spec.bits, spec.symmetric, spec.method)
+    _, member_of = np.unique(group_ids(x.shape, spec), return_inverse=True)
+    member_of = member_of.ravel()
+    n_groups = member_of.max() + 1
+    v = x.ravel()
+    if spec.method == "sign":
+        s = np.bincount(member_of, np.abs(v), n_groups) / np.bincount(member_of, None, n_groups)
+        z = z_exact = np.zeros(n_groups)
+    elif spec.symmetric:
+        absmax = np.zeros(n_groups)
+        np.maximum.at(absmax, member_of, np.abs(v))  # NaN propagates, as it should
+        s, z = absmax / qmax, np.zeros(n_groups)
+        z_exact = z
+    else:
+        lo, hi = np.zeros(n_groups), np.zeros(n_groups)  # starting at 0: lo <= 0 <= hi
+        np.minimum.at(lo, member_of, v)
+        np.maximum.at(hi, member_of, v)
+        s = (hi - lo) / (qmax - qmin)
+        z_exact = qmin - lo / np.where(s == 0, 1.0, s)
+        z = np.where(np.isnan(z_exact), qmin, np.clip(round_half_even(z_exact), qmin, qmax))
+    return tuple(a[member_of].reshape(x.shape) for a in (s, z, z_exact))
+
+
+def round_half_even(t):
+    """Round to nearest, ties to even (NumPy's `np.round` is exactly that)."""
+    return np.round(t)
+
+
+def quantize(x, spec, scale=None, zero_point=None) -> Reference:
+    """Reference quantize → dequantize of `x` with the group's own scale (default) or with given
+    per-element `scale` / `zero_point` (broadcast to x's shape)."""
+    x = np.asarray(x, np.float64)
+    qmin, qmax = qrange(spec.bits, spec.symmetric, spec.method)
+    if scale is None:
+        scale, zero_point, zero_point_unrounded = scale_and_zero_point(x, spec)
+    else:
+        scale = np.broadcast_to(np.asarray(scale, np.float64), x.shape)
+        zero_point = np.broadcast_to(np.asarray(0.0 if zero_point is None else zero_point, np.float64), x.shape)
+        zero_point_unrounded = zero_point
+    divisor = np.where(scale == 0, 1.0, scale)
+    t = x / divisor
+    if spec.method == "sign":
+        q = np.where(x < 0, -1.0, 1.0)
+    else:
+        q = np.clip(round_half_even(t) + zero_point, qmin, qmax)
+    x_hat = scale * (q - zero_point)
+    return Reference(scale, zero_point, zero_point_unrounded, t, q, x_hat)
+
+
+def near_tie(t, rtol: float = 1e-5) -> np.ndarray:
+    """Where `t` is within `rtol` (relative, at least absolute for |t| < 1) of a .5 rounding tie:
+    the only places where float32 arithmetic may round to the other neighbour."""
+    t = np.asarray(t, np.float64)
+    distance = np.abs(np.abs(t - np.floor(t)) - 0.5)
+    return distance <= rtol * np.maximum(np.abs(t), 1.0)
+
+
+def sqnr_db(x, x_hat) -> float:
+    """Signal-to-quantization-noise ratio 10 log10(Σx² / Σ(x - x̂)²) in dB."""
+    x = np.asarray(x, np.float64)
+    x_hat = np.asarray(x_hat, np.float64)
+    return float(10 * np.log10(np.sum(x ** 2) / np.sum((x - x_hat) ** 2)))

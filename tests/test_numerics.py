@@ -1,0 +1,402 @@
+"""jquant.numerics (through jquant.quantize / QArray) against the NumPy float64 reference.
+
+jquant computes in float32 for f32/bf16/f16 input; the reference computes in float64 from the
+same (exactly upcast) input values. So: scales agree to float32 rounding; q agrees exactly except
+where x/s (or lo/s for the zero point) is within 1e-5 of a .5 tie, where float32 may pick the
+other neighbour (off by one); x̂ agrees to the rounding of the output dtype.
+"""
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from hypothesis.extra import numpy as hnp
+
+import jquant
+from jquant import QuantSpec
+
+import reference
+
+SETTINGS = settings(max_examples=60, deadline=None)
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+def _flush_tiny(v: float) -> float:
+    # Scales of groups whose absmax is near the float32 underflow are subnormal and lose
+    # precision (documented: they may underflow to 0); keep generated data clear of that.
+    return 0.0 if abs(v) < 1e-6 else v
+
+
+ELEMENTS = st.one_of(
+    st.just(0.0),
+    st.integers(-64, 64).map(lambda k: k / 4),  # exact values: zero groups, exact and near ties
+    st.floats(-1e4, 1e4, width=32, allow_subnormal=False).map(_flush_tiny),
+)
+
+
+def _divisors(n):
+    return [d for d in range(1, n + 1) if n % d == 0]
+
+
+@st.composite
+def shapes_and_specs(draw, methods=("uniform", "uniform", "sign"), bits=(2, 3, 4, 5, 8)):
+    """A shape of rank 0..3 (size-1 dims included) and a valid spec for it: per-tensor,
+    per-channel (axes given positive or negative) or per-group (explicit or default group axis)."""
+    rank = draw(st.integers(0, 3))
+    shape = tuple(draw(st.lists(st.sampled_from([1, 2, 3, 4, 6, 8]), min_size=rank, max_size=rank)))
+    method = draw(st.sampled_from(methods))
+    if method == "sign":
+        kw = dict(bits=1, method="sign")
+    else:
+        kw = dict(bits=draw(st.sampled_from(bits)), symmetric=draw(st.booleans()))
+    granularity = draw(st.sampled_from(["tensor", "channel", "group", "group"])) if rank else "tensor"
+    if granularity == "tensor":
+        return shape, QuantSpec(**kw)
+    group = granularity == "group"
+    axes = draw(st.lists(st.integers(0, rank - 1), unique=True, min_size=not group, max_size=rank - group))
+    kw["channel_axes"] = tuple(a - rank if draw(st.booleans()) else a for a in axes)
+    shared = [a for a in range(rank) if a not in axes]
+    if group:
+        if draw(st.booleans()):
+            axis = draw(st.sampled_from(shared))
+            kw["group_axis"] = axis - rank if draw(st.booleans()) else axis
+        else:
+            largest = max(shape[a] for a in shared)
+            axis = [a for a in shared if shape[a] == largest][-1]
+        kw["group_size"] = draw(st.sampled_from(_divisors(shape[axis])))
+    return shape, QuantSpec(**kw)
+
+
+def _as_f64(a):
+    return np.asarray(jnp.asarray(a).astype(jnp.float32), np.float64)
+
+
+@functools.partial(jax.jit, static_argnums=1)
+def quantize_jit(x, spec, scale=None, zero_point=None):
+    """`(qa, qa.q, qa.dequantize())` in one compiled program: one compilation per new shape is far
+    cheaper than compiling each eager op for it, which matters with hypothesis' many shapes."""
+    qa = jquant.quantize(x, spec, scale=scale, zero_point=zero_point)
+    return qa, qa.q, qa.dequantize()
+
+
+def assert_matches_reference(x, spec, qa, scale=None, zero_point=None):
+    """`qa` = jquant.quantize(x, spec, scale=..., zero_point=...) (a QArray, or the triple from
+    `quantize_jit`) agrees with the reference. Returns the reference (per-element arrays)."""
+    qa, q, x_hat = qa if isinstance(qa, tuple) else (qa, qa.q, qa.dequantize())
+    shape = tuple(x.shape)
+    xf = _as_f64(x)  # exactly the values jquant sees after its (exact) upcast
+    qmin, qmax = reference.qrange(spec.bits, spec.symmetric, spec.method)
+    if scale is not None:
+        scale = reference.expand(np.broadcast_to(_as_f64(scale), reference.scale_shape(shape, spec)), shape, spec)
+        if zero_point is not None:
+            zero_point = reference.expand(
+                np.broadcast_to(np.asarray(zero_point, np.float64), reference.scale_shape(shape, spec)), shape, spec)
+    ref = reference.quantize(xf, spec, scale, zero_point)
+
+    # scale: documented shape, float32, one value per group, float32 rounding of the reference
+    assert qa.scale.shape == reference.scale_shape(shape, spec)
+    assert qa.scale.dtype == jnp.float32
+    s = reference.expand(np.asarray(qa.scale, np.float64), shape, spec)
+    rtol = 1e-6
+    if spec.method == "sign":  # a float32 sum of n positive terms: error up to ~n ulp
+        rtol += 6e-8 * max(1, math.prod(shape))
+    np.testing.assert_allclose(s, ref.scale, rtol=rtol, atol=0, err_msg="scale")
+
+    # zero point: None when symmetric; else integer-valued, in range, = reference but near a tie
+    if spec.symmetric:
+        assert qa.zero_point is None
+        z = np.zeros(shape)
+    else:
+        assert qa.zero_point.shape == reference.scale_shape(shape, spec)
+        assert jnp.issubdtype(qa.zero_point.dtype, jnp.integer)
+        z = reference.expand(np.asarray(qa.zero_point, np.float64), shape, spec)
+        assert np.all((qmin <= z) & (z <= qmax))
+        z_ok = (z == ref.zero_point) | (reference.near_tie(ref.zero_point_unrounded) & (np.abs(z - ref.zero_point) <= 1))
+        assert np.all(z_ok), f"zero point {z[~z_ok]} vs reference {ref.zero_point[~z_ok]}"
+
+    # q: in range; = clip(round(x/s) + z) with jquant's own (validated) z, off by one only at ties
+    q = np.asarray(q, np.float64)
+    assert q.shape == shape
+    assert np.all((qmin <= q) & (q <= qmax))
+    if spec.method == "sign":
+        np.testing.assert_array_equal(q, ref.q)
+    else:
+        expected = np.clip(np.round(ref.t) + z, qmin, qmax)
+        q_ok = (q == expected) | (reference.near_tie(ref.t) & (np.abs(q - expected) <= 1))
+        assert np.all(q_ok), f"q {q[~q_ok]} vs reference {expected[~q_ok]} at x={xf[~q_ok]}"
+
+    # x̂ = s (q - z): original dtype and shape, output-dtype rounding of the float64 value
+    assert x_hat.dtype == x.dtype and x_hat.shape == shape
+    info = jnp.finfo(x.dtype)
+    expected = ref.scale * (q - z)
+    np.testing.assert_allclose(_as_f64(x_hat), expected, rtol=float(info.eps) / 2 + 1e-6,
+                               atol=float(info.smallest_subnormal), err_msg="x_hat")
+    return ref
+
+
+@SETTINGS
+@given(shapes_and_specs(), st.sampled_from(DTYPES), st.data())
+def test_quantize_matches_reference(shape_spec, dtype, data):
+    shape, spec = shape_spec
+    x = jnp.asarray(data.draw(hnp.arrays(np.float32, shape, elements=ELEMENTS)), dtype)
+    qa, q, x_hat = quantize_jit(x, spec)
+    ref = assert_matches_reference(x, spec, (qa, q, x_hat))
+    assert not np.any(np.isnan(_as_f64(x_hat)))
+    # the error is at most half a step inside the clip range, which contains x when the scale is
+    # computed from x (not for sign, which is not a rounding quantizer)
+    if spec.method == "uniform":
+        err = np.abs(_as_f64(x_hat) - _as_f64(x))
+        step = ref.scale
+        assert np.all(err <= step * (0.5 + 1e-4) + np.abs(_as_f64(x)) * float(jnp.finfo(x.dtype).eps))
+
+
+@SETTINGS
+@given(shapes_and_specs(), st.sampled_from(DTYPES), st.data())
+def test_zero_groups_have_zero_scale_and_dequantize_to_exact_zero(shape_spec, dtype, data):
+    shape, spec = shape_spec
+    x = data.draw(hnp.arrays(np.float32, shape, elements=ELEMENTS))
+    ids = reference.group_ids(shape, spec)
+    zeroed = np.isin(ids, data.draw(st.lists(st.sampled_from(np.unique(ids).tolist()), min_size=1)))
+    x = jnp.asarray(np.where(zeroed, 0.0, x), dtype)
+    qa, q, x_hat = outputs = quantize_jit(x, spec)
+    x_hat = _as_f64(x_hat)
+    s = reference.expand(np.asarray(qa.scale), shape, spec)
+    assert np.all(s[zeroed] == 0)
+    assert np.all(x_hat[zeroed] == 0)
+    assert not np.any(np.isnan(x_hat))
+    if spec.method == "uniform":
+        z = 0 if spec.symmetric else reference.expand(np.asarray(qa.zero_point), shape, spec)
+        np.testing.assert_array_equal(np.asarray(q)[zeroed], np.broadcast_to(z, shape)[zeroed])
+    assert_matches_reference(x, spec, outputs)
+
+
+def test_all_zero_tensor():
+    for spec in (QuantSpec(8), QuantSpec(4, symmetric=False), QuantSpec(1, method="sign"),
+                 QuantSpec(3, symmetric=False, channel_axes=(0,), group_size=2)):
+        qa = jquant.quantize(jnp.zeros((2, 4)), spec)
+        assert np.all(np.asarray(qa.scale) == 0)
+        assert np.all(np.asarray(qa.dequantize()) == 0)
+
+
+@pytest.mark.parametrize("shape, channel_axes, group_size, group_axis", [
+    ((8, 4), (1,), 2, 0),            # Dense kernel (in, out): the contraction axis
+    ((3, 3, 16, 8), (3,), 4, 2),     # conv HWIO: I is the largest shared axis
+    ((16, 4, 8), (), 8, 0),          # attention (in, heads, head_dim)
+    ((4, 4), (), 2, 1),              # equal sizes: the last one
+    ((4, 6, 6), (0,), 3, 2),         # equal sizes among the shared axes
+    ((2, 8), (-1,), 2, 0),
+])
+def test_default_group_axis_is_largest_shared_axis(shape, channel_axes, group_size, group_axis):
+    x = jnp.asarray(np.random.default_rng(0).standard_normal(shape), jnp.float32)
+    default = QuantSpec(4, channel_axes=channel_axes, group_size=group_size)
+    explicit = QuantSpec(4, channel_axes=channel_axes, group_size=group_size, group_axis=group_axis)
+    assert reference.channel_and_group_axes(shape, default)[1] == group_axis
+    qa, qe = jquant.quantize(x, default), jquant.quantize(x, explicit)
+    assert qa.scale.shape == qe.scale.shape == reference.scale_shape(shape, explicit)
+    np.testing.assert_array_equal(np.asarray(qa.scale), np.asarray(qe.scale))
+    assert_matches_reference(x, default, qa)
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+@pytest.mark.parametrize("step_exponent", [-6, 0, 3])
+def test_round_half_to_even_symmetric(bits, step_exponent):
+    # absmax = Qmax·s with s a power of two, so s and every x / s below are exact: x / s = k + 1/2
+    s = 2.0 ** step_exponent
+    _, qmax = reference.qrange(bits)
+    k = np.arange(-qmax, qmax)
+    x = np.concatenate([[qmax * s], (k + 0.5) * s]).astype(np.float32)
+    qa = jquant.quantize(jnp.asarray(x), QuantSpec(bits))
+    assert float(qa.scale.reshape(())) == s
+    q = np.asarray(qa.q)[1:]
+    assert np.all(q % 2 == 0), "ties must round to the even neighbour"
+    assert np.all(np.abs(q - (k + 0.5)) == 0.5)
+    np.testing.assert_array_equal(q, np.round(k + 0.5))
+
+
+@pytest.mark.parametrize("bits, below", [(8, 100), (4, 3), (2, 1)])
+def test_round_half_to_even_asymmetric(bits, below):
+    # lo = -below·s, hi = (levels - below)·s with s = 2^-4: span/levels = s exactly, z = Qmin + below
+    s = 2.0 ** -4
+    qmin, qmax = reference.qrange(bits, symmetric=False)
+    levels = qmax - qmin
+    k = np.arange(-below, levels - below)
+    x = np.concatenate([[-below * s, (levels - below) * s], (k + 0.5) * s]).astype(np.float32)
+    qa = jquant.quantize(jnp.asarray(x), QuantSpec(bits, symmetric=False))
+    assert float(qa.scale.reshape(())) == s
+    z = int(np.asarray(qa.zero_point).reshape(()))
+    assert z == qmin + below
+    offsets = np.asarray(qa.q, np.int64)[2:] - z
+    in_range = (k + 0.5 + z) < qmax  # the last tie rounds up past Qmax and is clipped
+    assert np.all(offsets[in_range] % 2 == 0)
+    np.testing.assert_array_equal(offsets[in_range], np.round(k + 0.5)[in_range])
+
+
+@SETTINGS
+@given(st.sampled_from([2, 3, 4, 5, 6, 7, 8]), st.booleans(), st.sampled_from(DTYPES), st.data())
+def test_integer_ranges_and_exact_zero(bits, symmetric, dtype, data):
+    qmin, qmax = reference.qrange(bits, symmetric)
+    assert (QuantSpec(bits, symmetric=symmetric).qmin, QuantSpec(bits, symmetric=symmetric).qmax) == (qmin, qmax)
+    x = data.draw(hnp.arrays(np.float32, (3, 16), elements=ELEMENTS))
+    x[:, 0] = 0.0
+    x[:, 1] = -5.0  # every row spans negative and positive: both ends of the grid are used
+    x[:, 2] = 5.0
+    x = jnp.asarray(x, dtype)
+    qa = jquant.quantize(x, QuantSpec(bits, symmetric=symmetric, channel_axes=(0,)))
+    q = np.asarray(qa.q)
+    assert q.min() >= qmin and q.max() <= qmax
+    assert q.min() == qmin or q.max() == qmax
+    x_hat = np.asarray(qa.dequantize().astype(jnp.float32))
+    assert np.all(x_hat[:, 0] == 0.0)  # 0.0 is on the grid (z is an integer)
+    if not symmetric:
+        z = np.asarray(qa.zero_point)
+        assert np.issubdtype(z.dtype, np.integer)
+        assert np.all((qmin <= z) & (z <= qmax))
+        np.testing.assert_array_equal(q[:, :1], z)
+        assert np.all(x_hat[np.asarray(x.astype(jnp.float32)) == 0] == 0)
+
+
+def test_int8_ranges():
+    x = jnp.asarray(np.linspace(-3.0, 1.0, 401), jnp.float32)
+    sym = jquant.quantize(x, QuantSpec(8))
+    assert np.asarray(sym.q).min() == -127  # -absmax
+    assert np.asarray(sym.q).max() == round(127 / 3)
+    xs = jnp.asarray([-2.0, 2.0, 0.5], jnp.float32)
+    np.testing.assert_array_equal(np.asarray(jquant.quantize(xs, QuantSpec(8)).q), [-127, 127, 32])
+    asym = jquant.quantize(x, QuantSpec(8, symmetric=False))
+    assert np.asarray(asym.q).min() == -128 and np.asarray(asym.q).max() == 127
+    assert asym.zero_point.dtype == jnp.int8
+    assert float(jquant.dequantize(asym)[np.argmin(np.abs(np.asarray(x)))]) == 0.0
+
+
+@pytest.mark.parametrize("channel_axes, floor_db", [((1,), 40.9), ((0,), 42.9)])
+def test_int8_per_channel_sqnr_on_gaussian(channel_axes, floor_db):
+    x = np.random.default_rng(0).standard_normal((4096, 256)).astype(np.float32)
+    spec = QuantSpec(8, channel_axes=channel_axes)
+    qa = jquant.quantize(jnp.asarray(x), spec)
+    sqnr = reference.sqnr_db(x, qa.dequantize())
+    ref = reference.quantize(x, spec)
+    assert sqnr == pytest.approx(reference.sqnr_db(x, ref.x_hat), abs=0.01)
+    # the uniform-noise model: error variance s²/12 per element
+    model = 10 * np.log10(np.sum(x.astype(np.float64) ** 2) / np.sum(ref.scale ** 2 / 12))
+    assert sqnr == pytest.approx(model, abs=0.1)
+    assert sqnr >= floor_db
+
+
+@pytest.mark.parametrize("spec", [
+    QuantSpec(8, channel_axes=(0,)), QuantSpec(4, symmetric=False, channel_axes=(0,)),
+    QuantSpec(1, method="sign", channel_axes=(0,)), QuantSpec(8, group_size=4),
+])
+def test_nan_poisons_only_its_group(spec):
+    x = np.random.default_rng(1).standard_normal((4, 8)).astype(np.float32)
+    x[1, 2] = np.nan
+    qa = jquant.quantize(jnp.asarray(x), spec)
+    x_hat = np.asarray(qa.dequantize())
+    ids = reference.group_ids(x.shape, spec)
+    poisoned = ids == ids[1, 2]
+    assert np.all(np.isnan(x_hat[poisoned]))
+    assert np.all(np.isnan(reference.expand(np.asarray(qa.scale), x.shape, spec)[poisoned]))
+    assert not np.any(np.isnan(x_hat[~poisoned]))
+    clean = jquant.quantize(jnp.asarray(np.where(poisoned, 0.0, x)), spec)
+    np.testing.assert_array_equal(x_hat[~poisoned], np.asarray(clean.dequantize())[~poisoned])
+    if not spec.symmetric:  # the zero point stays a valid integer
+        z = np.asarray(qa.zero_point)
+        qmin, qmax = reference.qrange(spec.bits, False)
+        assert np.all((qmin <= z) & (z <= qmax))
+
+
+@pytest.mark.parametrize("symmetric", [True, False])
+@pytest.mark.parametrize("inf", [np.inf, -np.inf])
+def test_inf_makes_its_group_non_finite(symmetric, inf):
+    x = np.random.default_rng(2).standard_normal((3, 5)).astype(np.float32)
+    x[0, 1] = inf
+    qa = jquant.quantize(jnp.asarray(x), QuantSpec(8, symmetric=symmetric, channel_axes=(0,)))
+    x_hat = np.asarray(qa.dequantize())
+    assert not np.any(np.isfinite(x_hat[0])), "the corrupted group must not look plausible"
+    assert np.all(np.isfinite(x_hat[1:]))
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_huge_values_asymmetric_keep_finite_scale(bits):
+    x = np.array([[-3e38, 3e38, 0.0, 1e38], [-3e38, -1e38, 0.0, -2e38], [0, 3e38, 3e38, 0]], np.float32)
+    spec = QuantSpec(bits, symmetric=False, channel_axes=(0,))
+    qa = jquant.quantize(jnp.asarray(x), spec)
+    assert np.all(np.isfinite(np.asarray(qa.scale)))
+    x_hat = np.asarray(qa.dequantize())
+    assert np.all(np.isfinite(x_hat))
+    assert np.all(x_hat[x == 0] == 0)
+    ref = assert_matches_reference(jnp.asarray(x), spec, qa)
+    assert np.all(np.abs(x_hat - x.astype(np.float64)) <= ref.scale * 0.5 * (1 + 1e-5))
+
+
+_OVERFLOW = ("BUG: x̂ = s·q is computed in float32 and overflows to ±Inf for finite input at the "
+             "float32 limit (s = absmax/Qmax rounds up, or the asymmetric grid end s·(Qmin - z) lies "
+             "beyond the float max)")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_huge_values_symmetric(dtype):
+    big = 3e38 if dtype == "float32" else float(jnp.finfo(dtype).max)
+    x = jnp.asarray([-big, big / 3, 0.0, big], dtype)
+    qa = jquant.quantize(x, QuantSpec(8))
+    assert np.all(np.isfinite(np.asarray(qa.scale)))
+    assert np.all(np.isfinite(_as_f64(qa.dequantize())))
+    assert_matches_reference(x, QuantSpec(8), qa)
+
+
+@pytest.mark.xfail(strict=True, reason=_OVERFLOW)
+@pytest.mark.parametrize("spec", [QuantSpec(8), QuantSpec(8, symmetric=False), QuantSpec(4, symmetric=False)])
+def test_float32_max_dequantizes_finite(spec):
+    big = float(jnp.finfo(jnp.float32).max)
+    x = jnp.asarray([-big, 0.0, big], jnp.float32)
+    qa = jquant.quantize(x, spec)
+    assert np.all(np.isfinite(np.asarray(qa.scale)))
+    assert np.all(np.isfinite(np.asarray(qa.dequantize())))
+
+
+@pytest.mark.xfail(strict=True, reason="BUG: the sign scale mean|x| is a float32 sum that overflows for "
+                                       "finite |x| near the float max, so the whole group becomes ±Inf")
+def test_sign_scale_of_huge_values_is_finite():
+    x = jnp.asarray([3e38, -3e38, 1.0], jnp.float32)
+    qa = jquant.quantize(x, QuantSpec(1, method="sign"))
+    assert np.all(np.isfinite(np.asarray(qa.scale)))
+    np.testing.assert_allclose(np.asarray(qa.scale).ravel(), [2e38], rtol=1e-6)
+
+
+@SETTINGS
+@given(shapes_and_specs(methods=("uniform",)), st.sampled_from(DTYPES), st.data())
+def test_fixed_scale_and_zero_point(shape_spec, dtype, data):
+    shape, spec = shape_spec
+    x = jnp.asarray(data.draw(hnp.arrays(np.float32, shape, elements=ELEMENTS)), dtype)
+    scale_shape = reference.scale_shape(shape, spec)
+    qmin, qmax = reference.qrange(spec.bits, spec.symmetric)
+    # a scalar or a full scale-shaped array; values in a range that clips part of the data
+    if data.draw(st.booleans()):
+        scale = data.draw(st.floats(float(np.float32(1e-3)), 1e3, width=32))
+    else:
+        scale = data.draw(hnp.arrays(np.float32, scale_shape, elements=st.floats(float(np.float32(1e-3)), 1e3, width=32)))
+    zero_point = None
+    if not spec.symmetric:
+        zero_point = data.draw(st.one_of(
+            st.integers(qmin, qmax),
+            hnp.arrays(np.int8, scale_shape, elements=st.integers(qmin, qmax))))
+    qa, q, x_hat = outputs = quantize_jit(x, spec, scale, zero_point)
+    ref = assert_matches_reference(x, spec, outputs, scale=scale, zero_point=zero_point)
+    # values beyond the range saturate at the ends of the grid
+    q = np.asarray(q, np.float64)
+    above = ref.t + ref.zero_point > qmax + 0.5 + 1e-3
+    below = ref.t + ref.zero_point < qmin - 0.5 - 1e-3
+    assert np.all(q[above] == qmax) and np.all(q[below] == qmin)
+
+
+def test_fixed_scale_clips_at_the_grid_ends():
+    x = jnp.asarray([-5.0, -1.27, -0.004, 0.0, 0.006, 1.0, 1.3, 5.0], jnp.float32)
+    qa = jquant.quantize(x, QuantSpec(8), scale=0.01)
+    ref = reference.quantize(_as_f64(x), QuantSpec(8), scale=float(np.float32(0.01)))
+    np.testing.assert_array_equal(np.asarray(qa.q), ref.q)
+    assert ref.q[0] == -127 and ref.q[-1] == 127 and ref.q[-2] == 127
+    np.testing.assert_allclose(np.asarray(qa.dequantize()), ref.x_hat, rtol=1e-6)

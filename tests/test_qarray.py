@@ -1,0 +1,133 @@
+"""QArray as a pytree (jit, tree_map, key paths, device_put, vmap) and quantize/dequantize contracts."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import jquant
+from jquant import QArray, QuantSpec
+
+import reference
+
+SPECS = [
+    QuantSpec(8),
+    QuantSpec(8, symmetric=False, channel_axes=(1,)),
+    QuantSpec(4, channel_axes=(1,), group_size=4),
+    QuantSpec(3, symmetric=False, group_size=8, group_axis=1),
+    QuantSpec(1, method="sign", channel_axes=(0,)),
+]
+IDS = [repr(s) for s in SPECS]
+
+
+def _x(shape=(8, 16), dtype=jnp.float32, seed=0):
+    return jnp.asarray(np.random.default_rng(seed).standard_normal(shape), dtype)
+
+
+def _assert_same_qarray(a, b, scale_rtol=0.0):
+    assert isinstance(a, QArray) and isinstance(b, QArray)
+    assert (a.spec, a.shape, a.dtype) == (b.spec, b.shape, b.dtype)
+    for x, y in zip((a.value, a.scale, a.zero_point), (b.value, b.scale, b.zero_point)):
+        assert (x is None) == (y is None)
+        if x is not None:
+            assert x.dtype == y.dtype and x.shape == y.shape
+            np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=scale_rtol if x is a.scale else 0)
+
+
+@pytest.mark.parametrize("spec", SPECS, ids=IDS)
+def test_jit_takes_and_returns_qarrays(spec):
+    x = _x()
+    eager = jquant.quantize(x, spec)
+    # Under jit XLA turns the division by the constant Qmax into a multiplication by 1/Qmax, so the
+    # scale may differ from the eager (correctly rounded) one by an ulp.
+    _assert_same_qarray(jax.jit(jquant.quantize, static_argnums=1)(x, spec), eager, scale_rtol=2.4e-7)
+
+    @jax.jit
+    def double_scale(qa):
+        return QArray(qa.value, qa.scale * 2, qa.zero_point, spec=qa.spec, shape=qa.shape, dtype=qa.dtype)
+
+    doubled = double_scale(eager)
+    assert isinstance(doubled, QArray) and doubled.spec == spec
+    np.testing.assert_array_equal(np.asarray(doubled.dequantize()), 2 * np.asarray(eager.dequantize()))
+    np.testing.assert_array_equal(np.asarray(jax.jit(jquant.dequantize)(eager)), np.asarray(eager.dequantize()))
+
+
+@pytest.mark.parametrize("spec", SPECS, ids=IDS)
+def test_tree_map_and_key_paths(spec):
+    qa = jquant.quantize(_x(), spec)
+    same = jax.tree_util.tree_map(lambda a: a, qa)
+    _assert_same_qarray(same, qa)
+    names = ["value", "scale"] + ([] if spec.symmetric else ["zero_point"])
+    paths, _ = jax.tree_util.tree_flatten_with_path(qa)
+    assert [p[-1].name for p, _ in paths] == names
+    assert [jax.tree_util.keystr(p) for p, _ in paths] == ["." + n for n in names]
+    leaves, treedef = jax.tree_util.tree_flatten(qa)
+    assert len(leaves) == len(names)
+    _assert_same_qarray(jax.tree_util.tree_unflatten(treedef, leaves), qa)
+    # a QArray nested in a parameter tree keeps its static metadata and its leaves
+    tree = {"layer": {"kernel": qa, "bias": jnp.zeros(3)}}
+    assert len(jax.tree_util.tree_leaves(tree)) == len(names) + 1
+    scaled = jax.tree_util.tree_map(lambda a: a * 2 if a.dtype == jnp.float32 else a, tree)["layer"]["kernel"]
+    np.testing.assert_array_equal(np.asarray(scaled.scale), 2 * np.asarray(qa.scale))
+
+
+def test_device_put():
+    qa = jquant.quantize(_x(), QuantSpec(4, symmetric=False, channel_axes=(1,)))
+    device = jax.devices()[0]
+    moved = jax.device_put(qa, device)
+    _assert_same_qarray(moved, qa)
+    for leaf in jax.tree_util.tree_leaves(moved):
+        assert leaf.devices() == {device}
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16, jnp.float16])
+@pytest.mark.parametrize("shape", [(), (5,), (3, 1, 4)])
+def test_dequantize_returns_original_dtype_and_shape(dtype, shape):
+    x = _x(shape, dtype)
+    for spec in (QuantSpec(8), QuantSpec(2, symmetric=False), QuantSpec(1, method="sign")):
+        qa = jquant.quantize(x, spec)
+        assert qa.dtype == dtype and qa.shape == shape and qa.ndim == len(shape)
+        out = jquant.dequantize(qa)
+        assert out.dtype == dtype and out.shape == shape
+        assert qa.scale.dtype == jnp.float32  # arithmetic in float32 for half inputs
+
+
+@pytest.mark.parametrize("dtype", [jnp.int8, jnp.int32, jnp.uint8, jnp.bool_])
+def test_quantize_rejects_non_float_input(dtype):
+    with pytest.raises(TypeError, match="float"):
+        jquant.quantize(jnp.ones((4, 4), dtype), QuantSpec(8))
+
+
+def test_fixed_scale_argument_errors():
+    x = _x()
+    with pytest.raises(ValueError, match="zero_point"):
+        jquant.quantize(x, QuantSpec(8), scale=0.1, zero_point=0)
+    with pytest.raises(ValueError, match="zero_point"):
+        jquant.quantize(x, QuantSpec(8, symmetric=False), scale=0.1)
+    with pytest.raises(ValueError, match="scale"):
+        jquant.quantize(x, QuantSpec(8, symmetric=False), zero_point=3)
+    with pytest.raises(ValueError):  # not broadcastable to the scale shape (1, 16)
+        jquant.quantize(x, QuantSpec(8, channel_axes=(1,)), scale=jnp.ones((8, 1)))
+
+
+@pytest.mark.parametrize("spec", SPECS, ids=IDS)
+def test_vmap_equals_per_example_loop(spec):
+    batch = _x((5, 8, 16), seed=1)
+    f = lambda x: jquant.quantize(x, spec).dequantize()
+    vmapped = np.asarray(jax.vmap(f)(batch))
+    looped = np.stack([np.asarray(f(x)) for x in batch])
+    np.testing.assert_array_equal(vmapped, looped)
+    # and each example is quantized with its own scales (not the batch's)
+    for x, out in zip(np.asarray(batch), vmapped):
+        ref = reference.quantize(x, spec)
+        np.testing.assert_allclose(out, ref.x_hat, rtol=1e-6, atol=1e-7)
+
+
+def test_indexing_and_repr():
+    qa = jquant.quantize(_x(), QuantSpec(4, channel_axes=(1,)))
+    assert qa[...] is qa
+    with pytest.raises(TypeError, match="dequantize"):
+        qa[0]
+    text = repr(qa)
+    assert "\n" not in text and len(text) < 120
+    assert repr(qa.spec) in text and "(8, 16)" in text and "float32" in text
