@@ -78,7 +78,7 @@ def load_data():
 
 
 class LinenRunner:
-    """Train / evaluate a Linen model (float or wrapped) with optax."""
+    """A Linen model (float or wrapped by a policy) as `forward(params, x) -> logits`."""
 
     def __init__(self, model):
         self.model = model
@@ -86,39 +86,9 @@ class LinenRunner:
     def init(self, x):
         return self.model.init(jax.random.key(0), x[:1])["params"]
 
-    def make_step(self, apply, optimizer):
-        def loss_fn(params, x, y):
-            logits = apply({"params": params}, x)
-            return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
-
-        @jax.jit
-        def step(params, opt_state, x, y):
-            loss, grads = jax.value_and_grad(loss_fn)(params, x, y)
-            updates, opt_state = optimizer.update(grads, opt_state, params)
-            return optax.apply_updates(params, updates), opt_state, loss
-
-        return step
-
-    def train(self, params, policy, x, y, epochs, progress, task):
-        apply = self.apply_fn(policy)
-        optimizer = optax.adam(1e-3)
-        step = self.make_step(apply, optimizer)
-        opt_state = optimizer.init(params)
-        rng = np.random.default_rng(1)
-        for _ in range(epochs):
-            order = rng.permutation(len(x))
-            for i in range(0, len(x) - BATCH + 1, BATCH):
-                idx = order[i:i + BATCH]
-                params, opt_state, _ = step(params, opt_state, x[idx], y[idx])
-            progress.advance(task)
-        return params, lambda: _median_step_ms(step, params, opt_state, x[:BATCH], y[:BATCH])
-
-    def apply_fn(self, policy):
-        return self.model.apply if policy is None else jquant.flax.quantize(self.model, policy).apply
-
-    def logits(self, params, policy, x, served):
-        tree = jquant.quantize_params(params, policy) if served else params
-        return jax.jit(self.apply_fn(policy))({"params": tree}, x)
+    def forward(self, params, policy):
+        apply = self.model.apply if policy is None else jquant.flax.quantize(self.model, policy).apply
+        return lambda p, x: apply({"params": p}, x)
 
 
 class NnxRunner:
@@ -130,42 +100,41 @@ class NnxRunner:
     def init(self, x):
         return nnx.state(self.make_model(), nnx.Param)
 
-    def model_for(self, params, policy):
+    def forward(self, params, policy):
         model = self.make_model()
         if policy is not None:
             jquant.flax.quantize(model, policy)
         nnx.update(model, params)
-        return model
-
-    def train(self, params, policy, x, y, epochs, progress, task):
-        model = self.model_for(params, policy)
         graphdef, _ = nnx.split(model)
-        optimizer = optax.adam(1e-3)
+        return lambda p, x: nnx.merge(graphdef, p)(x)
 
-        @jax.jit
-        def step(params, opt_state, xb, yb):
-            def loss_fn(p):
-                logits = nnx.merge(graphdef, p)(xb)
-                return optax.softmax_cross_entropy_with_integer_labels(logits, yb).mean()
 
-            loss, grads = jax.value_and_grad(loss_fn)(params)
-            updates, opt_state = optimizer.update(grads, opt_state, params)
-            return optax.apply_updates(params, updates), opt_state, loss
+def train(forward, params, x, y, epochs, progress, task):
+    """Adam on the cross-entropy of `forward(params, x)`; returns (params, step timer)."""
+    optimizer = optax.adam(1e-3)
 
-        opt_state = optimizer.init(params)
-        rng = np.random.default_rng(1)
-        for _ in range(epochs):
-            order = rng.permutation(len(x))
-            for i in range(0, len(x) - BATCH + 1, BATCH):
-                idx = order[i:i + BATCH]
-                params, opt_state, _ = step(params, opt_state, x[idx], y[idx])
-            progress.advance(task)
-        return params, lambda: _median_step_ms(step, params, opt_state, x[:BATCH], y[:BATCH])
+    @jax.jit
+    def step(params, opt_state, xb, yb):
+        loss_fn = lambda p: optax.softmax_cross_entropy_with_integer_labels(forward(p, xb), yb).mean()
+        loss, grads = jax.value_and_grad(loss_fn)(params)
+        updates, opt_state = optimizer.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state, loss
 
-    def logits(self, params, policy, x, served):
-        tree = jquant.quantize_params(params, policy) if served else params
-        graphdef, _ = nnx.split(self.model_for(params, policy))
-        return jax.jit(lambda p, xb: nnx.merge(graphdef, p)(xb))(tree, x)
+    opt_state = optimizer.init(params)
+    rng = np.random.default_rng(1)
+    for _ in range(epochs):
+        order = rng.permutation(len(x))
+        for i in range(0, len(x) - BATCH + 1, BATCH):
+            idx = order[i:i + BATCH]
+            params, opt_state, _ = step(params, opt_state, x[idx], y[idx])
+        progress.advance(task)
+    return params, lambda: _median_step_ms(step, params, opt_state, x[:BATCH], y[:BATCH])
+
+
+def logits(runner, params, policy, x, served):
+    """Logits under jit: QAT (float params) or served (`quantize_params`, QArray kernels)."""
+    tree = jquant.quantize_params(params, policy) if served else params
+    return jax.jit(runner.forward(params, policy))(tree, x)
 
 
 def _median_step_ms(step, params, opt_state, x, y, repeats=30):
@@ -204,17 +173,19 @@ def main():
         task = progress.add_task("training", total=total)
         for name, runner in runners.items():
             progress.update(task, description=f"{name}: float")
-            float_params, float_step = runner.train(runner.init(x_train), None, x_train, y_train, args.epochs,
-                                                    progress, task)
+            init = runner.init(x_train)
+            float_params, float_step = train(runner.forward(init, None), init, x_train, y_train, args.epochs,
+                                             progress, task)
             float_ms = float_step()
-            table.add_row(name, "float32", "-", f"{accuracy(runner.logits(float_params, None, x_test, False)):.3f}",
+            table.add_row(name, "float32", "-", f"{accuracy(logits(runner, float_params, None, x_test, False)):.3f}",
                           "-", "-", f"{model_bytes(float_params, None):,}", f"1.00 ({float_ms:.2f} ms)")
             for policy_name, policy in POLICIES.items():
                 progress.update(task, description=f"{name}: {policy_name} QAT")
-                ptq = accuracy(runner.logits(float_params, policy, x_test, served=True))
-                qat_params, qat_step = runner.train(float_params, policy, x_train, y_train, args.epochs, progress, task)
-                qat_logits = runner.logits(qat_params, policy, x_test, served=False)
-                served = runner.logits(qat_params, policy, x_test, served=True)
+                ptq = accuracy(logits(runner, float_params, policy, x_test, served=True))
+                qat_params, qat_step = train(runner.forward(float_params, policy), float_params, x_train, y_train,
+                                             args.epochs, progress, task)
+                qat_logits = logits(runner, qat_params, policy, x_test, served=False)
+                served = logits(runner, qat_params, policy, x_test, served=True)
                 agree = float(np.mean(np.argmax(np.asarray(served), -1) == np.argmax(np.asarray(qat_logits), -1)))
                 diff = float(jnp.max(jnp.abs(served - qat_logits)))
                 table.add_row("", policy_name, f"{ptq:.3f}", f"{accuracy(served):.3f}", f"{agree:.3f}", f"{diff:.1e}",
