@@ -8,9 +8,11 @@ Conventions (every function here follows them; tests check them against NumPy fl
 * Asymmetric scale: lo = min(min(x), 0), hi = max(max(x), 0), s = (hi - lo) / (Qmax - Qmin),
   z = Qmin - round(lo / s), an integer in [Qmin, Qmax], so 0.0 is represented exactly.
   If hi - lo overflows to Inf (|x| near the float max), s = hi/(Qmax-Qmin) - lo/(Qmax-Qmin).
-* Sign scale (XNOR-Net): s = mean|x| over the group; q = +1 where x >= 0, else -1.
+* Sign scale (XNOR-Net): s = mean|x| over the group (computed as Σ(|x| / n), which cannot
+  overflow); q = +1 where x >= 0, else -1.
 * Quantize: q = clip(round(x / s) + z, Qmin, Qmax) with round half to even (`jnp.round`).
-* Dequantize: x̂ = s · (q - z).
+* Dequantize: x̂ = s · (q - z), saturating at ±(float max) when the scale is finite (the grid
+  may reach half a step past the data, which at the float limit would overflow).
 * Arithmetic runs in float32 (float64 for float64 inputs); scales are stored in that dtype.
   bf16/f16 inputs are upcast exactly, and `dequantize` casts back to the input dtype.
 * Zero scale: a group that is all zeros (or whose scale underflows to 0) gets s = 0; division
@@ -28,6 +30,7 @@ no split.
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Optional, Tuple
 
 import jax.numpy as jnp
@@ -172,7 +175,10 @@ def compute_scale(x, spec: QuantSpec, lay: Optional[Layout] = None):
     if spec.method == "sign":
         if xg.size == 0:
             return jnp.zeros(lay.scale_shape, xg.dtype), None
-        return jnp.mean(jnp.abs(xg), axis=lay.reduce_axes, keepdims=True), None
+        # mean|x| as Σ(|x| / n): each term is at most max/n, so the sum cannot overflow the way
+        # Σ|x| does near the float max.
+        count = math.prod(xg.shape[a] for a in lay.reduce_axes)
+        return jnp.sum(jnp.abs(xg) / count, axis=lay.reduce_axes, keepdims=True), None
     if spec.symmetric:
         absmax = reduce_groups(jnp.max, jnp.abs(xg), lay)
         return scale_from_range(-absmax, absmax, spec)
@@ -213,8 +219,16 @@ def unclipped_integers(xg, scale, zero_point):
 
 
 def dequantize_grouped(q, scale, zero_point):
-    """x̂ = s · (q - z) in the scale's dtype, on the grouped view."""
+    """x̂ = s · (q - z) in the scale's dtype, on the grouped view.
+
+    The grid can reach half a step beyond the data's range (s = absmax/Qmax rounds, z rounds), so
+    for data at the float limit s · (q - z) can exceed the largest float: with a finite scale the
+    result saturates at ±max instead of becoming ±Inf. A non-finite scale (NaN/Inf input) is left
+    to propagate.
+    """
     q = q.astype(scale.dtype)
     if zero_point is not None:
         q = q - zero_point.astype(scale.dtype)
-    return scale * q
+    largest = jnp.finfo(scale.dtype).max
+    x = scale * q
+    return jnp.where(jnp.isfinite(scale), jnp.clip(x, -largest, largest), x)
