@@ -122,16 +122,25 @@ def test_linen_rule_paths_and_none_rules(digits):
                                atol=1e-6)
 
 
-def test_linen_einsum_rule_is_reported():
+def test_linen_einsum_qat_and_serving():
     class WithEinsum(nn.Module):
         @nn.compact
         def __call__(self, x):
             return nn.Einsum((4, 3), "bi,io->bo")(x)
 
-    qmodel = jquant.flax.quantize(WithEinsum(), W8A8)
-    params = qmodel.init(jax.random.key(0), jnp.ones((2, 4)))
-    with pytest.raises(ValueError, match="nn.Einsum"):
-        qmodel.apply(params, jnp.ones((2, 4)))
+    policy = Policy([Rule(r".*kernel", QuantSpec(4, channel_axes=(-1,)), act=QuantSpec(8))])
+    x = jax.random.normal(jax.random.key(1), (5, 4))
+    qmodel = jquant.flax.quantize(WithEinsum(), policy)
+    params = qmodel.init(jax.random.key(0), x)
+    layer = params["params"]["Einsum_0"]
+    expected = (jquant.fake_quant(x, QuantSpec(8)) @ jquant.fake_quant(layer["kernel"], policy.rules[0].spec)
+                + layer["bias"])
+    qat = qmodel.apply(params, x)
+    np.testing.assert_allclose(np.asarray(qat), np.asarray(expected), rtol=1e-6, atol=1e-6)
+    served = jax.jit(qmodel.apply)(jquant.quantize_params(params, policy), x)
+    np.testing.assert_allclose(np.asarray(served), np.asarray(qat), rtol=1e-5, atol=1e-5)
+    grads = jax.grad(lambda p: jnp.sum(qmodel.apply(p, x) ** 2))(params)
+    assert float(jnp.sum(jnp.abs(grads["params"]["Einsum_0"]["kernel"]))) > 0
 
 
 class NnxNet(nnx.Module):

@@ -2,10 +2,11 @@
 
 `quantize_linen(model, policy)` returns a `QuantizedLinen` with the model's `init` and `apply`
 and the very same params tree. While it runs, Flax's official method interceptor sees every
-`nn.Dense`, `nn.DenseGeneral` and `nn.Conv` call; when the policy has a rule for that layer's
+`nn.Dense`, `nn.DenseGeneral`, `nn.Conv` and `nn.Einsum` call; when the policy has a rule for that layer's
 kernel (`params/<module path>/kernel`, the path `quantize_params` sees; the `params/` is
 optional in rules), the call runs on a clone of the layer whose `dot_general` (or
-`conv_general_dilated`) is a `QuantDot` (`QuantConv`) built from the rule, reading the same
+`conv_general_dilated`) is a `QuantDot` (`QuantConv`) built from the rule — for `nn.Einsum`, which
+calls `jnp.einsum` itself, its `promote_dtype` hook quantizes the operands — reading the same
 variables. Nothing in JAX or Flax is patched.
 
 * Float params → QAT: kernel fake-quantized by `rule.spec`, input by `rule.act` (dynamic, per
@@ -74,18 +75,24 @@ class QuantizedLinen:
 
 
 def quantize_linen(model: nn.Module, policy: Policy) -> QuantizedLinen:
-    """Wrap `model` so that its Dense/DenseGeneral/Conv layers follow `policy`."""
+    """Wrap `model` so that its Dense/DenseGeneral/Conv/Einsum layers follow `policy`."""
     if not isinstance(policy, Policy):
         raise TypeError(f"policy must be a jquant.Policy, got {type(policy).__name__}")
     return QuantizedLinen(model, policy)
 
 
 def _hook(module):
-    """(attribute to replace, op class, attributes to clear) for a supported layer, else None."""
+    """(attribute to replace, op class, attributes to clear) for a supported layer, else None.
+
+    Dense/DenseGeneral and Conv take their op from an attribute. nn.Einsum calls `jnp.einsum`
+    itself, so its public `promote_dtype` hook is the place to quantize its operands.
+    """
     if isinstance(module, (nn.Dense, nn.DenseGeneral)):
         return "dot_general", QuantDot, ("dot_general_cls",)
     if isinstance(module, nn.Conv):
         return "conv_general_dilated", QuantConv, ("conv_general_dilated_cls",)
+    if isinstance(module, nn.Einsum):
+        return "promote_dtype", _QuantizedPromote, ()
     return None
 
 
@@ -99,13 +106,9 @@ def _intercept(policy, next_fun, args, kwargs, context):
     if context.method_name != "__call__" or _INSIDE.get():
         return next_fun(*args, **kwargs)
     hook = _hook(module)
-    rule = _rule_for(policy, module) if hook is not None or isinstance(module, nn.Einsum) else None
+    rule = _rule_for(policy, module) if hook is not None else None
     if rule is None or (rule.spec is None and rule.act is None) or module.is_initializing():
         return next_fun(*args, **kwargs)
-    if hook is None:
-        raise ValueError(f"{'/'.join(module.path)}/kernel: rule {rule!r} matches a Linen nn.Einsum, which has no "
-                         "injectable op; use jnp.einsum(..., _dot_general=jquant.QuantDot(...)) in the model, or "
-                         "an NNX model (nnx.Einsum is supported)")
     attribute, op_class, cleared = hook
     op = op_class(rule.spec, rule.act, *_static_activation(module, args[0], rule))
     variables = module.variables
@@ -148,6 +151,18 @@ def _static_activation(module, x, rule):
     return observers.static_scale(stats, rule.act)
 
 
+@dataclasses.dataclass(frozen=True, eq=False)
+class _QuantizedPromote(QuantDot):
+    """nn.Einsum's `promote_dtype` hook: Flax's promotion, then the activation fake-quantized and
+    the kernel fake-quantized (QAT) or replaced by the dequantized QArray (serving; nn.Einsum
+    runs `jnp.einsum`, so it has no integer path)."""
+
+    def __call__(self, inputs, kernel, bias, dtype=None, inexact=True):
+        inputs, kernel, bias = nn.dtypes.promote_dtype(inputs, kernel, bias, dtype=dtype, inexact=inexact)
+        inputs, kernel = self.fake_quant_inputs(inputs, kernel)
+        return inputs, kernel, bias
+
+
 @dataclasses.dataclass(frozen=True)
 class _WithWeight:
     """An op called with the layer's stand-in kernel, run on the stored QArray instead."""
@@ -156,4 +171,7 @@ class _WithWeight:
     weight: QArray
 
     def __call__(self, lhs, stand_in, *args, **kwargs):
+        if isinstance(self.op, _QuantizedPromote):  # (inputs, kernel, bias): serve the dequantized weight
+            inputs, _, bias = self.op(lhs, stand_in, *args, **kwargs)
+            return inputs, self.weight.dequantize().astype(stand_in.dtype), bias
         return self.op(lhs, self.weight, *args, **kwargs)
