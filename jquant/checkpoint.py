@@ -194,7 +194,8 @@ class _Writer:
             if type(x) is not dict:
                 node["class"] = _class_name(type(x))
             return node
-        return {"type": "node", "class": _class_name(type(x)), "keys": [_key_to_json(k) for k in keys], "values": values}
+        return {"type": "node", "class": _class_name(type(x)), "keys": [_key_to_json(k) for k in keys],
+                "values": values}
 
     def array(self, x, path):
         if isinstance(x, jax.core.Tracer):

@@ -1,8 +1,9 @@
 """Quantization policies: ordered regex rules from parameter paths to specs.
 
 A leaf's path is its keys, attribute names and indices joined with "/", e.g.
-`params/encoder/layer_0/attn/query/kernel` (the leading `params/` is optional in rules). A trailing `value` attribute (the array inside an NNX
-`Variable`) is dropped, so an NNX `State` and a Linen `params` dict give the same paths.
+`params/encoder/layer_0/attn/query/kernel` (the leading `params/` is optional in rules). A
+trailing `value` attribute (the array inside an NNX `Variable`) is dropped, so an NNX `State` and
+a Linen `params` dict give the same paths.
 
 Kernel conventions (what the presets and the docs assume; a rule can say anything else):
 * Dense `(in, out)`, Conv `(H, W, I, O)`, DenseGeneral/Einsum kernels whose output features are

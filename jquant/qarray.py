@@ -3,8 +3,9 @@
 Storage (`QArray.value`):
 * bits 5..8: the signed integers q as int8, in the tensor's own shape;
 * bits 1..4: unsigned codes packed into uint8 along the last axis (`jquant.packing`): uniform
-  codes are q - Qmin, sign codes are (q + 1) / 2, codebook codes are the level indices. 4-bit takes half the bytes of int8, 2-bit a
-  quarter, 1-bit an eighth; 3-bit uses 4-bit containers (honestly counted in `bits_per_weight`).
+  codes are q - Qmin, sign codes are (q + 1) / 2, codebook codes are the level indices. 4-bit
+  takes half the bytes of int8, 2-bit a quarter, 1-bit an eighth; 3-bit uses 4-bit containers
+  (honestly counted in `bits_per_weight`).
 
 Scale and zero-point have shape `numerics.layout(shape, spec).scale_shape`: the tensor's shape
 (with the group axis split) and 1 on every axis that shares a scale. For `method="kmeans"` the
@@ -14,7 +15,7 @@ Scale and zero-point have shape `numerics.layout(shape, spec).scale_shape`: the 
 from __future__ import annotations
 
 import math
-from typing import Optional, Tuple
+from typing import Tuple
 
 import jax
 import jax.numpy as jnp
@@ -105,7 +106,8 @@ class QArray:
         return 8 * self.nbytes / max(self.size, 1)
 
     def __repr__(self) -> str:
-        return f"QArray({self.spec!r}, shape={self.shape}, dtype={self.dtype.name}, bits/weight={self.bits_per_weight:.3f})"
+        return (f"QArray({self.spec!r}, shape={self.shape}, dtype={self.dtype.name}, "
+                f"bits/weight={self.bits_per_weight:.3f})")
 
 
 def quantize(x, spec: QuantSpec, *, scale=None, zero_point=None) -> QArray:

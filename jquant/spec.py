@@ -52,7 +52,8 @@ class QuantSpec:
         try:
             axes = tuple(axes)
         except TypeError:
-            raise ValueError(f"QuantSpec.channel_axes must be an int or a tuple of ints, got {self.channel_axes!r}") from None
+            raise ValueError(
+                f"QuantSpec.channel_axes must be an int or a tuple of ints, got {self.channel_axes!r}") from None
         if not all(isinstance(a, int) and not isinstance(a, bool) for a in axes):
             raise ValueError(f"QuantSpec.channel_axes must hold ints, got {self.channel_axes!r}")
         if len(set(axes)) != len(axes):
@@ -72,8 +73,9 @@ class QuantSpec:
             if self.method == "nf4" and self.bits != 4:
                 raise ValueError(f"QuantSpec.bits={self.bits} with method='nf4'; NormalFloat-4 is 4-bit (bits=4)")
             if not 1 <= self.bits <= MAX_CODEBOOK_BITS:
-                raise ValueError(f"QuantSpec.bits={self.bits} is too large for method='kmeans' (2^bits levels per group); "
-                                 f"allowed: 1..{MAX_CODEBOOK_BITS} — use method='uniform' for more bits")
+                raise ValueError(f"QuantSpec.bits={self.bits} is too large for method='kmeans' "
+                                 f"(2^bits levels per group); allowed: 1..{MAX_CODEBOOK_BITS} — use method='uniform' "
+                                 "for more bits")
             if not self.symmetric:
                 raise ValueError(f"QuantSpec.symmetric=False with method={self.method!r}; codebooks have no zero-point "
                                  "(leave symmetric=True)")

@@ -1,7 +1,10 @@
 """Flax integration: quantize an unmodified Linen or NNX model by a `Policy`."""
 
-from jquant.flax.linen import QuantizedLinen, quantize_linen
+from jquant.flax.linen import STATS, QuantizedLinen, quantize_linen
 from jquant.flax.nnx import ObservedOp, QuantStat, calibrate_nnx, quantize_nnx
+
+__all__ = ["quantize", "QuantizedLinen", "quantize_linen", "STATS", "quantize_nnx", "calibrate_nnx", "QuantStat",
+           "ObservedOp"]
 
 
 def quantize(model, policy):
