@@ -94,8 +94,7 @@ def main():
         print(f"| {name:<26} | {g.bits_per_weight:>6.2f} | {sqnr_db(tensors['gaussian'], g.dequantize()):>13.2f} | "
               f"{sqnr_db(tensors['heavy'], quantized['heavy'].dequantize()):>10.2f} | {g.nbytes:>15,} | "
               f"{sqnr_db(w, wq.dequantize()):>11.2f} | {accuracy_int(wq):>10.3f} |")
-    print("\nbits/w counts scales (float32), zero-points (int8) and k-means levels (float32); 3-bit values use "
-          "4-bit containers.")
+    print("\nbits/w counts scales (float32), zero-points (int8) and k-means levels (float32).")
     print("digits acc: held-out accuracy through jquant.QuantDot with int8 activations: the int32 integer path for "
           "uniform and sign weights, dequantized codebook weights for nf4/k-means; float32 is a float matmul.")
 

@@ -4,8 +4,7 @@ Storage (`QArray.value`):
 * bits 5..8: the signed integers q as int8, in the tensor's own shape;
 * bits 1..4: unsigned codes packed into uint8 along the last axis (`jquant.packing`): uniform
   codes are q - Qmin, sign codes are (q + 1) / 2, codebook codes are the level indices. 4-bit
-  takes half the bytes of int8, 2-bit a quarter, 1-bit an eighth; 3-bit uses 4-bit containers
-  (honestly counted in `bits_per_weight`).
+  takes half the bytes of int8, 3-bit three eighths, 2-bit a quarter, 1-bit an eighth.
 
 Scale and zero-point have shape `numerics.layout(shape, spec).scale_shape`: the tensor's shape
 (with the group axis split) and 1 on every axis that shares a scale. For `method="kmeans"` the
@@ -72,7 +71,7 @@ class QArray:
     def q(self):
         """The integers q as int8, in `shape` (unpacked if stored packed): signed grid values for
         uniform and sign, level indices 0..2^b-1 for codebook methods."""
-        if packing.container_bits(self.spec.bits) == 8:
+        if not packing.is_packed(self.spec.bits):
             return self.value
         codes = packing.unpack(self.value, self.spec.bits, self.shape).astype(jnp.int8)
         if self.spec.method == "sign":
@@ -138,7 +137,7 @@ def quantize(x, spec: QuantSpec, *, scale=None, zero_point=None) -> QArray:
     scale, zero_point = resolve_scale(x, spec, lay, scale, zero_point)
     q = numerics.quantize_grouped(lay.to_grouped(x), scale, zero_point, spec)
     q = lay.from_grouped(q)
-    if packing.container_bits(spec.bits) == 8:
+    if not packing.is_packed(spec.bits):
         value = q
     else:
         codes = (q + 1) // 2 if spec.method == "sign" else q - spec.qmin

@@ -16,20 +16,17 @@ from jquant import QuantSpec, packing
 SHAPES = hnp.array_shapes(min_dims=0, max_dims=3, min_side=1, max_side=9)
 
 
-def _container(bits):
-    return {1: 1, 2: 2, 3: 4, 4: 4}[bits]
-
-
 def _pack_reference(codes, bits):
-    """The documented layout in NumPy: element j of each run of 8/c along the last axis sits at
-    bit offset c·j of its byte; the last axis is zero-padded; 0-d packs as shape (1,)."""
-    c = _container(bits)
-    per_byte = 8 // c
+    """The documented layout in NumPy: each row of the last axis is a little-endian bit stream;
+    bit t of element j sits at stream position b·j + t = bit (p mod 8) of byte (p div 8); the
+    final byte's unused bits are 0; 0-d packs as shape (1,)."""
     codes = np.atleast_1d(np.asarray(codes, np.int64))
     n = codes.shape[-1]
-    out = np.zeros(codes.shape[:-1] + (math.ceil(n / per_byte),), np.int64)
-    for i in range(n):
-        out[..., i // per_byte] |= codes[..., i] << (c * (i % per_byte))
+    out = np.zeros(codes.shape[:-1] + (math.ceil(n * bits / 8),), np.int64)
+    for j in range(n):
+        for t in range(bits):
+            p = bits * j + t
+            out[..., p // 8] |= ((codes[..., j] >> t) & 1) << (p % 8)
     return out.astype(np.uint8)
 
 
@@ -39,8 +36,7 @@ def test_pack_unpack_round_trip_and_layout(bits, shape, data):
     codes = data.draw(hnp.arrays(np.uint8, shape, elements=st.integers(0, 2 ** bits - 1)))
     packed = jax.jit(packing.pack, static_argnums=1)(jnp.asarray(codes), bits)
     assert packed.dtype == jnp.uint8
-    per_byte = 8 // _container(bits)
-    expected_shape = (shape[:-1] + (math.ceil(shape[-1] / per_byte),)) if shape else (1,)
+    expected_shape = (shape[:-1] + (math.ceil(shape[-1] * bits / 8),)) if shape else (1,)
     assert packed.shape == expected_shape == packing.packed_shape(shape, bits)
     np.testing.assert_array_equal(np.asarray(packed), _pack_reference(codes, bits))
     unpacked = jax.jit(packing.unpack, static_argnums=(1, 2))(packed, bits, shape)
@@ -57,11 +53,11 @@ def test_pack_eager_odd_lengths():
             np.testing.assert_array_equal(np.asarray(packing.unpack(packed, bits, (2, n))), codes)
 
 
-def test_container_bits_and_limits():
-    assert [packing.container_bits(b) for b in range(1, 9)] == [1, 2, 4, 4, 8, 8, 8, 8]
+def test_packed_bits_and_limits():
+    assert [packing.is_packed(b) for b in range(1, 9)] == [True] * 4 + [False] * 4
     for bits in (0, 9):
         with pytest.raises(ValueError, match="allowed: 1..8"):
-            packing.container_bits(bits)
+            packing.is_packed(bits)
     for bits in (5, 8):
         with pytest.raises(ValueError, match="unpacked"):
             packing.pack(jnp.zeros((4,), jnp.uint8), bits)
@@ -77,8 +73,9 @@ def _qarrays(kernel, bits_list, **kw):
 
 
 def test_storage_size_per_channel(kernel):
-    qa = _qarrays(kernel, [8, 4, 2])
+    qa = _qarrays(kernel, [8, 4, 3, 2])
     assert qa[4].nbytes <= 0.55 * qa[8].nbytes
+    assert qa[3].nbytes <= 0.42 * qa[8].nbytes
     assert qa[2].nbytes <= 0.30 * qa[8].nbytes
     for q in qa.values():
         # nbytes counts what is really stored: integer storage + scales (+ zero points)
@@ -86,9 +83,10 @@ def test_storage_size_per_channel(kernel):
         assert q.nbytes == sum(leaf.nbytes for leaf in leaves)
         assert q.bits_per_weight == 8 * q.nbytes / q.size
         assert q.size == 1024 * 1024
-    # value storage alone: b/8 bytes per weight (3-bit sits in 4-bit containers)
+    # value storage alone: b/8 bytes per weight
     assert qa[8].value.nbytes == 1024 * 1024
     assert qa[4].value.nbytes == 1024 * 1024 // 2
+    assert qa[3].value.nbytes == 1024 * 1024 * 3 // 8
     assert qa[2].value.nbytes == 1024 * 1024 // 4
 
 
@@ -104,7 +102,7 @@ def test_value_dtype_and_bits_per_weight(bits, symmetric):
     else:
         assert qa.value.dtype == jnp.int8
         assert qa.value.shape == (6, 10)
-    value_bytes = 6 * math.ceil(10 * _container(bits) / 8) if bits <= 4 else 60
+    value_bytes = 6 * math.ceil(10 * bits / 8) if bits <= 4 else 60
     n_scales = 6 * 2
     expected_bytes = value_bytes + 4 * n_scales + (0 if symmetric else n_scales)  # f32 scale, int8 z
     assert qa.nbytes == expected_bytes
