@@ -10,12 +10,13 @@ Each is trained in float (optax adam), then for every policy:
         from `quantize_params` (QArray kernels; W8A8 runs the int8×int8→int32 path).
 Columns: held-out accuracy (PTQ, QAT served), argmax agreement of served vs QAT logits, the
 max |served − QAT| logit difference, stored model bytes, and the QAT train step time as a
-ratio to the float step (median over repeated steps, same batch).
+ratio to the float step (medians over 300 steps of each, timed alternately, same batch).
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import time
 
 import jax
@@ -128,7 +129,7 @@ def train(forward, params, x, y, epochs, progress, task):
             idx = order[i:i + BATCH]
             params, opt_state, _ = step(params, opt_state, x[idx], y[idx])
         progress.advance(task)
-    return params, lambda: _median_step_ms(step, params, opt_state, x[:BATCH], y[:BATCH])
+    return params, functools.partial(step, params, opt_state, x[:BATCH], y[:BATCH])
 
 
 def logits(runner, params, policy, x, served):
@@ -137,14 +138,18 @@ def logits(runner, params, policy, x, served):
     return jax.jit(runner.forward(params, policy))(tree, x)
 
 
-def _median_step_ms(step, params, opt_state, x, y, repeats=30):
-    jax.block_until_ready(step(params, opt_state, x, y))
-    times = []
+def step_times_ms(float_step, qat_step, repeats=300):
+    """Median milliseconds of two train steps, timed alternately so that drifts in the machine's
+    speed hit both alike (sub-millisecond steps on a 2-core machine drift by tens of percent)."""
+    times = {float_step: [], qat_step: []}
+    for fn in times:
+        jax.block_until_ready(fn())
     for _ in range(repeats):
-        start = time.perf_counter()
-        jax.block_until_ready(step(params, opt_state, x, y))
-        times.append(time.perf_counter() - start)
-    return 1e3 * float(np.median(times))
+        for fn, record in times.items():
+            start = time.perf_counter()
+            jax.block_until_ready(fn())
+            record.append(time.perf_counter() - start)
+    return tuple(1e3 * float(np.median(times[fn])) for fn in (float_step, qat_step))
 
 
 def model_bytes(params, policy) -> int:
@@ -176,20 +181,20 @@ def main():
             init = runner.init(x_train)
             float_params, float_step = train(runner.forward(init, None), init, x_train, y_train, args.epochs,
                                              progress, task)
-            float_ms = float_step()
             table.add_row(name, "float32", "-", f"{accuracy(logits(runner, float_params, None, x_test, False)):.3f}",
-                          "-", "-", f"{model_bytes(float_params, None):,}", f"1.00 ({float_ms:.2f} ms)")
+                          "-", "-", f"{model_bytes(float_params, None):,}", "1.00")
             for policy_name, policy in POLICIES.items():
                 progress.update(task, description=f"{name}: {policy_name} QAT")
                 ptq = accuracy(logits(runner, float_params, policy, x_test, served=True))
                 qat_params, qat_step = train(runner.forward(float_params, policy), float_params, x_train, y_train,
                                              args.epochs, progress, task)
+                float_ms, qat_ms = step_times_ms(float_step, qat_step)
                 qat_logits = logits(runner, qat_params, policy, x_test, served=False)
                 served = logits(runner, qat_params, policy, x_test, served=True)
                 agree = float(np.mean(np.argmax(np.asarray(served), -1) == np.argmax(np.asarray(qat_logits), -1)))
                 diff = float(jnp.max(jnp.abs(served - qat_logits)))
                 table.add_row("", policy_name, f"{ptq:.3f}", f"{accuracy(served):.3f}", f"{agree:.3f}", f"{diff:.1e}",
-                              f"{model_bytes(qat_params, policy):,}", f"{qat_step() / float_ms:.2f}")
+                              f"{model_bytes(qat_params, policy):,}", f"{qat_ms / float_ms:.2f} ({qat_ms:.2f} ms)")
             table.add_section()
     Console(width=140).print(table)
 
