@@ -1,11 +1,13 @@
 """jquant: functional quantization transforms for JAX.
 
-Layers, each importing only the ones above it: `spec` (QuantSpec) → `numerics` (formulas) →
+Layers, each importing only the ones above it: `calibration` (range methods) → `spec`
+(QuantSpec) → `numerics` (formulas) →
 `packing`, `codebook` → `qarray` (QArray, quantize) → `ste` (fake_quant), `dot` (integer
 dot_general) → `ops` (QuantDot/QuantEinsum/QuantConv) → `policy`, `transforms`, `report`,
 `checkpoint` → `flax` (Linen and NNX integration).
 """
 
+from jquant.calibration import MSE, MinMax, Percentile
 from jquant.spec import QuantSpec
 from jquant.qarray import QArray, dequantize, quantize
 from jquant.ste import fake_quant, ste_round
@@ -18,7 +20,7 @@ from jquant.checkpoint import load, save
 from jquant import flax
 
 __all__ = [
-    "QuantSpec", "QArray", "quantize", "dequantize", "fake_quant", "ste_round", "Accumulator", "dot_general",
+    "QuantSpec", "MinMax", "Percentile", "MSE", "QArray", "quantize", "dequantize", "fake_quant", "ste_round", "Accumulator", "dot_general",
     "int_dot_general", "requantize", "QuantDot", "QuantEinsum", "QuantConv", "Rule", "Policy", "int8_weights",
     "int4_weights", "w8a8", "quantize_params", "dequantize_params", "fake_quant_params", "report", "Report", "save",
     "load", "flax",

@@ -45,6 +45,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jquant import calibration
 from jquant.policy import is_qarray, path_to_str
 from jquant.qarray import QArray
 from jquant.spec import QuantSpec
@@ -270,9 +271,8 @@ class _Reader:
             raise _corrupt(self.path, f"malformed manifest at {_where(path)!r}: scalar {node}") from None
 
     def qarray(self, node, path):
-        fields = {k: tuple(v) if isinstance(v, list) else v for k, v in node["spec"].items()}
         try:
-            spec = QuantSpec(**fields)
+            spec = _spec_from_json(node["spec"])
         except (TypeError, ValueError) as err:
             raise ValueError(f"{self.path}: the QArray at {_where(path)!r} has spec {node['spec']} which this "
                              f"jquant cannot build: {err}") from None
@@ -360,7 +360,20 @@ def _match_target(leaves, target, path):
 def _spec_to_json(spec: QuantSpec) -> dict:
     # Every dataclass field, so a field added to QuantSpec is saved without touching this module.
     fields = {f.name: getattr(spec, f.name) for f in dataclasses.fields(spec)}
+    fields["calibration"] = {"type": type(spec.calibration).__name__, **dataclasses.asdict(spec.calibration)}
     return {name: list(v) if isinstance(v, tuple) else v for name, v in fields.items()}
+
+
+def _spec_from_json(fields: dict) -> QuantSpec:
+    fields = {k: tuple(v) if isinstance(v, list) else v for k, v in fields.items()}
+    if "calibration" in fields:
+        options = dict(fields["calibration"])
+        kinds = {cls.__name__: cls for cls in calibration.CALIBRATIONS}
+        kind = options.pop("type", None)
+        if kind not in kinds:
+            raise ValueError(f"unknown calibration {kind!r}; allowed: {', '.join(kinds)}")
+        fields["calibration"] = kinds[kind](**options)
+    return QuantSpec(**fields)
 
 
 def _scalar_to_json(x) -> dict:

@@ -208,6 +208,11 @@ class _Operand:
     def __init__(self, qa: QArray, contract, batch, split_axis, group_size, name):
         shape = qa.shape
         q, scale, zero_point = qa.q, qa.scale, qa.zero_point
+        if qa.spec.midrise:  # s·(q + 1/2) = (s/2)·(2q + 1): odd integers on a half-size scale
+            if qa.spec.bits > 7:
+                raise ValueError(f"int_dot_general: {name} is {qa.spec!r}; a mid-rise grid multiplies 2q + 1, "
+                                 "which fits int8 only for bits <= 7")
+            q, scale = 2 * q + 1, scale / 2
         if split_axis is not None:
             own_split = qa.layout.group_axis == split_axis
 

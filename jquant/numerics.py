@@ -4,7 +4,11 @@ Conventions (every function here follows them; tests check them against NumPy fl
 
 * Integer ranges (`QuantSpec.qmin/qmax`): symmetric b-bit → [-(2^(b-1)-1), 2^(b-1)-1] (int8:
   [-127, 127]); asymmetric → [-2^(b-1), 2^(b-1)-1] (int8: [-128, 127]); sign → {-1, +1}.
+* Clip range [lo, hi] per group: the data's range by default; `QuantSpec.calibration` may
+  clip it (percentile, MSE-searched ratio — `jquant.calibration`). The formulas below use it.
 * Symmetric scale: z = 0, s = absmax / Qmax.
+* Mid-rise (symmetric, `QuantSpec.midrise`): q in [-2^(b-1), 2^(b-1)-1], s = absmax / 2^(b-1),
+  q = clip(floor(x / s), Qmin, Qmax) (a value on a decision boundary goes up), x̂ = s·(q + 1/2).
 * Asymmetric scale: lo = min(min(x), 0), hi = max(max(x), 0), s = (hi - lo) / (Qmax - Qmin),
   z = Qmin - round(lo / s), an integer in [Qmin, Qmax], so 0.0 is represented exactly.
   If hi - lo overflows to Inf (|x| near the float max), s = hi/(Qmax-Qmin) - lo/(Qmax-Qmin).
@@ -33,8 +37,10 @@ import dataclasses
 import math
 from typing import Optional, Tuple
 
+import jax
 import jax.numpy as jnp
 
+from jquant.calibration import MSE
 from jquant.spec import QuantSpec
 
 
@@ -131,7 +137,7 @@ def compute_dtype(dtype) -> jnp.dtype:
 def scale_from_range(lo, hi, spec: QuantSpec):
     """Scale and zero-point for the range [lo, hi] (arrays of the scale's shape, or scalars).
 
-    Symmetric: s = max(|lo|, |hi|) / Qmax, z = None. Asymmetric: lo → min(lo, 0), hi → max(hi, 0),
+    Symmetric: s = max(|lo|, |hi|) / Qmax, z = None (mid-rise: / 2^(b-1)). Asymmetric: lo → min(lo, 0), hi → max(hi, 0),
     s = (hi - lo) / (Qmax - Qmin), z = Qmin - round(lo / s) (int8). Sign: not range based — use
     `compute_scale`.
 
@@ -144,7 +150,8 @@ def scale_from_range(lo, hi, spec: QuantSpec):
     lo = jnp.asarray(lo, dtype)
     hi = jnp.asarray(hi, dtype)
     if spec.symmetric:
-        return jnp.maximum(jnp.abs(lo), jnp.abs(hi)) / spec.qmax, None
+        top = spec.qmax + 1 if spec.midrise else spec.qmax
+        return jnp.maximum(jnp.abs(lo), jnp.abs(hi)) / top, None
     lo = jnp.minimum(lo, 0)
     hi = jnp.maximum(hi, 0)
     levels = spec.qmax - spec.qmin
@@ -179,10 +186,55 @@ def compute_scale(x, spec: QuantSpec, lay: Optional[Layout] = None):
         # Σ|x| does near the float max.
         count = math.prod(xg.shape[a] for a in lay.reduce_axes)
         return jnp.sum(jnp.abs(xg) / count, axis=lay.reduce_axes, keepdims=True), None
-    if spec.symmetric:
-        absmax = reduce_groups(jnp.max, jnp.abs(xg), lay)
-        return scale_from_range(-absmax, absmax, spec)
-    return scale_from_range(reduce_groups(jnp.min, xg, lay), reduce_groups(jnp.max, xg, lay), spec)
+    lo, hi = calibrated_range(xg, spec, lay)
+    return scale_from_range(lo, hi, spec)
+
+
+def calibrated_range(xg, spec: QuantSpec, lay: Layout):
+    """(lo, hi) of each group of the grouped view `xg` per `spec.calibration` (scale shape).
+
+    `MinMax`/`Percentile` reduce the group directly; `MSE` then searches the clip ratio (see
+    `jquant.calibration`). An empty tensor has range [0, 0] (a reduction over nothing has no
+    identity).
+    """
+    if xg.size == 0:
+        zeros = jnp.zeros(lay.scale_shape, xg.dtype)
+        return zeros, zeros
+    lo, hi = spec.calibration.group_range(xg, lay.reduce_axes, spec.symmetric)
+    if isinstance(spec.calibration, MSE):
+        lo, hi = _search_clip_ratio(xg, lo, hi, spec, lay)
+    return lo, hi
+
+
+def _search_clip_ratio(xg, lo, hi, spec: QuantSpec, lay: Layout):
+    """r·(lo, hi) with the candidate ratio r of `spec.calibration` that minimises Σ|x - Q_r(x)|^p.
+
+    The search runs on each group divided by its absmax (the error's argmin is scale-invariant,
+    and the powers cannot overflow for data near the float max). Candidates are visited from
+    r = 1 downwards and only a strictly smaller error replaces the best, so ties keep the larger
+    range. A NaN in a group makes every error NaN, so r stays 1 and the NaN reaches the scale.
+    """
+    cal = spec.calibration
+    unit = safe_divisor(jnp.maximum(jnp.abs(lo), jnp.abs(hi)))
+    xn, lo_n, hi_n = xg / unit, lo / unit, hi / unit
+    ratios = cal.ratios().astype(xg.dtype)
+
+    def error(r):
+        scale, zero_point = scale_from_range(lo_n * r, hi_n * r, spec)
+        q = quantize_grouped(xn, scale, zero_point, spec)
+        diff = jnp.abs(dequantize_grouped(q, scale, zero_point, spec.offset) - xn)
+        return jnp.sum(diff ** cal.norm, axis=lay.reduce_axes, keepdims=True)
+
+    def visit(i, best):
+        best_error, best_ratio = best
+        r = ratios[ratios.shape[0] - 1 - i]
+        e = error(r)
+        better = e < best_error
+        return jnp.where(better, e, best_error), jnp.where(better, r, best_ratio)
+
+    first = (error(ratios[-1]), jnp.ones_like(lo))
+    _, ratio = jax.lax.fori_loop(1, ratios.shape[0], visit, first)
+    return lo * ratio, hi * ratio
 
 
 def reduce_groups(fn, xg, lay: Layout):
@@ -205,21 +257,24 @@ def quantize_grouped(xg, scale, zero_point, spec: QuantSpec):
     """
     if spec.method == "sign":
         return jnp.where(xg < 0, -1, 1).astype(jnp.int8)
-    q = unclipped_integers(xg, scale, zero_point)
+    q = unclipped_integers(xg, scale, zero_point, spec)
     return jnp.clip(q, spec.qmin, spec.qmax).astype(jnp.int8)
 
 
-def unclipped_integers(xg, scale, zero_point):
-    """round(x / s) + z before clipping, in the compute dtype (used for the STE clip mask)."""
+def unclipped_integers(xg, scale, zero_point, spec: QuantSpec):
+    """round(x / s) + z (mid-rise: floor(x / s)) before clipping, in the compute dtype (used for
+    the STE clip mask)."""
     xg = xg.astype(scale.dtype)
-    q = jnp.round(xg / safe_divisor(scale))
+    to_integer = jnp.floor if spec.midrise else jnp.round
+    q = to_integer(xg / safe_divisor(scale))
     if zero_point is not None:
         q = q + zero_point.astype(q.dtype)
     return q
 
 
-def dequantize_grouped(q, scale, zero_point):
-    """x̂ = s · (q - z) in the scale's dtype, on the grouped view.
+def dequantize_grouped(q, scale, zero_point, offset: float = 0.0):
+    """x̂ = s · (q - z + offset) in the scale's dtype, on the grouped view (`offset` is
+    `QuantSpec.offset`: 1/2 for a mid-rise grid).
 
     The grid can reach half a step beyond the data's range (s = absmax/Qmax rounds, z rounds), so
     for data at the float limit s · (q - z) can exceed the largest float: with a finite scale the
@@ -229,6 +284,8 @@ def dequantize_grouped(q, scale, zero_point):
     q = q.astype(scale.dtype)
     if zero_point is not None:
         q = q - zero_point.astype(scale.dtype)
+    if offset:
+        q = q + offset
     largest = jnp.finfo(scale.dtype).max
     x = scale * q
     return jnp.where(jnp.isfinite(scale), jnp.clip(x, -largest, largest), x)

@@ -90,7 +90,8 @@ class QArray:
         lay = self.layout
         if self.spec.method in CODEBOOK_METHODS:
             return codebook.dequantize_codebook(self.q, self.scale, self.spec, lay).astype(self.dtype)
-        x = numerics.dequantize_grouped(lay.to_grouped(self.q), self.scale, self.zero_point)
+        x = numerics.dequantize_grouped(lay.to_grouped(self.q), self.scale, self.zero_point,
+                                       self.spec.offset)
         return lay.from_grouped(x).astype(self.dtype)
 
     @property

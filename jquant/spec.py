@@ -5,6 +5,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Optional, Tuple, Union
 
+from jquant.calibration import CALIBRATIONS, Calibration, MinMax
+
 METHODS = ("uniform", "sign", "kmeans", "nf4")
 """Quantization methods: affine integer grid, 1-bit sign, and the non-uniform codebooks."""
 
@@ -21,6 +23,10 @@ class QuantSpec:
         only 0); `method="sign"` needs exactly 1.
       symmetric: True → zero-point 0, integers in [-(2^(b-1)-1), 2^(b-1)-1]; False → a zero-point
         is stored and integers use the full signed range [-2^(b-1), 2^(b-1)-1].
+      midrise: symmetric uniform only. False (default, "mid-tread"): 0.0 is a level, 2^b - 1
+        levels. True ("mid-rise"): the 2^b levels s·(q + 1/2), q in [-2^(b-1), 2^(b-1)-1]
+        (2-bit: ±s/2, ±3s/2), s = absmax / 2^(b-1); one more level, symmetric, but 0.0 is not a
+        level. The grid of the optimal uniform quantizer of symmetric data (Max 1960).
       channel_axes: axes that keep their own scale (per-channel); every other axis shares one.
         `()` is per-tensor. Negative axes count from the end, as in NumPy.
       group_size: if set, `group_size` consecutive elements along `group_axis` share a scale
@@ -33,6 +39,9 @@ class QuantSpec:
       method: "uniform" (affine integer grid), "sign" (1-bit XNOR-Net: q ∈ {-1, +1},
         scale = mean|x| per group), "kmeans" (2^bits Lloyd levels per group, bits 1..4) or "nf4"
         (the fixed NormalFloat-4 levels times the group's absmax; bits=4). See `jquant.codebook`.
+      calibration: how a uniform grid's range is chosen from the data when no fixed scale is
+        given: `MinMax()` (default: absmax / min-max), `Percentile(p)` or `MSE()` (searched clip
+        ratio). See `jquant.calibration`.
 
     Raises:
       ValueError: naming the field, the value given and what is allowed.
@@ -40,10 +49,12 @@ class QuantSpec:
 
     bits: int = 8
     symmetric: bool = True
+    midrise: bool = False
     channel_axes: Union[int, Tuple[int, ...]] = ()
     group_size: Optional[int] = None
     group_axis: Optional[int] = None
     method: str = "uniform"
+    calibration: Calibration = MinMax()
 
     def __post_init__(self):
         axes = self.channel_axes
@@ -83,6 +94,17 @@ class QuantSpec:
             hint = " (for 1-bit use method='sign')" if self.bits == 1 else ""
             raise ValueError(f"QuantSpec.bits={self.bits} is out of range for method='uniform'; allowed: 2..8{hint}")
 
+        if not isinstance(self.calibration, CALIBRATIONS):
+            raise ValueError(f"QuantSpec.calibration={self.calibration!r} is not a calibration; allowed: "
+                             "jquant.calibration.MinMax(), Percentile(p), MSE(...)")
+        if self.method != "uniform" and not isinstance(self.calibration, MinMax):
+            raise ValueError(f"QuantSpec.calibration={self.calibration!r} with method={self.method!r}; "
+                             "calibration chooses a uniform grid's range (method='uniform')")
+
+        if self.midrise and (self.method != "uniform" or not self.symmetric):
+            raise ValueError(f"QuantSpec.midrise=True with method={self.method!r}, symmetric={self.symmetric}; "
+                             "a mid-rise grid is symmetric uniform (method='uniform', symmetric=True)")
+
         if self.group_size is not None:
             if not isinstance(self.group_size, int) or isinstance(self.group_size, bool) or self.group_size < 1:
                 raise ValueError(f"QuantSpec.group_size must be a positive int or None, got {self.group_size!r}")
@@ -97,13 +119,13 @@ class QuantSpec:
 
     @property
     def qmin(self) -> int:
-        """Smallest stored integer: -(2^(b-1)-1) symmetric, -2^(b-1) asymmetric, -1 for sign,
-        0 for codebook indices."""
+        """Smallest stored integer: -(2^(b-1)-1) symmetric, -2^(b-1) asymmetric or mid-rise, -1 for
+        sign, 0 for codebook indices."""
         if self.method == "sign":
             return -1
         if self.method in CODEBOOK_METHODS:
             return 0
-        return -(2 ** (self.bits - 1)) + (1 if self.symmetric else 0)
+        return -(2 ** (self.bits - 1)) + (1 if self.symmetric and not self.midrise else 0)
 
     @property
     def qmax(self) -> int:
@@ -113,14 +135,25 @@ class QuantSpec:
         return 1 if self.method == "sign" else 2 ** (self.bits - 1) - 1
 
     @property
+    def offset(self) -> float:
+        """The grid's half-step shift: x̂ = s·(q - z + offset); 1/2 for mid-rise, else 0."""
+        return 0.5 if self.midrise else 0.0
+
+    @property
     def integer_magnitude(self) -> int:
-        """Bound on |q - z|: Qmax symmetric, Qmax - Qmin asymmetric (used for int32 overflow checks)."""
+        """Bound on the integer an integer dot multiplies: |q - z| (Qmax symmetric, Qmax - Qmin
+        asymmetric), or |2q + 1| = 2^b - 1 for mid-rise (s·(q + 1/2) = (s/2)·(2q + 1)). Used for
+        int32 overflow checks."""
+        if self.midrise:
+            return 2 ** self.bits - 1
         return self.qmax if self.symmetric else self.qmax - self.qmin
 
     def __repr__(self) -> str:
         parts = [f"bits={self.bits}"]
         if not self.symmetric:
             parts.append("symmetric=False")
+        if self.midrise:
+            parts.append("midrise=True")
         if self.channel_axes:
             parts.append(f"channel_axes={self.channel_axes}")
         if self.group_size is not None:
@@ -129,4 +162,6 @@ class QuantSpec:
             parts.append(f"group_axis={self.group_axis}")
         if self.method != "uniform":
             parts.append(f"method={self.method!r}")
+        if not isinstance(self.calibration, MinMax):
+            parts.append(f"calibration={self.calibration!r}")
         return f"QuantSpec({', '.join(parts)})"

@@ -36,8 +36,9 @@ def fake_quant(x, spec: QuantSpec, *, scale=None, zero_point=None):
     Backward: the upstream gradient where the clip is inactive and 0 where it saturates:
     ∂x̂/∂x = 1 if Qmin <= round(x/s) + z <= Qmax, else 0 — i.e. 1 inside the clip range
     [s(Qmin - z), s(Qmax - z)] (widened by the half step that rounds back into it), 0 outside.
-    With the scale computed from `x` itself every element is inside; with a fixed (calibrated)
-    `scale`/`zero_point` the elements beyond the range get zero gradient. The scale and
+    With the scale computed from `x` by the default `MinMax` calibration every element is inside;
+    with a clipping calibration (`Percentile`, `MSE`) or a fixed `scale`/`zero_point` the
+    elements beyond the range get zero gradient. The scale and
     zero-point receive no gradient (a learned step size is a separate estimator).
     `method="sign"` and the codebook methods have no clip: their gradient is the identity
     (BinaryConnect STE).
@@ -54,8 +55,9 @@ def fake_quant(x, spec: QuantSpec, *, scale=None, zero_point=None):
         x_hat = quantize(x, spec, scale=scale).dequantize()
         return x + jax.lax.stop_gradient(x_hat - x)
     lay = numerics.layout(x.shape, spec)
-    # A range computed from x contains x, so the mask would be all ones: skip computing it.
-    pass_through = scale is None or spec.method == "sign"
+    # A min/max range computed from x contains x, so the mask would be all ones: skip computing
+    # it. Clipping calibrations (percentile, MSE) leave values outside and need the mask.
+    pass_through = (scale is None and not spec.calibration.clips) or spec.method == "sign"
     scale, zero_point = resolve_scale(x, spec, lay, scale, zero_point)
     scale = jax.lax.stop_gradient(scale)
     return _fake_quant(spec, lay, pass_through, x, scale, zero_point)
@@ -64,7 +66,7 @@ def fake_quant(x, spec: QuantSpec, *, scale=None, zero_point=None):
 @functools.partial(jax.custom_jvp, nondiff_argnums=(0, 1, 2))
 def _fake_quant(spec, lay, pass_through, x, scale, zero_point):
     q = numerics.quantize_grouped(lay.to_grouped(x), scale, zero_point, spec)
-    return lay.from_grouped(numerics.dequantize_grouped(q, scale, zero_point)).astype(x.dtype)
+    return lay.from_grouped(numerics.dequantize_grouped(q, scale, zero_point, spec.offset)).astype(x.dtype)
 
 
 @_fake_quant.defjvp
@@ -74,6 +76,6 @@ def _fake_quant_jvp(spec, lay, pass_through, primals, tangents):
     out = _fake_quant(spec, lay, pass_through, x, scale, zero_point)
     if pass_through:
         return out, dx
-    q = numerics.unclipped_integers(lay.to_grouped(x), scale, zero_point)
+    q = numerics.unclipped_integers(lay.to_grouped(x), scale, zero_point, spec)
     inside = lay.from_grouped((q >= spec.qmin) & (q <= spec.qmax))
     return out, jnp.where(inside, dx, jnp.zeros_like(dx))

@@ -123,8 +123,8 @@ def test_manifest_records_format_specs_and_hashes(tmp_path):
         assert "not stored" in manifest["sharding"]
         b, w = manifest["tree"]["values"]
         assert manifest["tree"]["keys"] == ["b", "w"]
-        assert w["spec"] == {"bits": 4, "symmetric": False, "channel_axes": [1], "group_size": 16,
-                             "group_axis": None, "method": "uniform"}
+        assert w["spec"] == {"bits": 4, "symmetric": False, "midrise": False, "channel_axes": [1], "group_size": 16,
+                             "group_axis": None, "method": "uniform", "calibration": {"type": "MinMax"}}
         assert (w["shape"], w["dtype"]) == ([64, 32], "float32")
         assert (b["dtype"], b["stored_as"], b["shape"]) == ("bfloat16", "uint16", [3])
         for node, array in ((b, None), (w["value"], q.value), (w["scale"], q.scale), (w["zero_point"], q.zero_point)):
