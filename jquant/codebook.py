@@ -93,15 +93,21 @@ def lloyd(rows, bits: int, *, tol: float = 1e-6, max_iter: int = 300):
 def quantize_codebook(x, spec, lay: Layout, scale=None):
     """Codes (uint8, x's shape) and `scale` for a codebook method.
 
-    `scale`: kmeans → the levels, shape `lay.scale_shape + (2^bits,)`; nf4 → the group absmax,
-    shape `lay.scale_shape` (or the fixed `scale` given).
+    `scale`: kmeans → the levels, shape `lay.scale_shape + (2^bits,)`, sorted (fitted by `lloyd`,
+    or the fixed codebook given); nf4 → the group absmax, shape `lay.scale_shape` (or the fixed
+    `scale` given).
     """
     xg = lay.to_grouped(x.astype(compute_dtype(x.dtype)))
     if spec.method == "kmeans":
-        if scale is not None:
-            raise ValueError("QuantSpec(method='kmeans') fits its own codebook; a fixed scale is not accepted")
         rows = to_rows(xg, lay)
-        levels = lloyd(rows, spec.bits)
+        if scale is None:
+            levels = lloyd(rows, spec.bits)
+        else:
+            want = lay.scale_shape + (2 ** spec.bits,)
+            if tuple(jnp.shape(scale)) != want:
+                raise ValueError(f"fixed codebook for {spec!r} must have shape {want} (scale shape + 2^bits levels, "
+                                 f"sorted), got {tuple(jnp.shape(scale))}")
+            levels = jnp.reshape(jnp.asarray(scale, xg.dtype), (-1, want[-1]))
         codes = nearest_level(rows, levels)
         scale = jnp.reshape(levels, lay.scale_shape + (levels.shape[1],))
     else:

@@ -85,8 +85,16 @@ def test_all_zero_groups_and_bad_specs():
         QuantSpec(3, method="nf4")
     with pytest.raises(ValueError, match="no zero-point"):
         QuantSpec(2, symmetric=False, method="kmeans")
-    with pytest.raises(ValueError, match="fixed scale"):
+    with pytest.raises(ValueError, match="fixed codebook"):
         jquant.quantize(jnp.ones((4, 4)), QuantSpec(2, method="kmeans"), scale=1.0)
+
+
+def test_kmeans_with_a_fixed_codebook_picks_the_nearest_given_level():
+    spec = QuantSpec(2, method="kmeans", channel_axes=(0,))
+    levels = jnp.asarray([[[-2.0, -1.0, 0.5, 3.0]], [[0.0, 1.0, 2.0, 4.0]]])  # scale shape (2, 1) + 4 levels
+    x = jnp.asarray([[-1.6, -1.4, 0.0, 2.0], [0.4, 2.9, 3.1, -5.0]])
+    out = jquant.quantize(x, spec, scale=levels).dequantize()
+    np.testing.assert_array_equal(np.asarray(out), [[-2.0, -1.0, 0.5, 3.0], [0.0, 2.0, 4.0, 0.0]])
 
 
 def test_codebook_weights_in_ops_and_gradients():

@@ -1,0 +1,157 @@
+"""Post-training quantization of a whole parameter tree, weight by weight, from calibration data.
+
+The driver shared by the data-driven algorithms: match the policy's rules to the float leaves,
+find where `fn` contracts each matched weight with its input (`jquant.ptq.capture`), then, in the
+order the computation meets the weights, collect the weight's input statistics over the
+calibration batches and quantize it. With `sequential=True` (default) the statistics of each
+weight are collected with every earlier weight already replaced by its quantized values, so a
+weight compensates the error of the layers before it.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Callable, Iterable, NamedTuple
+
+import jax
+
+from jquant.policy import Policy, is_float_array, is_qarray, path_to_str
+from jquant.ptq.capture import Statistics, find_sites, statistics_program
+from jquant.ptq.gptq import LayerResult, contraction_order, gptq_weight
+from jquant.spec import QuantSpec
+
+
+class Target(NamedTuple):
+    """A policy-matched weight: its leaf index, path, spec, and contracted axes in K order."""
+    leaf: int
+    path: str
+    spec: QuantSpec
+    order: tuple
+
+
+def matched_targets(fn, params, policy: Policy, first_batch: tuple, algorithm: str) -> list:
+    """The policy-matched float weights of `params` in the order `fn` first contracts them.
+
+    Raises:
+      TypeError: `params` holds QArrays, or `policy` is not a Policy.
+      ValueError: naming the path, for a matched weight that `fn` never contracts in a
+        dot_general (and how it is used instead), or contracts over different axes in two places.
+    """
+    if not isinstance(policy, Policy):
+        raise TypeError(f"policy must be a jquant.Policy, got {type(policy).__name__}")
+    flat, _ = jax.tree_util.tree_flatten_with_path(params, is_leaf=is_qarray)
+    wanted = {}
+    for index, (key_path, leaf) in enumerate(flat):
+        path = path_to_str(key_path)
+        if is_qarray(leaf):
+            raise TypeError(f"{path}: {algorithm} takes float params; this leaf is already a QArray")
+        hit = policy.rule_for(path) if is_float_array(leaf) else None
+        if hit is not None and hit[1].spec is not None:
+            wanted[index] = (path, hit[1].spec)
+    sites, other = find_sites(fn, params, first_batch, wanted)
+    for index, (path, spec) in wanted.items():
+        if index not in sites:
+            uses = ", ".join(sorted(other.get(index, ()))) or "not used by fn at all"
+            raise ValueError(f"{path}: {algorithm} needs the inputs this weight is multiplied with, but fn never "
+                             f"contracts it in a dot_general (uses: {uses}); exclude it with Rule(pattern, None) or "
+                             "quantize it with jquant.quantize_params")
+        axes = {tuple(sorted(site.weight_axes)) for site in sites[index]}
+        if len(axes) > 1:
+            raise ValueError(f"{path}: contracted over different axes {sorted(axes)} in different places; "
+                             f"{algorithm} needs one input layout per weight")
+    shapes = [x.shape for _, x in flat]
+    return [Target(i, wanted[i][0], wanted[i][1],
+                   contraction_order(shapes[i], sites[i][0].weight_axes, wanted[i][1]))
+            for i in sites if i in wanted]
+
+
+def quantize_layerwise(fn, params, policy: Policy, batches: Iterable[tuple],
+                       quantize_weight: Callable[[jax.Array, Statistics, Target], LayerResult], *,
+                       algorithm: str, sequential: bool = True, progress: bool = True):
+    """Quantize every matched weight with `quantize_weight(w, statistics, target)`.
+
+    Returns:
+      (tree with QArrays at the matched leaves, {path: LayerResult}).
+    """
+    batches = [tuple(b) for b in batches]
+    if not batches:
+        raise ValueError(f"{algorithm}: batches is empty; pass at least one calibration batch (a tuple of fn's "
+                         "arguments after params)")
+    targets = matched_targets(fn, params, policy, batches[0], algorithm)
+    leaves, treedef = jax.tree_util.tree_flatten(params)
+    statistics = statistics_program(fn, params, {t.leaf: t.order for t in targets})
+    seen, out, results = list(leaves), list(leaves), {}
+    stats = None
+    start = time.perf_counter()
+    with _Progress(algorithm, len(targets), progress) as bar:
+        for i, target in enumerate(targets):
+            if stats is None or sequential:
+                stats = statistics(jax.tree_util.tree_unflatten(treedef, seen), batches)
+            result = quantize_weight(leaves[target.leaf], stats[target.leaf], target)
+            results[target.path] = result
+            out[target.leaf] = result.qarray
+            seen[target.leaf] = result.qarray.dequantize()
+            bar.advance(f"{target.path}  error {result.error:.4g} (RTN {result.rtn_error:.4g})  "
+                        f"{time.perf_counter() - start:.1f} s")
+    return jax.tree_util.tree_unflatten(treedef, out), results
+
+
+class _Progress:
+    """A rich progress bar (layer i of n, elapsed) that also prints one line per layer."""
+
+    def __init__(self, algorithm: str, total: int, enabled: bool):
+        self.algorithm, self.total, self.enabled = algorithm, total, enabled
+
+    def __enter__(self):
+        if self.enabled:
+            from rich.progress import Progress, TimeElapsedColumn
+            self.bar = Progress(*Progress.get_default_columns()[:-1], TimeElapsedColumn(), transient=True)
+            self.bar.__enter__()
+            self.task = self.bar.add_task(f"{self.algorithm} 0/{self.total}", total=self.total)
+            self.done = 0
+        return self
+
+    def advance(self, line: str):
+        if self.enabled:
+            self.done += 1
+            self.bar.console.print(f"{self.algorithm} [{self.done}/{self.total}] {line}", highlight=False)
+            self.bar.update(self.task, advance=1, description=f"{self.algorithm} {self.done}/{self.total}")
+
+    def __exit__(self, *exc):
+        if self.enabled:
+            self.bar.__exit__(*exc)
+        return False
+
+
+def gptq(fn, params, policy: Policy, batches: Iterable[tuple], *, damp: float = 0.01, act_order: bool = False,
+         sequential: bool = True, progress: bool = True, return_errors: bool = False):
+    """GPTQ every policy-matched weight of `params`, using the inputs `fn` feeds it.
+
+    Args:
+      fn: the forward, called as `fn(params, *batch)` — a Flax `apply`, an NNX call on split
+        state, or any plain JAX function; each matched weight must reach a `dot_general`
+        (`x @ w`, `jnp.einsum`, `lax.dot_general`, Flax Dense/DenseGeneral/Einsum) unchanged or
+        transposed.
+      params: the float parameter pytree.
+      policy: which leaves get which QuantSpec (as for `jquant.quantize_params`).
+      batches: calibration batches, each a tuple of the arguments of `fn` after `params`.
+      damp, act_order: see `jquant.ptq.gptq_weight`.
+      sequential: collect each weight's inputs with the earlier weights already quantized.
+      progress: show a progress bar and one line per weight (error vs round-to-nearest).
+      return_errors: also return {path: LayerResult} (relative output errors on the calibration
+        inputs, GPTQ and RTN).
+
+    Returns:
+      The tree with QArray leaves where a rule matched (as `quantize_params` returns), or
+      (tree, errors) with `return_errors=True`.
+
+    Raises:
+      ValueError: naming the path of a matched weight `fn` never contracts, or an empty `batches`.
+    """
+    def one(w, stats, target):
+        return gptq_weight(w, stats.xtx, stats.rows, target.spec, target.order, damp=damp, act_order=act_order)
+
+    tree, errors = quantize_layerwise(fn, params, policy, batches, one, algorithm="GPTQ", sequential=sequential,
+                                      progress=progress)
+    return (tree, errors) if return_errors else tree
+
