@@ -124,7 +124,7 @@ def _dot_site(eqn, values, tags, on_site, on_other_use):
     on_site(Site(leaf, tuple(perm[a] for a in w_contract), tuple(x_contract)), values[1 - side])
 
 
-def _flat_program(fn, treedef, n_leaves):
+def flat_program(fn, treedef, n_leaves):
     def program(leaves, *batch):
         return fn(jax.tree_util.tree_unflatten(treedef, list(leaves[:n_leaves])), *batch)
     return program
@@ -140,7 +140,7 @@ def find_sites(fn, params, batch: tuple, wanted: Iterable[int]) -> Tuple[Dict[in
     """
     leaves, treedef = jax.tree_util.tree_flatten(params)
     wanted = set(wanted)
-    closed = jax.make_jaxpr(_flat_program(fn, treedef, len(leaves)))(leaves, *batch)
+    closed = jax.make_jaxpr(flat_program(fn, treedef, len(leaves)))(leaves, *batch)
     sites: Dict[int, List[Site]] = {}
     other: Dict[int, Set[str]] = {}
     tags = [(i, tuple(range(np.ndim(x)))) if i in wanted else None for i, x in enumerate(leaves)]
@@ -169,7 +169,7 @@ def statistics_program(fn, params, orders: Dict[int, Tuple[int, ...]]):
     Leaves without a site are absent from the result.
     """
     leaves, treedef = jax.tree_util.tree_flatten(params)
-    program = _flat_program(fn, treedef, len(leaves))
+    program = flat_program(fn, treedef, len(leaves))
     tags = [(i, tuple(range(np.ndim(x)))) if i in orders else None for i, x in enumerate(leaves)]
 
     @jax.jit

@@ -83,14 +83,14 @@ def gptq_weight(w, xtx, rows: int, spec: QuantSpec, order: Tuple[int, ...], *, d
 
 
 def _relative_error(w, w_hat, hessian, order):
-    to_rows, _ = _canonical(w.shape, order)
+    to_rows, _ = matrix_view(w.shape, order)
     w, delta = to_rows(w.astype(jnp.float32)), to_rows((w_hat - w).astype(jnp.float32))
     num = jnp.sum(delta * (hessian @ delta))
     den = jnp.sum(w * (hessian @ w))
     return float(num / jnp.where(den == 0, 1.0, den))
 
 
-def _canonical(shape, order):
+def matrix_view(shape, order):
     """Functions between a weight of `shape` and its (K, N) matrix (K over `order`)."""
     ndim = len(shape)
     perm = list(order) + [a for a in range(ndim) if a not in order]
@@ -141,7 +141,7 @@ def _quantize_row(w, scale, zero_point, spec: QuantSpec):
 @functools.partial(jax.jit, static_argnums=(2, 3, 4, 5))
 def _run(w, hessian, spec: QuantSpec, order, damp: float, act_order: bool):
     shape = w.shape
-    to_rows, from_rows = _canonical(shape, order)
+    to_rows, from_rows = matrix_view(shape, order)
     lay = numerics.layout(shape, spec)
     k = hessian.shape[0]
     grouped_rows = lay.group_axis is not None and lay.group_axis == order[0] and not act_order

@@ -1,0 +1,132 @@
+"""Per-input-channel scaling folded into the float params: AWQ and SmoothQuant.
+
+Both rewrite X·W = (X / s)·(s ⊙ W), s > 0 one number per input channel (the contracted axis),
+multiplying the weight rows by s and folding 1/s into the parameters that produce X (a norm's
+scale and bias, or the previous linear's output columns — `jquant.ptq.folding`). The float
+function is unchanged (up to rounding); only what quantization sees changes. The result is an
+ordinary float param tree: quantize it with `jquant.quantize_params(result, policy)` or
+`jquant.ptq.gptq(fn, result, policy, batches)`.
+
+* **AWQ** (Lin et al. 2023): s = m^α / √(max(m^α)·min(m^α)) with m = mean|X| per channel;
+  α is searched on a grid in [0, 1] (α = 0 is round-to-nearest) for the smallest output error
+  Σ_W tr(Δᵀ XᵀX Δ), Δ = W − Q(s ⊙ W) / s, over the weights sharing X, with each weight's spec.
+* **SmoothQuant** (Xiao et al. 2023): s = max|X|^α / max|W|^(1−α) per channel (max over the
+  weights sharing X), moving activation outliers into the weights before W8A8.
+
+Weights whose input cannot be scaled by changing parameters (after a nonlinearity, a reshape or
+a residual branch) are left as they are, and reported: a warning lists them with the reason.
+"""
+
+from __future__ import annotations
+
+import functools
+import warnings
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jquant.policy import Policy
+from jquant.ptq.capture import statistics_program
+from jquant.ptq.folding import fold_groups, scale_along
+from jquant.ptq.gptq import matrix_view
+from jquant.ptq.layerwise import matched_targets
+from jquant.qarray import quantize
+from jquant.spec import QuantSpec
+
+_TINY = 1e-8
+
+
+def awq(fn, params, policy: Policy, batches, *, grid: int = 20, return_errors: bool = False):
+    """AWQ scales for every scalable group of policy-matched weights, folded into `params`.
+
+    Args:
+      fn, params, policy, batches: as in `jquant.ptq.gptq`.
+      grid: α is searched over {0, 1/grid, ..., 1}.
+      return_errors: also return {path: (AWQ error, RTN error)}, relative output errors
+        tr(ΔᵀXᵀXΔ) / tr(WᵀXᵀXW) on the calibration inputs.
+
+    Returns:
+      The float params with the scales folded (same structure), or (params, errors).
+    """
+    if not isinstance(grid, int) or grid < 1:
+        raise ValueError(f"awq grid={grid!r} must be a positive int")
+    leaves, treedef, targets, groups, stats = _prepare(fn, params, policy, batches, "AWQ")
+    errors = {}
+    for group in groups:
+        if not group.folds:
+            continue
+        members = [(leaf, axis, targets[leaf]) for leaf, axis in group.weights]
+        first = stats[members[0][0]]
+        mean_abs = np.maximum(np.asarray(first.abs_sum) / max(first.rows, 1), _TINY)
+        candidates = []
+        for alpha in np.linspace(0.0, 1.0, grid + 1):
+            s = mean_abs ** alpha
+            s = s / np.sqrt(s.max() * s.min())
+            err = [_awq_error(leaves[leaf], first.xtx, jnp.asarray(s, jnp.float32), target.spec, axis)
+                   for leaf, axis, target in members]
+            candidates.append((sum(float(e[0]) for e in err), alpha, s, err))
+        best = min(candidates, key=lambda c: c[0])
+        rtn = candidates[0]
+        for (leaf, axis, target), e, e_rtn in zip(members, best[3], rtn[3]):
+            errors[target.path] = (float(e[0] / e[1]), float(e_rtn[0] / e_rtn[1]))
+        _apply(leaves, group, best[2])
+    out = jax.tree_util.tree_unflatten(treedef, leaves)
+    return (out, errors) if return_errors else out
+
+
+def smoothquant(fn, params, policy: Policy, batches, *, alpha: float = 0.5):
+    """SmoothQuant scales s = max|X|^α / max|W|^(1−α) for every scalable group of
+    policy-matched weights, folded into `params` (float params of the same structure)."""
+    if not 0 <= alpha <= 1:
+        raise ValueError(f"smoothquant alpha={alpha!r} must be in [0, 1]")
+    leaves, treedef, targets, groups, stats = _prepare(fn, params, policy, batches, "SmoothQuant")
+    for group in groups:
+        if not group.folds:
+            continue
+        x_max = np.maximum(np.asarray(stats[group.weights[0][0]].abs_max), _TINY)
+        w_max = np.max([_channel_absmax(leaves[leaf], axis) for leaf, axis in group.weights], axis=0)
+        s = x_max ** alpha / np.maximum(w_max, _TINY) ** (1 - alpha)
+        _apply(leaves, group, s)
+    return jax.tree_util.tree_unflatten(treedef, leaves)
+
+
+def _prepare(fn, params, policy, batches, algorithm):
+    batches = [tuple(b) for b in batches]
+    if not batches:
+        raise ValueError(f"{algorithm}: batches is empty; pass at least one calibration batch")
+    targets = {t.leaf: t for t in matched_targets(fn, params, policy, batches[0], algorithm)}
+    groups = fold_groups(fn, params, batches[0], targets)
+    stats = statistics_program(fn, params, {leaf: t.order for leaf, t in targets.items()})(params, batches)
+    grouped = {leaf for g in groups for leaf, _ in g.weights}
+    skipped = [f"{targets[leaf].path} ({g.reason})" for g in groups if not g.folds for leaf, _ in g.weights]
+    skipped += [f"{t.path} (contracted over several axes or inside a nested call)"
+                for leaf, t in targets.items() if leaf not in grouped]
+    if skipped:
+        warnings.warn(f"jquant {algorithm}: {len(skipped)} weight(s) not scaled (left as they are): "
+                      + "; ".join(skipped), stacklevel=3)
+    leaves, treedef = jax.tree_util.tree_flatten(params)
+    return list(leaves), treedef, targets, groups, stats
+
+
+def _apply(leaves, group, s):
+    s = jnp.asarray(s, jnp.float32)
+    for leaf, axis in group.weights:
+        leaves[leaf] = scale_along(leaves[leaf], s, axis, +1)
+    for leaf, axis in group.folds:
+        leaves[leaf] = scale_along(leaves[leaf], s, axis, -1)
+
+
+def _channel_absmax(w, axis):
+    others = tuple(a for a in range(np.ndim(w)) if a != axis)
+    return np.asarray(jnp.max(jnp.abs(w), axis=others))
+
+
+@functools.partial(jax.jit, static_argnums=(3, 4))
+def _awq_error(w, xtx, s, spec: QuantSpec, axis: int):
+    """(tr(ΔᵀXᵀXΔ), tr(WᵀXᵀXW)) with Δ = W − Q(s ⊙ W) / s along `axis`."""
+    w = w.astype(jnp.float32)
+    w_hat = scale_along(quantize(scale_along(w, s, axis, +1), spec).dequantize(), s, axis, -1)
+    to_rows, _ = matrix_view(w.shape, (axis,))
+    delta, w = to_rows(w_hat - w), to_rows(w)
+    return jnp.sum(delta * (xtx @ delta)), jnp.sum(w * (xtx @ w))
