@@ -245,3 +245,27 @@ def test_midrise_integer_dot_is_exact(bits):
     np.testing.assert_allclose(np.asarray(acc.dequantize(jnp.float32)), expected, rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="mid-rise"):
         jquant.int_dot_general(lhs, jquant.quantize(w, QuantSpec(8, midrise=True)), (((1,), (0,)), ((), ())))
+
+
+@pytest.mark.parametrize("calibration", [MinMax(), Percentile(99.0), MSE(num_ratios=20)], ids=repr)
+def test_activation_observers_follow_the_spec_calibration(calibration):
+    from jquant.flax import observers
+
+    act = QuantSpec(8, symmetric=False, calibration=calibration)
+    batches = [_normal(20 + i, (64, 32)) for i in range(3)]
+    stats = tuple(make() for _, make in observers.initial_stats())
+    for x in batches:
+        stats = observers.observe(stats, jnp.asarray(x), act, 0.5, "test")
+    expected = None
+    for x in batches:
+        if isinstance(calibration, MSE):
+            qa = jquant.quantize(x, act)  # the MSE-searched range, recovered from scale and zero-point
+            scale, zero = float(qa.scale.reshape(())), float(qa.zero_point.reshape(()))
+            batch = np.array([(act.qmin - zero) * scale, (act.qmax - zero) * scale])
+        else:
+            batch = np.percentile(x.astype(np.float64), [100 - getattr(calibration, "percentile", 100),
+                                                         getattr(calibration, "percentile", 100)])
+        expected = batch if expected is None else 0.5 * expected + 0.5 * batch
+    tolerance = 0.03 if isinstance(calibration, MSE) else 1e-5  # MSE: lo/hi rebuilt from a rounded zero-point
+    np.testing.assert_allclose([float(stats[0]), float(stats[1])], expected, rtol=tolerance, atol=tolerance)
+    assert int(stats[2]) == 3

@@ -1,8 +1,10 @@
-"""Activation observers: an EMA of the per-tensor min/max, turned into a static scale.
+"""Activation observers: an EMA of each batch's per-tensor range, turned into a static scale.
 
 State per observed activation: `act_lo`, `act_hi` (float32 scalars) and `count` (int32, batches
-seen). The first batch sets lo/hi; later ones move them by lo ← m·lo + (1 − m)·min(x) (same for
-hi) with momentum m. Static ranges are per-tensor: a per-feature activation scale would vary along
+seen). Each batch's range [lo_b, hi_b] is what the activation spec's `calibration` picks for that
+batch: min/max (`MinMax`, default; ±absmax when symmetric), percentiles (`Percentile(p)`) or the
+MSE-searched clip (`MSE()`). The first batch sets lo/hi; later ones move them by
+lo ← m·lo + (1 − m)·lo_b (same for hi) with momentum m. Static ranges are per-tensor: a per-feature activation scale would vary along
 the contraction and rule out the integer path, and a per-token one depends on the batch.
 """
 
@@ -10,7 +12,8 @@ from __future__ import annotations
 
 import jax.numpy as jnp
 
-from jquant.numerics import scale_from_range
+from jquant.calibration import MSE
+from jquant.numerics import calibrated_range, layout, scale_from_range
 from jquant.spec import QuantSpec
 
 
@@ -33,11 +36,19 @@ def observe(stats, x, act: QuantSpec, momentum: float, where: str):
         raise ValueError(f"calibration momentum={momentum} must be in [0, 1)")
     lo, hi, count = stats
     x = jnp.asarray(x, jnp.float32)
-    batch_lo, batch_hi = jnp.min(x), jnp.max(x)
+    batch_lo, batch_hi = (jnp.reshape(r, ()) for r in _batch_range(x, act))
     first = count == 0
     lo = jnp.where(first, batch_lo, momentum * lo + (1 - momentum) * batch_lo)
     hi = jnp.where(first, batch_hi, momentum * hi + (1 - momentum) * batch_hi)
     return lo, hi, count + 1
+
+
+def _batch_range(x, act: QuantSpec):
+    # Min/max and percentiles observe both tails (a symmetric spec takes max(|lo|, |hi|) at the
+    # end); the MSE clip depends on the grid, so it is searched on the spec's own grid.
+    if isinstance(act.calibration, MSE):
+        return calibrated_range(x, act, layout(x.shape, act))
+    return act.calibration.group_range(x, tuple(range(x.ndim)), symmetric=False)
 
 
 def static_scale(stats, act: QuantSpec):
