@@ -17,11 +17,12 @@ from jquant.policy import Policy, Rule, int4_weights, int8_weights, w8a8
 from jquant.transforms import dequantize_params, fake_quant_params, quantize_params
 from jquant.report import Report, report
 from jquant.checkpoint import load, save
+from jquant.search import search_policy
 from jquant import flax
 
 __all__ = [
     "QuantSpec", "MinMax", "Percentile", "MSE", "QArray", "quantize", "dequantize", "fake_quant", "ste_round", "Accumulator", "dot_general",
     "int_dot_general", "requantize", "QuantDot", "QuantEinsum", "QuantConv", "Rule", "Policy", "int8_weights",
     "int4_weights", "w8a8", "quantize_params", "dequantize_params", "fake_quant_params", "report", "Report", "save",
-    "load", "flax",
+    "load", "search_policy", "flax",
 ]
