@@ -4,7 +4,7 @@ Layers, each importing only the ones above it: `calibration` (range methods) →
 (QuantSpec) → `numerics` (formulas) →
 `packing`, `codebook` → `qarray` (QArray, quantize) → `ste` (fake_quant), `dot` (integer
 dot_general) → `ops` (QuantDot/QuantEinsum/QuantConv) → `policy`, `transforms`, `report`,
-`checkpoint` → `flax` (Linen and NNX integration).
+`checkpoint`, `learned` (LSQ / PACT) → `flax` (Linen and NNX integration).
 """
 
 from jquant.calibration import MSE, MinMax, Percentile
@@ -18,11 +18,13 @@ from jquant.transforms import dequantize_params, fake_quant_params, quantize_par
 from jquant.report import Report, report
 from jquant.checkpoint import load, save
 from jquant.search import search_policy
+from jquant.learned import init_learned, lsq_fake_quant, pact
+from jquant import learned
 from jquant import flax
 
 __all__ = [
     "QuantSpec", "MinMax", "Percentile", "MSE", "QArray", "quantize", "dequantize", "fake_quant", "ste_round", "Accumulator", "dot_general",
     "int_dot_general", "requantize", "QuantDot", "QuantEinsum", "QuantConv", "Rule", "Policy", "int8_weights",
     "int4_weights", "w8a8", "quantize_params", "dequantize_params", "fake_quant_params", "report", "Report", "save",
-    "load", "search_policy", "flax",
+    "load", "search_policy", "flax", "learned", "lsq_fake_quant", "pact", "init_learned",
 ]

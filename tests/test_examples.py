@@ -20,6 +20,12 @@ def test_digits_qat_demo():
         assert text in out, text
 
 
+def test_digits_lsq():
+    out = _run("digits_lsq.py", "--epochs", "1", "--seeds", "1")
+    for text in ("| STE | LSQ | LSQ + PACT |", "W2A8 ternary", "W2A2", "float accuracy"):
+        assert text in out, text
+
+
 def test_schemes():
     out = _run("schemes.py", "--rows", "256")
     for text in ("int8 per-channel", "nf4 group-64", "2-bit k-means per-channel", "digits acc"):

@@ -15,6 +15,9 @@ variables. Nothing in JAX or Flax is patched.
   int8×int8→int32 path runs, without it the kernel is dequantized on the fly.
 * Static activation ranges: `QuantizedLinen.calibrate(variables, batch)` updates observers (EMA of
   the per-tensor min/max) in a `quant_stats` collection; layers that have them use those ranges.
+* Learned quantizers (`jquant.learned`): `apply({"params": params, **learned}, x)` with the
+  `lsq_step` / `pact_clip` collections from `init_learned` trains LSQ steps and PACT clips;
+  serve with `export_params` and `export_stats` (static ranges in `quant_stats`).
 `init` always runs the float layers (it only creates the params).
 """
 
@@ -27,6 +30,7 @@ import functools
 import jax.numpy as jnp
 from flax import linen as nn
 
+from jquant import learned
 from jquant.flax import observers
 from jquant.ops import QuantConv, QuantDot
 from jquant.policy import Policy
@@ -110,9 +114,10 @@ def _intercept(policy, next_fun, args, kwargs, context):
     if rule is None or (rule.spec is None and rule.act is None) or module.is_initializing():
         return next_fun(*args, **kwargs)
     attribute, op_class, cleared = hook
-    op = op_class(rule.spec, rule.act, *_static_activation(module, args[0], rule))
     variables = module.variables
     kernel = variables.get("params", {}).get("kernel")
+    rule, variables, args = _apply_learned(rule, variables, args, kernel)
+    op = op_class(rule.spec, rule.act, *_static_activation(module, args[0], rule))
     if isinstance(kernel, QArray):
         # Flax checks a stored param's shape leaf by leaf against its initializer, which a packed
         # QArray cannot pass; the layer gets a same-shaped stand-in (a broadcast zero that XLA
@@ -131,6 +136,22 @@ def _intercept(policy, next_fun, args, kwargs, context):
         raise ValueError(f"{where}: rule {rule!r}: {err}") from None
     finally:
         _INSIDE.reset(token)
+
+
+def _apply_learned(rule, variables, args, kernel):
+    """Learned quantizers from the `lsq_step` / `pact_clip` collections (`jquant.learned`), if the
+    layer has them: the float kernel is LSQ fake-quantized and the input PACT-quantized here, and
+    the rule loses the spec / act they replace (so the op does not quantize them again)."""
+    step = variables.get(learned.LSQ_STEP, {}).get("kernel")
+    clip = variables.get(learned.PACT_CLIP, {}).get("kernel")
+    if step is not None and rule.spec is not None and kernel is not None and not isinstance(kernel, QArray):
+        kernel = learned.lsq_fake_quant(kernel, step, rule.spec)
+        variables = {**variables, "params": {**variables["params"], "kernel": kernel}}
+        rule = dataclasses.replace(rule, spec=None)
+    if clip is not None and rule.act is not None:
+        args = (learned.pact(args[0], clip, rule.act),) + tuple(args[1:])
+        rule = dataclasses.replace(rule, act=None)
+    return rule, variables, args
 
 
 def _static_activation(module, x, rule):
