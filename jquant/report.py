@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import io
-from typing import List, Optional, Tuple
+from typing import List, Mapping, Optional, Tuple
 
 import jax
 import jax.numpy as jnp
@@ -16,7 +16,8 @@ from jquant.policy import Policy, is_qarray, leaves_with_paths
 @dataclasses.dataclass(frozen=True)
 class ReportRow:
     """One leaf: path, shape, the rule (or spec) behind it, stored bits per weight (scales and
-    zero-points included), SQNR in dB (None for leaves kept as they were), bytes before/after."""
+    zero-points included), SQNR in dB (None for leaves kept as they were), bytes before/after,
+    and the relative output error on calibration data when a PTQ algorithm reported one."""
 
     path: str
     shape: Tuple[int, ...]
@@ -25,6 +26,7 @@ class ReportRow:
     sqnr_db: Optional[float]
     bytes_before: int
     bytes_after: int
+    output_error: Optional[float] = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,15 +60,18 @@ class Report:
         from rich.table import Table
 
         table = Table(title="jquant report")
-        for name in ("path", "shape", "rule", "bits/w", "SQNR dB", "bytes before", "bytes after"):
+        with_errors = any(r.output_error is not None for r in self.rows)
+        names = ("path", "shape", "rule", "bits/w", "SQNR dB", "bytes before", "bytes after")
+        for name in names + (("output error",) if with_errors else ()):
             table.add_column(name, justify="left" if name in ("path", "rule") else "right")
         for r in self.rows:
             sqnr = "-" if r.sqnr_db is None else f"{r.sqnr_db:.2f}"
+            error = ("-" if r.output_error is None else f"{r.output_error:.4g}",) if with_errors else ()
             table.add_row(r.path, str(r.shape), r.rule, f"{r.bits_per_weight:.3f}", sqnr,
-                          f"{r.bytes_before:,}", f"{r.bytes_after:,}")
+                          f"{r.bytes_before:,}", f"{r.bytes_after:,}", *error)
         table.add_section()
         table.add_row("total", "", f"{self.compression:.2f}x smaller", f"{self.quantized_bits_per_weight:.3f}", "",
-                      f"{self.bytes_before:,}", f"{self.bytes_after:,}")
+                      f"{self.bytes_before:,}", f"{self.bytes_after:,}", *(("",) if with_errors else ()))
         out = io.StringIO()
         Console(file=out, width=160, force_terminal=False).print(table)
         return out.getvalue()
@@ -79,13 +84,16 @@ def _sqnr_db(x, x_hat):
     return 10 * jnp.log10(jnp.sum(jnp.square(x)) / jnp.maximum(noise, jnp.finfo(jnp.float32).tiny))
 
 
-def report(params, qtree, policy: Optional[Policy] = None) -> Report:
+def report(params, qtree, policy: Optional[Policy] = None, errors: Optional[Mapping[str, float]] = None) -> Report:
     """Compare the float tree `params` with its quantized version `qtree` (same structure).
 
     Args:
       params: the original float tree.
       qtree: `quantize_params(params, policy)`.
       policy: if given, the "rule" column names the rule each leaf got; otherwise the spec.
+      errors: {path: relative output error on calibration data}, e.g.
+        `{p: r.error for p, r in errors.items()}` from `jquant.ptq.gptq(..., return_errors=True)`;
+        shown as an "output error" column.
 
     Returns:
       Report with one row per array leaf (kept leaves too, so totals are the whole tree's bytes).
@@ -107,7 +115,8 @@ def report(params, qtree, policy: Optional[Policy] = None) -> Report:
             hit = policy.rule_for(path) if policy is not None else None
             rule = f"{hit[0]}: {hit[1].pattern}" if hit else repr(q.spec)
             rows.append(ReportRow(path, tuple(x.shape), rule, q.bits_per_weight,
-                                  float(_sqnr_db(x, q.dequantize())), nbytes_before, q.nbytes))
+                                  float(_sqnr_db(x, q.dequantize())), nbytes_before, q.nbytes,
+                                  None if errors is None or path not in errors else float(errors[path])))
         else:
             bits = 8 * jnp.dtype(x.dtype).itemsize
             rows.append(ReportRow(path, tuple(x.shape), "kept", float(bits), None, nbytes_before, nbytes_before))

@@ -203,3 +203,16 @@ def test_gptq_errors_name_the_path():
         jquant.ptq.gptq(fn, quantized, Policy([Rule("kernel", QuantSpec(4))]), batches, progress=False)
     with pytest.raises(ValueError, match="damp"):
         gptq_weight(params["kernel"], jnp.eye(8), 8, QuantSpec(4), (0,), damp=0.0)
+
+
+def test_per_layer_errors_show_in_the_report():
+    def fn(p, x):
+        return jnp.tanh(x @ p["w1"]) @ p["w2"]
+
+    params = {"w1": _normal(15, (16, 16), 0.3), "w2": _normal(16, (16, 8), 0.3)}
+    policy = Policy([Rule("w.", QuantSpec(4, channel_axes=(1,)))])
+    tree, errors = jquant.ptq.gptq(fn, params, policy, _correlated_batches(17, 2, 64, 16), progress=False,
+                                   return_errors=True)
+    rep = jquant.report(params, tree, policy, errors={p: r.error for p, r in errors.items()})
+    assert [r.output_error for r in rep.rows] == [errors["w1"].error, errors["w2"].error]
+    assert "output error" in str(rep)
