@@ -35,3 +35,19 @@ def test_schemes():
 def test_quantize_tree():
     out = _run("quantize_tree.py")
     assert "jquant report" in out and "argmax agreement" in out
+
+
+def test_char_lm(tmp_path):
+    out = _run("char_lm.py", "--depth", "1", "--steps", "5", "--batch", "8", "--eval-windows", "16",
+               "--calib-windows", "8", "--calib-batch", "8", "--cache", str(tmp_path),
+               "--only", "int8|int4 g128 (GPTQ|AWQ)|2-bit")
+    for text in ("| method | bits/weight", "float32", "int8 per-channel RTN", "int4 g128 GPTQ", "int4 g128 AWQ",
+                 "2-bit k-means per-channel"):
+        assert text in out, text
+
+
+def test_char_lm_search(tmp_path):
+    out = _run("char_lm_search.py", "--depth", "1", "--steps", "5", "--eval-windows", "16", "--calib-windows", "32",
+               "--budgets", "3.5", "--cache", str(tmp_path))
+    for text in ("| policy | bits/weight | eval perplexity", "uniform int4 g128", "searched ≤ 3.5 bits"):
+        assert text in out, text
