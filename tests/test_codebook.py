@@ -43,6 +43,7 @@ def test_kmeans_reaches_lloyd_max_on_gaussian_rows(bits):
     mse = jnp.mean((qa.dequantize() - x) ** 2, axis=0)
     moment = jnp.mean(x ** 2, axis=0)
     assert float(jnp.mean(mse / moment)) <= 1.01 * _lloyd_max_gaussian_mse(2 ** bits)
+    assert qa.bits_per_weight <= bits + 0.05  # codes + one float32 codebook per 64k-long channel
     levels = np.asarray(qa.scale).reshape(4, 2 ** bits)
     assert np.all(np.diff(levels, axis=1) > 0)  # sorted, distinct
     # every value sits on its nearest level of its own channel's codebook
