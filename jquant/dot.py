@@ -17,10 +17,14 @@ Path choice, measured on XLA:CPU (jax 0.10.2, 2 cores; see benchmarks/ for the s
 * int8 × int8 → int32 is 1.3–1.7× faster than f32 for M ≥ 2 with operands in the standard layout
   (lhs `(B, M, K)`, rhs `(B, K, N)`), so both operands are transposed to that layout first: XLA
   falls off its fast int8 kernel when, e.g., dimension 0 of both operands is contracted.
-* With M = 1 (one token, a GEMV) XLA:CPU's int8 kernel is ~9× slower than f32 (23 ms vs 2.4 ms at
-  K = N = 4096) while the same dot with M = 2 takes ~3 ms, so a single row is padded to two.
-  Converting the int8 weight to f32 or bf16 instead costs ~20 ms at that size (the conversion
-  alone), so no float path is faster once the weight is stored as int8.
+* With M = 1 (one token, a GEMV) XLA:CPU's int8 kernel is ~10× slower than f32 (23 ms vs 2.4 ms at
+  K = N = 4096); padded to M = 2 it runs the int8 GEMM but still takes 1.5–2× the f32 time, and
+  converting the int8 weight to f32 or bf16 costs ~20 ms (the conversion alone). What does beat
+  f32: cutting K into chunks of 128–512 that become a batch axis (a free reshape of the `(K, N)`
+  weight), the row padded to two in each chunk, then summing the chunks' int32 results — about
+  0.6–1.2× f32 on a loaded 2-core machine (benchmarks/RESULTS.md; K = 11008 fares worst), on par
+  with an int8 weight stored `(N, K)`, which would need a transposed QArray storage. `_gemv_chunks` picks the fewest chunks of ≤ 512; a K with no divisor in 128..512 keeps
+  the plain padded dot.
 * Operands whose scales vary along a contracted axis (other than one shared group split) cannot
   take the integer path; that is a configuration error, reported, never a silent float fallback.
 """
@@ -39,6 +43,8 @@ from jquant.spec import QuantSpec
 
 INTEGER_METHODS = ("uniform", "sign")
 _INT32_LIMIT = 2 ** 31
+# Chunk lengths for splitting a single row's contraction (module docstring, "M = 1").
+_GEMV_CHUNK_MIN, _GEMV_CHUNK_MAX = 128, 512
 
 
 @jax.tree_util.register_pytree_with_keys_class
@@ -106,7 +112,7 @@ def dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_element_t
     rhs = _quantize_operand(rhs, rhs_spec, "rhs")
     out_dtype = preferred_element_type or jnp.result_type(lhs.dtype, rhs.dtype)
     if not jnp.issubdtype(out_dtype, jnp.floating):
-        raise ValueError(f"preferred_element_type={out_dtype} must be a float dtype; "
+        raise ValueError(f"preferred_element_type={jnp.dtype(out_dtype).name} must be a float dtype; "
                          "for the raw int32 accumulator use jquant.int_dot_general")
     if isinstance(lhs, QArray) and isinstance(rhs, QArray):
         return int_dot_general(lhs, rhs, dimension_numbers).dequantize(out_dtype)
@@ -121,7 +127,10 @@ def _quantize_operand(x, spec, name):
         return x
     if isinstance(x, QArray):
         raise ValueError(f"{name}_spec given but {name} is already a QArray ({x.spec!r})")
-    return quantize(x, spec)
+    try:
+        return quantize(x, spec)
+    except (TypeError, ValueError) as err:  # say which operand
+        raise type(err)(f"dot_general: {name} of shape {jnp.shape(x)} with {name}_spec={spec!r}: {err}") from None
 
 
 def int_dot_general(lhs: QArray, rhs: QArray, dimension_numbers) -> Accumulator:
@@ -143,6 +152,10 @@ def int_dot_general(lhs: QArray, rhs: QArray, dimension_numbers) -> Accumulator:
     rc, rb = _axes(rc, rhs.ndim, "rhs"), _axes(rb, rhs.ndim, "rhs")
     if len(lc) != len(rc) or len(lb) != len(rb):
         raise ValueError(f"dimension_numbers {dimension_numbers}: lhs and rhs name different numbers of axes")
+    for name, axes in (("lhs", lc + lb), ("rhs", rc + rb)):
+        if len(set(axes)) != len(axes):
+            raise ValueError(f"dimension_numbers {dimension_numbers}: {name} names an axis twice (contracting and "
+                             "batch axes must be distinct)")
     for a, b in zip(lc + lb, rc + rb):
         if lhs.shape[a] != rhs.shape[b]:
             raise ValueError(f"lhs axis {a} (size {lhs.shape[a]}) and rhs axis {b} (size {rhs.shape[b]}) "
@@ -155,9 +168,10 @@ def int_dot_general(lhs: QArray, rhs: QArray, dimension_numbers) -> Accumulator:
     k = math.prod(left.q.shape[a] for a in left.contract)
     bound = k * lhs.spec.integer_magnitude * rhs.spec.integer_magnitude
     if bound >= _INT32_LIMIT:
+        most = (_INT32_LIMIT - 1) // (lhs.spec.integer_magnitude * rhs.spec.integer_magnitude)
         raise ValueError(f"int32 accumulator could overflow: K={k} × {lhs.spec.integer_magnitude} × "
-                         f"{rhs.spec.integer_magnitude} = {bound} ≥ 2^31; split the contraction with "
-                         "group_size or use fewer bits")
+                         f"{rhs.spec.integer_magnitude} = {bound} ≥ 2^31; allowed: K ≤ {most} for these specs — "
+                         "split the contraction with group_size or use fewer bits")
 
     acc = _canonical_int_dot(left, right)
     n_free_r = len(right.free)
@@ -177,7 +191,8 @@ def _axes(axes: Sequence[int], ndim: int, name: str) -> Tuple[int, ...]:
     out = []
     for a in axes:
         if not -ndim <= a < ndim:
-            raise ValueError(f"dimension_numbers: {name} axis {a} out of range for rank {ndim}")
+            raise ValueError(f"dimension_numbers: {name} axis {a} out of range for rank {ndim}; "
+                             f"allowed: {-ndim}..{ndim - 1}")
         out.append(a % ndim)
     return tuple(out)
 
@@ -272,15 +287,38 @@ def _rank_order(batch, free):
     return tuple(remaining.index(a) for a in batch + free)
 
 
+def _gemv_chunks(k: int) -> int:
+    """How many chunks to split a single row's contraction of length `k` into (1 = no split).
+
+    The fewest chunks c with k % c == 0 and _GEMV_CHUNK_MIN ≤ k / c ≤ _GEMV_CHUNK_MAX; 1 when k is
+    already short or has no such divisor (the unsplit padded GEMM is exact too, only slower).
+    """
+    if k <= _GEMV_CHUNK_MAX:
+        return 1
+    for c in range(-(-k // _GEMV_CHUNK_MAX), k // _GEMV_CHUNK_MIN + 1):
+        if k % c == 0:
+            return c
+    return 1
+
+
 def _canonical_int_dot(left: _Operand, right: _Operand):
     """int32 dot of the canonical (B, M, K) × (B, K, N) forms, reshaped to (batch, lhs free, rhs free)."""
     l3, r3 = left.canonical(), right.canonical()
-    m = l3.shape[1]
+    b, m, k = l3.shape
+    n = r3.shape[2]
+    dims = (((2,), (1,)), ((0,), (0,)))
     if m == 1:
-        # XLA:CPU's int8 GEMV kernel is ~9× slower than its GEMM with two rows (module docstring).
-        l3 = jnp.pad(l3, ((0, 0), (0, 1), (0, 0)))
-    acc = lax.dot_general(l3, r3, (((2,), (1,)), ((0,), (0,))), preferred_element_type=jnp.int32)
-    acc = acc[:, :m]
+        # A single row (module docstring): K is cut into c chunks that become batch entries (both
+        # reshapes are free: M = 1 and K is the rhs's major axis), the row is padded to two, and
+        # the c partial int32 sums are added. Wrapping int32 addition is associative, so the total
+        # is the same exact bracket (the overflow bound covers the final sum).
+        c = _gemv_chunks(k)
+        l3 = jnp.pad(jnp.reshape(l3, (b * c, 1, k // c)), ((0, 0), (0, 1), (0, 0)))
+        r3 = jnp.reshape(r3, (b * c, k // c, n))
+        acc = lax.dot_general(l3, r3, dims, preferred_element_type=jnp.int32)[:, :1]
+        acc = jnp.sum(jnp.reshape(acc, (b, c, 1, n)), axis=1, dtype=jnp.int32) if c > 1 else acc
+    else:
+        acc = lax.dot_general(l3, r3, dims, preferred_element_type=jnp.int32)
     out_shape = (tuple(left.q.shape[a] for a in left.batch) + tuple(left.q.shape[a] for a in left.free)
                  + tuple(right.q.shape[a] for a in right.free))
     return jnp.reshape(acc, out_shape)

@@ -92,6 +92,24 @@ def test_per_group_contraction(m, groups, group_size, n, lsym, rsym, rbits, lgro
     _assert_float_close(y, lq, rq)
 
 
+@pytest.mark.parametrize("k,chunks", [(512, 1), (4096, 8), (1536, 3), (4099, 1), (2 ** 16, 128)])
+@pytest.mark.parametrize("lspec,rspec", [
+    (QuantSpec(8, channel_axes=(0,)), QuantSpec(8, channel_axes=(1,))),
+    (QuantSpec(8, symmetric=False), QuantSpec(4, symmetric=False, channel_axes=(1,))),
+])
+def test_single_row_split_contraction_is_exact(k, chunks, lspec, rspec):
+    """M = 1 takes the chunked path (K cut into batch entries, partial int32 sums added): the
+    int32 result equals the int64 product bit for bit, including a K with no usable divisor."""
+    from jquant.dot import _gemv_chunks
+    assert _gemv_chunks(k) == chunks
+    rng = np.random.default_rng(k)
+    lq, rq, acc, y = _quantize_and_accumulate(_normal(rng, (1, k)), _normal(rng, (k, 5)), lspec, rspec)
+    ql, _, zl = _grouped_np(lq)
+    qr, _, zr = _grouped_np(rq)
+    np.testing.assert_array_equal(np.asarray(acc.value), (ql - zl) @ (qr - zr))
+    _assert_float_close(y, lq, rq)
+
+
 @pytest.mark.parametrize("lhs_shape,rhs_shape,dn,lspec,rspec", [
     # batched matmul: batch axis 0 on both, per-(batch,row) and per-(batch,column) scales
     ((3, 5, 16), (3, 16, 7), (((2,), (1,)), ((0,), (0,))), QuantSpec(8, channel_axes=(0, 1)),

@@ -1,0 +1,144 @@
+"""Table 5: the same post-training quantization with jquant, Qwix and AQT: SQNR and accuracy.
+
+Run: python benchmarks/quality.py [--quick]
+* SQNR of a weight tree: 4 kernels of 1024 × 1024 drawn from Student's t (5 degrees of freedom,
+  heavy tails like trained weights); SQNR = 10 log10(Σ w² / Σ (w − ŵ)²) over the whole tree, in
+  dB. int8: one scale per output channel; int4: per output channel and group of 128 inputs
+  (symmetric in all three; jquant's asymmetric `int4_weights()` preset in its own row). AQT's
+  `Quantizer` calibrates over the group axis of the kernel reshaped to (K/128, 128, N).
+* Accuracy on scikit-learn digits (360 held-out images): an MLP 64-256-256-10 trained in float
+  (adam, 15 epochs, batch 64), then PTQ without retraining: W8A8 (int8 weights and dynamic int8
+  activations) and W4 weight-only (int4 per output channel; the 64-input first layer has no room
+  for groups of 128). jquant serves the quantized tree (integer path for W8A8), Qwix its PTQ model
+  on `qwix.quantize_params`, AQT its `AqtDotGeneral` forward with the float weights.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+import jquant
+from common import NOT_INSTALLED, Table, peer, standalone
+from models import Mlp
+from peers import Scheme, aqt_model, qwix_ptq
+
+TREE_SCHEMES = (Scheme("int8 per-channel", 8), Scheme("int4 g128", 4, group=128),
+                Scheme("int4 g128 asymmetric (jquant preset)", 4, group=128, symmetric=False))
+DIGITS_SCHEMES = (Scheme("W8A8", 8, act=True), Scheme("W4 weight-only", 4))
+NOTES = [
+    "Same bits and granularity; the differences are range conventions. Qwix and AQT map a "
+    "symmetric absmax to qmax + ½ (7.5 for int4, 127.5 for int8; the extreme value clips by less "
+    "than half a step) where jquant maps it onto the level qmax (7, 127): their step is 7% finer "
+    "at int4 (+0.5 dB), indistinguishable at int8. jquant's asymmetric int4 preset (min/max per "
+    "group, int8 zero-points) gains another 1.7–2 dB on these tails.",
+    "W8A8 activations: jquant quantizes per tensor, Qwix and AQT one scale per row.",
+]
+
+
+def sqnr_db(ref, approx) -> float:
+    """10 log10(Σ ref² / Σ (ref − approx)²) over all leaves of two matching trees."""
+    pairs = zip(jax.tree_util.tree_leaves(ref), jax.tree_util.tree_leaves(approx))
+    signal, noise = 0.0, 0.0
+    for r, a in pairs:
+        r64 = np.asarray(r, np.float64)
+        signal += float(np.sum(r64 ** 2))
+        noise += float(np.sum((r64 - np.asarray(a, np.float64)) ** 2))
+    return 10 * np.log10(signal / noise)
+
+
+def _kernel_tree():
+    keys = jax.random.split(jax.random.key(0), 4)
+    return {f"layer_{i}": {"kernel": jax.random.t(k, 5.0, (1024, 1024))} for i, k in enumerate(keys)}
+
+
+def _qwix_round_trip(tree, scheme: Scheme):
+    qwix = peer("qwix")
+    if qwix is None or not scheme.symmetric:
+        return None
+    tiles = {0: scheme.group} if scheme.group else None
+    qtype = jnp.int8 if scheme.bits == 8 else jnp.int4
+    return jax.tree_util.tree_map(
+        lambda w: qwix.dequantize(qwix.quantize(w, qtype, channelwise_axes=(1,), tiled_axes=tiles)), tree)
+
+
+def _aqt_round_trip(tree, scheme: Scheme):
+    if peer("aqt") is None or not scheme.symmetric:
+        return None
+    from aqt.jax.v2 import aqt_quantizer
+
+    def round_trip(w):
+        k, n = w.shape
+        g = scheme.group or k
+        quantizer = aqt_quantizer.quantizer_make(scheme.bits)
+        qt, _ = quantizer.quant(w.reshape(k // g, g, n), calibration_axes=(1,))
+        return qt.dequant().reshape(k, n)
+
+    return jax.tree_util.tree_map(round_trip, tree)
+
+
+def _digits():
+    from sklearn.datasets import load_digits
+    data = load_digits()
+    x = (data.data / 16.0).astype(np.float32)
+    order = np.random.default_rng(0).permutation(len(x))
+    cut = len(x) - 360
+    return (x[order[:cut]], data.target[order[:cut]]), (x[order[cut:]], data.target[order[cut:]])
+
+
+def _train(model, x, y, epochs=15, batch=64):
+    params = model.init(jax.random.key(0), x[:1])
+    optimizer = optax.adam(1e-3)
+
+    @jax.jit
+    def step(params, opt_state, xb, yb):
+        def loss(p):
+            return optax.softmax_cross_entropy_with_integer_labels(model.apply(p, xb), yb).mean()
+        grads = jax.grad(loss)(params)
+        updates, opt_state = optimizer.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state
+
+    opt_state = optimizer.init(params)
+    rng = np.random.default_rng(0)
+    for _ in range(epochs):
+        order = rng.permutation(len(x))
+        for i in range(0, len(x) - batch + 1, batch):
+            params, opt_state = step(params, opt_state, x[order[i:i + batch]], y[order[i:i + batch]])
+    return params
+
+
+def _accuracy(logits, y) -> str:
+    return f"{float(np.mean(np.argmax(np.asarray(logits), -1) == y)):.3f}"
+
+
+def run(quick: bool) -> Table:
+    del quick  # both parts take seconds
+    table = Table("PTQ quality: the same task in jquant, Qwix and AQT",
+                  ["task", "scheme", "float", "jquant", "Qwix", "AQT"])
+    tree = _kernel_tree()
+    for scheme in TREE_SCHEMES:
+        ours = jquant.dequantize_params(jquant.quantize_params(tree, scheme.jquant_policy()))
+        cells = [f"{sqnr_db(tree, t):.2f} dB" if t is not None else ("-" if not scheme.symmetric else NOT_INSTALLED)
+                 for t in (ours, _qwix_round_trip(tree, scheme), _aqt_round_trip(tree, scheme))]
+        table.add("weight tree SQNR", scheme.name, "-", *cells)
+
+    (xtr, ytr), (xte, yte) = _digits()
+    model = Mlp(width=256, depth=2)
+    params = _train(model, xtr, ytr)
+    float_acc = _accuracy(model.apply(params, xte), yte)
+    for scheme in DIGITS_SCHEMES:
+        policy = scheme.jquant_policy()
+        ours = _accuracy(jax.jit(jquant.flax.quantize(model, policy).apply)(
+            jquant.quantize_params(params, policy), xte), yte)
+        qwix, aqt = qwix_ptq(model, scheme, xte[:1]), aqt_model(model, scheme)
+        theirs = NOT_INSTALLED if qwix is None else _accuracy(
+            qwix[0].apply({"params": qwix[1](params["params"])}, xte), yte)
+        aqt_acc = NOT_INSTALLED if aqt is None else _accuracy(
+            aqt.apply(params, xte, rngs={"params": jax.random.key(0)}), yte)
+        table.add("digits accuracy", scheme.name, float_acc, ours, theirs, aqt_acc)
+    table.notes = list(NOTES)
+    return table
+
+
+if __name__ == "__main__":
+    standalone(run, __doc__)
