@@ -2,7 +2,10 @@
 
 One object serves both phases of a weight's life:
 * training (QAT) — the weight is a float array: weight and activation are fake-quantized (STE
-  gradients, `jquant.fake_quant`) and a float op runs;
+  gradients, `jquant.fake_quant`). `QuantDot` with integer-grid specs for both (W8A8, W4A8, …)
+  runs the forward on the exact integer path — the very numbers serving computes — and takes its
+  derivatives (forward and reverse mode) from the fake-quantized float dot, i.e. the same STE;
+  other combinations run the float op on the fake-quantized operands;
 * serving — the weight is a `QArray` (from `quantize_params`): with an activation spec the
   activation is quantized per call and the exact integer path runs (`jquant.dot_general`); without
   one the weight is dequantized on the fly (weight-only).
@@ -15,12 +18,14 @@ Both phases compute the same x̂·ŵ, so served outputs equal QAT outputs up to 
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Optional
 
+import jax
 import jax.numpy as jnp
 from jax import lax
 
-from jquant.dot import INTEGER_METHODS, dot_general
+from jquant.dot import INTEGER_METHODS, dot_general, int_dot_general
 from jquant.qarray import QArray, quantize
 from jquant.spec import QuantSpec
 from jquant.ste import fake_quant
@@ -69,9 +74,51 @@ class QuantDot(_QuantOp):
     def __call__(self, lhs, rhs, dimension_numbers, precision=None, preferred_element_type=None, **unused):
         if isinstance(rhs, QArray):
             return dot_general(*self.served_operands(lhs, rhs), dimension_numbers, precision, preferred_element_type)
-        lhs, rhs = self.fake_quant_inputs(lhs, rhs)
+        if self._integer_forward(lhs, rhs, dimension_numbers):
+            return _integer_qat_dot(self, dimension_numbers, precision, preferred_element_type, lhs, rhs,
+                                    self.act_scale, self.act_zero_point)
+        return self._fake_quant_dot(lhs, rhs, dimension_numbers, precision, preferred_element_type,
+                                    self.act_scale, self.act_zero_point)
+
+    def _fake_quant_dot(self, lhs, rhs, dimension_numbers, precision, preferred_element_type, act_scale,
+                        act_zero_point):
+        op = dataclasses.replace(self, act_scale=act_scale, act_zero_point=act_zero_point)
+        lhs, rhs = op.fake_quant_inputs(lhs, rhs)
         return lax.dot_general(lhs, rhs, dimension_numbers, precision=precision,
                                preferred_element_type=preferred_element_type)
+
+    def _integer_forward(self, lhs, rhs, dimension_numbers) -> bool:
+        """Whether the QAT forward can run on the integer path: both specs have an integer grid
+        and `int_dot_general` accepts the operands (checked on shapes only, at trace time)."""
+        if self.act is None or self.weight is None:
+            return False
+        if self.act.method not in INTEGER_METHODS or self.weight.method not in INTEGER_METHODS:
+            return False
+        try:
+            jax.eval_shape(lambda a, b: int_dot_general(quantize(a, self.act), quantize(b, self.weight),
+                                                        dimension_numbers).value, lhs, rhs)
+        except ValueError:
+            return False  # e.g. scales varying along the contraction: the float STE path computes it
+        return True
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(0, 1, 2, 3))
+def _integer_qat_dot(op, dimension_numbers, precision, preferred_element_type, lhs, rhs, act_scale, act_zero_point):
+    served = quantize(lhs, op.act, scale=act_scale, zero_point=act_zero_point), quantize(rhs, op.weight)
+    return dot_general(*served, dimension_numbers, precision, preferred_element_type)
+
+
+@_integer_qat_dot.defjvp
+def _integer_qat_dot_jvp(op, dimension_numbers, precision, preferred_element_type, primals, tangents):
+    lhs, rhs, act_scale, act_zero_point = primals
+    out = _integer_qat_dot(op, dimension_numbers, precision, preferred_element_type, *primals)
+
+    def float_path(a, b):  # the STE derivative: that of the fake-quantized float dot
+        return op._fake_quant_dot(a, b, dimension_numbers, precision, preferred_element_type, act_scale,
+                                  act_zero_point)
+
+    _, tangent = jax.jvp(float_path, (lhs, rhs), tangents[:2])
+    return out, tangent.astype(out.dtype)
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
