@@ -216,3 +216,25 @@ def test_per_layer_errors_show_in_the_report():
     rep = jquant.report(params, tree, policy, errors={p: r.error for p, r in errors.items()})
     assert [r.output_error for r in rep.rows] == [errors["w1"].error, errors["w2"].error]
     assert "output error" in str(rep)
+
+
+def test_gptq_on_an_nnx_call():
+    from flax import nnx
+
+    class Mlp(nnx.Module):
+        def __init__(self, rngs):
+            self.a, self.b = nnx.Linear(32, 64, rngs=rngs), nnx.Linear(64, 16, rngs=rngs)
+
+        def __call__(self, x):
+            return self.b(jax.nn.relu(self.a(x)))
+
+    graphdef, state = nnx.split(Mlp(nnx.Rngs(0)))
+
+    def fn(state, x):
+        return nnx.merge(graphdef, state)(x)
+
+    policy = Policy([Rule(r".*kernel", QuantSpec(4, channel_axes=(1,)))])
+    tree, errors = jquant.ptq.gptq(fn, state, policy, _correlated_batches(18, 2, 32, 32), progress=False,
+                                   return_errors=True)
+    assert isinstance(tree["a"]["kernel"].get_value(), jquant.QArray)
+    assert set(errors) == {"a/kernel", "b/kernel"} and all(e.error < e.rtn_error for e in errors.values())
