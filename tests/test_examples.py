@@ -51,3 +51,10 @@ def test_char_lm_search(tmp_path):
                "--budgets", "3.5", "--cache", str(tmp_path))
     for text in ("| policy | bits/weight | eval perplexity", "uniform int4 g128", "searched ≤ 3.5 bits"):
         assert text in out, text
+
+
+def test_char_lm_lsq(tmp_path):
+    out = _run("char_lm_lsq.py", "--depth", "1", "--train-steps", "5", "--steps", "3", "--bits", "2",
+               "--eval-windows", "16", "--cache", str(tmp_path))
+    for text in ("| weights (block kernels, g128) | bits/weight | PTQ (RTN) | STE QAT | LSQ |", "2-bit asymmetric"):
+        assert text in out, text
