@@ -14,7 +14,7 @@ from jquant.ste import fake_quant, ste_round
 from jquant.dot import Accumulator, dot_general, int_dot_general, requantize
 from jquant.ops import QuantConv, QuantDot, QuantEinsum
 from jquant.policy import Policy, Rule, int4_weights, int8_weights, w8a8
-from jquant.transforms import dequantize_params, fake_quant_params, quantize_params
+from jquant.transforms import checked, dequantize_params, fake_quant_params, quantize_params
 from jquant.report import Report, report
 from jquant.checkpoint import load, save
 from jquant.search import search_policy
@@ -25,6 +25,6 @@ from jquant import flax
 __all__ = [
     "QuantSpec", "MinMax", "Percentile", "MSE", "QArray", "quantize", "dequantize", "fake_quant", "ste_round", "Accumulator", "dot_general",
     "int_dot_general", "requantize", "QuantDot", "QuantEinsum", "QuantConv", "Rule", "Policy", "int8_weights",
-    "int4_weights", "w8a8", "quantize_params", "dequantize_params", "fake_quant_params", "report", "Report", "save",
+    "int4_weights", "w8a8", "quantize_params", "dequantize_params", "fake_quant_params", "checked", "report", "Report", "save",
     "load", "search_policy", "flax", "learned", "lsq_fake_quant", "pact", "init_learned",
 ]

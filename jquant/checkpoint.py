@@ -21,9 +21,9 @@ tree about Σ `QArray.nbytes`. Members:
 
 Preserved: every array's bytes, dtype and shape; QArray storage (packed sub-byte codes included),
 spec, shape and dtype; Python scalars (bool, int, float, complex, str) with their type; the
-structure of dicts, lists, tuples and None. Not preserved: sharding and device placement (arrays
-are gathered to this host with `np.asarray` and load onto the default device; the manifest says
-so); which leaves were NumPy rather than jax arrays, and jax weak types; the classes of other
+structure of dicts, lists, tuples and None. Not stored: sharding and device placement (arrays
+are gathered to this host with `np.asarray`; the manifest says so) — `load` puts them back on the
+default device, or with the `NamedSharding`s of a `target` tree; which leaves were NumPy rather than jax arrays, and jax weak types; the classes of other
 pytree nodes (FrozenDict, NNX State and Variables, namedtuples, dataclasses) — they load as dicts
 unless `load` is given a `target` to take the structure from.
 """
@@ -56,7 +56,7 @@ VERSION = 1
 
 _MANIFEST = "manifest.json"
 _SHARDING_NOTE = ("not stored: arrays were gathered to one host with numpy.asarray; "
-                  "load places them on the default device")
+                  "load places them on the default device, or as the target's NamedShardings say")
 # A fixed timestamp makes the same tree give the same bytes.
 _ZIP_EPOCH = (1980, 1, 1, 0, 0, 0)
 # zipfile must be told in advance that a streamed member may pass 2 GiB (the .npy header is < 1 KiB).
@@ -123,8 +123,12 @@ def load(path, target=None):
         custom pytree node, abstract `jax.ShapeDtypeStruct` leaves, …): the result takes its tree
         structure (`jax.tree_util.tree_structure(target, is_leaf=is_qarray)`, so a QArray is one
         leaf). Leaf paths are compared as "a/b/0" strings (a trailing NNX `value` attribute
-        dropped, as in `jquant.policy`), so a dict checkpoint loads into an NNX State. Only the
-        target's structure is used: its leaf values, shapes and dtypes are not checked.
+        dropped, as in `jquant.policy`), so a dict checkpoint loads into an NNX State. Where a
+        target leaf — a `jax.Array` or `jax.ShapeDtypeStruct`, or an array of a target QArray —
+        has a `NamedSharding`, the loaded array is placed with it (`jax.device_put`), so a tree
+        saved from sharded arrays comes back sharded the same way given the same tree (or its
+        `jax.eval_shape`) as target. Otherwise only the target's structure is used: its leaf
+        values, shapes and dtypes are not checked.
 
     Returns:
       The tree. Without `target`, dicts, lists, tuples and None come back as such and other pytree
@@ -136,7 +140,8 @@ def load(path, target=None):
         array whose bytes fail the CRC or the sha256 in the manifest); a format name other than
         "jquant-checkpoint" or a version newer than `VERSION` (naming both versions); `target`
         with a different number of leaves, other paths, or a QArray where the checkpoint has none
-        or vice versa (naming the first differing path).
+        or vice versa (naming the first differing path); a loaded array that a target's sharding
+        cannot hold (naming its path).
     """
     path = os.fspath(path)
     with open(path, "rb") as f:  # a missing file raises FileNotFoundError naming `path`
@@ -154,7 +159,9 @@ def load(path, target=None):
             treedef = _match_target(shape_only.leaves, target, path)
             reader = _Reader(zf, path)
             reader.node(manifest["tree"], ())
-            return jax.tree_util.tree_unflatten(treedef, [leaf for _, leaf in reader.leaves])
+            likes = jax.tree_util.tree_leaves(target, is_leaf=is_qarray)
+            leaves = [_place(leaf, like, where, path) for (where, leaf), like in zip(reader.leaves, likes)]
+            return jax.tree_util.tree_unflatten(treedef, leaves)
 
 
 class _Writer:
@@ -355,6 +362,24 @@ def _match_target(leaves, target, path):
         raise ValueError(f"target does not match checkpoint {path}: the checkpoint has {len(have)} leaves, target "
                          f"has {len(want)}; the first unmatched is {extra!r} (only in {where})")
     return treedef
+
+
+def _place(leaf, like, where, path):
+    """`leaf` put with the NamedSharding of `like`, its target leaf (array by array for a QArray)."""
+    if isinstance(leaf, QArray):
+        names = ("value", "scale", "zero_point")
+        children = [_place(getattr(leaf, n), getattr(like, n), where + (jax.tree_util.DictKey(n),), path)
+                    for n in names]
+        return QArray(*children, spec=leaf.spec, shape=leaf.shape, dtype=leaf.dtype)
+    sharding = getattr(like, "sharding", None)
+    # jax arrays only: a 64-bit NumPy leaf (x64 off) stays on the host rather than be narrowed
+    if not isinstance(sharding, jax.sharding.NamedSharding) or not isinstance(leaf, jax.Array):
+        return leaf
+    try:
+        return jax.device_put(leaf, sharding)
+    except ValueError as err:
+        raise ValueError(f"{path}: {_where(where)!r} of shape {leaf.shape} does not fit the target's sharding "
+                         f"{sharding.spec} on mesh {dict(sharding.mesh.shape)}: {err}") from None
 
 
 def _spec_to_json(spec: QuantSpec) -> dict:

@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jquant.numerics import Layout, compute_dtype, reduce_groups, safe_divisor
+from jquant.numerics import Layout, compute_dtype, divide, reduce_groups
 
 NF4_LEVELS = np.array([
     -1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453, -0.28444138169288635,
@@ -37,7 +37,8 @@ def to_rows(xg, lay: Layout):
     kept = [a for a in range(len(lay.grouped_shape)) if a not in lay.reduce_axes]
     xt = jnp.transpose(xg, kept + list(lay.reduce_axes))
     groups = int(np.prod([lay.grouped_shape[a] for a in kept]))
-    return jnp.reshape(xt, (groups, -1))
+    n = int(np.prod([lay.grouped_shape[a] for a in lay.reduce_axes]))  # not -1: size-0 tensors
+    return jnp.reshape(xt, (groups, n))
 
 
 def from_rows(rows, lay: Layout):
@@ -51,7 +52,7 @@ def from_rows(rows, lay: Layout):
 def nearest_level(rows, levels):
     """Index of the nearest of the sorted `levels` (G, K) for each value of `rows` (G, n), as uint8.
     Ties go to the lower level."""
-    midpoints = (levels[:, 1:] + levels[:, :-1]) / 2
+    midpoints = levels[:, 1:] / 2 + levels[:, :-1] / 2  # (a + b) / 2 overflows near the float max
     return jnp.sum(rows[:, :, None] > midpoints[:, None, :], axis=-1).astype(jnp.uint8)
 
 
@@ -65,6 +66,10 @@ def lloyd(rows, bits: int, *, tol: float = 1e-6, max_iter: int = 300):
     n = rows.shape[1]
     if n == 0:
         return jnp.zeros((rows.shape[0], k), rows.dtype)
+    # Lloyd runs on each row divided by its absmax (values in [-1, 1]): the cluster sums of values
+    # near the float max would overflow to Inf. The levels are scaled back at the end.
+    absmax = jnp.max(jnp.abs(rows), axis=1, keepdims=True)
+    rows = divide(rows, absmax)
     ordered = jnp.sort(rows, axis=1)
     positions = jnp.clip(((jnp.arange(k) + 0.5) / k * n).astype(jnp.int32), 0, n - 1)
     init = ordered[:, positions]
@@ -87,7 +92,7 @@ def lloyd(rows, bits: int, *, tol: float = 1e-6, max_iter: int = 300):
         return i + 1, update(levels), levels
 
     _, levels, _ = jax.lax.while_loop(cond, body, (1, update(init), init))
-    return levels
+    return levels * absmax
 
 
 def quantize_codebook(x, spec, lay: Layout, scale=None):
@@ -114,7 +119,7 @@ def quantize_codebook(x, spec, lay: Layout, scale=None):
         if scale is None:
             scale = reduce_groups(jnp.max, jnp.abs(xg), lay)
         scale = jnp.broadcast_to(jnp.asarray(scale, xg.dtype), lay.scale_shape)
-        rows = to_rows(xg / safe_divisor(scale), lay)
+        rows = to_rows(divide(xg, scale), lay)
         codes = nearest_level(rows, jnp.asarray(NF4_LEVELS)[None, :])
     return lay.from_grouped(from_rows(codes, lay)), scale
 

@@ -11,16 +11,23 @@ Conventions (every function here follows them; tests check them against NumPy fl
   q = clip(floor(x / s), Qmin, Qmax) (a value on a decision boundary goes up), x̂ = s·(q + 1/2).
 * Asymmetric scale: lo = min(min(x), 0), hi = max(max(x), 0), s = (hi - lo) / (Qmax - Qmin),
   z = Qmin - round(lo / s), an integer in [Qmin, Qmax], so 0.0 is represented exactly.
-  If hi - lo overflows to Inf (|x| near the float max), s = hi/(Qmax-Qmin) - lo/(Qmax-Qmin).
-* Sign scale (XNOR-Net): s = mean|x| over the group (computed as Σ(|x| / n), which cannot
-  overflow); q = +1 where x >= 0, else -1.
+  If hi - lo overflows to Inf (|x| near the float max), s = (hi/2 - lo/2) / ((Qmax-Qmin)/2).
+* Sign scale (XNOR-Net): s = mean|x| over the group (computed as (Σ|x|·2^-k)·(2^k/n) with
+  2^k ≥ n, which cannot overflow); q = +1 where x >= 0, else -1.
 * Quantize: q = clip(round(x / s) + z, Qmin, Qmax) with round half to even (`jnp.round`).
 * Dequantize: x̂ = s · (q - z), saturating at ±(float max) when the scale is finite (the grid
   may reach half a step past the data, which at the float limit would overflow).
 * Arithmetic runs in float32 (float64 for float64 inputs); scales are stored in that dtype.
   bf16/f16 inputs are upcast exactly, and `dequantize` casts back to the input dtype.
 * Zero scale: a group that is all zeros (or whose scale underflows to 0) gets s = 0; division
-  uses 1 in its place, so q = z and x̂ = 0 exactly — never NaN.
+  uses 1 in its place (also for a scale below the smallest normal float, which XLA:CPU flushes to
+  0 anyway), so q = z and x̂ = 0 exactly — never NaN.
+* Eager = jit, bit for bit: XLA rewrites some divisions into multiplications by a rounded
+  reciprocal under jit (depending on shapes and the surrounding program) and not eagerly. So no
+  formula leaves the choice to it: x / s is computed as x · (1/s) (`divide`), and a division by a
+  constant (s = absmax / Qmax, (hi − lo) / (Qmax − Qmin), mean|x| = Σ(|x| / n)) as a
+  multiplication by the correctly rounded reciprocal (`divide_by_constant`). Sums that set a
+  scale (the sign scale) run in a fixed order (`sum_in_fixed_order`).
 * NaN/Inf input: not masked. A NaN anywhere in a group makes that group's scale NaN and the whole
   group dequantizes to NaN; an Inf makes the scale Inf and the group dequantizes to NaN/Inf. The
   corruption stays visible; it is never turned into plausible numbers.
@@ -39,6 +46,7 @@ from typing import Optional, Tuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from jquant.calibration import MSE
 from jquant.spec import QuantSpec
@@ -134,6 +142,20 @@ def compute_dtype(dtype) -> jnp.dtype:
     return jnp.promote_types(dtype, jnp.float32) if jnp.issubdtype(dtype, jnp.floating) else jnp.dtype(jnp.float32)
 
 
+def divide_by_constant(x, c):
+    """x / c for a Python number c, computed as x · fl(1/c), eagerly and under jit alike.
+
+    Whether XLA turns a division into a multiplication by the rounded reciprocal depends on the
+    shapes and the surrounding program (a scalar divided by a constant, or an array by a broadcast
+    scalar, is rewritten under jit; the same division run eagerly is not), which changes the last
+    bit. So the formulas multiply by the correctly rounded reciprocal themselves: at most one
+    rounding more than x / c, and the same bits in every mode. For the divisors used (Qmax,
+    Qmax − Qmin, 2^(b−1)), c · fl(1/c) rounds to exactly 1, so a range of c whole steps gives back
+    exactly that step.
+    """
+    return x * (np.asarray(1, x.dtype) / np.asarray(c, x.dtype))
+
+
 def scale_from_range(lo, hi, spec: QuantSpec):
     """Scale and zero-point for the range [lo, hi] (arrays of the scale's shape, or scalars).
 
@@ -151,13 +173,15 @@ def scale_from_range(lo, hi, spec: QuantSpec):
     hi = jnp.asarray(hi, dtype)
     if spec.symmetric:
         top = spec.qmax + 1 if spec.midrise else spec.qmax
-        return jnp.maximum(jnp.abs(lo), jnp.abs(hi)) / top, None
+        return divide_by_constant(jnp.maximum(jnp.abs(lo), jnp.abs(hi)), top), None
     lo = jnp.minimum(lo, 0)
     hi = jnp.maximum(hi, 0)
     levels = spec.qmax - spec.qmin
     span = hi - lo
-    # hi - lo can overflow to Inf when |lo|, |hi| approach the float max; dividing first cannot.
-    scale = jnp.where(jnp.isinf(span) & jnp.isfinite(lo) & jnp.isfinite(hi), hi / levels - lo / levels, span / levels)
+    # hi - lo can overflow to Inf when |lo|, |hi| approach the float max; hi/2 - lo/2 cannot (and
+    # its exact halvings round the same whether or not XLA fuses them into an FMA).
+    scale = jnp.where(jnp.isinf(span) & jnp.isfinite(lo) & jnp.isfinite(hi),
+                      divide_by_constant(hi * 0.5 - lo * 0.5, levels / 2), divide_by_constant(span, levels))
     zero_point = spec.qmin - jnp.round(lo / safe_divisor(scale))
     zero_point = jnp.clip(zero_point, spec.qmin, spec.qmax)
     # NaN propagates into the scale; the zero-point must still be a valid integer.
@@ -182,10 +206,15 @@ def compute_scale(x, spec: QuantSpec, lay: Optional[Layout] = None):
     if spec.method == "sign":
         if xg.size == 0:
             return jnp.zeros(lay.scale_shape, xg.dtype), None
-        # mean|x| as Σ(|x| / n): each term is at most max/n, so the sum cannot overflow the way
-        # Σ|x| does near the float max.
+        # mean|x| as (Σ |x|·2^-k)·(2^k/n) with 2^k ≥ n: each term is at most max/n, so the sum
+        # cannot overflow the way Σ|x| does near the float max (except by rounding, which the
+        # bound mean ≤ max|x| undoes); the terms are exact, so a multiply-add contracted into an
+        # FMA (as XLA:CPU does inside fused code) rounds exactly like the separate operations.
         count = math.prod(xg.shape[a] for a in lay.reduce_axes)
-        return jnp.sum(jnp.abs(xg) / count, axis=lay.reduce_axes, keepdims=True), None
+        shift = 2.0 ** -count.bit_length()
+        total = sum_in_fixed_order(jnp.abs(xg) * shift, lay.reduce_axes)
+        mean = divide_by_constant(total, count * shift)
+        return jnp.minimum(mean, jnp.max(jnp.abs(xg), axis=lay.reduce_axes, keepdims=True)), None
     lo, hi = calibrated_range(xg, spec, lay)
     return scale_from_range(lo, hi, spec)
 
@@ -216,7 +245,7 @@ def _search_clip_ratio(xg, lo, hi, spec: QuantSpec, lay: Layout):
     """
     cal = spec.calibration
     unit = safe_divisor(jnp.maximum(jnp.abs(lo), jnp.abs(hi)))
-    xn, lo_n, hi_n = xg / unit, lo / unit, hi / unit
+    xn, lo_n, hi_n = divide(xg, unit), lo / unit, hi / unit  # x·(1/unit): see `divide`
     ratios = cal.ratios().astype(xg.dtype)
 
     def error(r):
@@ -237,6 +266,32 @@ def _search_clip_ratio(xg, lo, hi, spec: QuantSpec, lay: Layout):
     return lo * ratio, hi * ratio
 
 
+def sum_in_fixed_order(x, axes):
+    """Σ over `axes` (keepdims) as a pairwise tree of elementwise adds, in an order fixed by the
+    shape alone, so that it rounds the same eagerly and under jit.
+
+    XLA compiles a reduction in whatever order suits the surrounding program (a fused jit program
+    and a one-op eager call sum differently, in the last bit); it never reorders elementwise float
+    adds. Costs about twice the memory traffic of a reduction — used for the sign scale only.
+    (Terms that are products should be exact, e.g. scaled by a power of two: XLA:CPU may contract
+    a multiply and an add into an FMA inside fused code, which skips the product's rounding.)
+    """
+    axes = tuple(sorted(a % x.ndim for a in axes))
+    kept = [a for a in range(x.ndim) if a not in axes]
+    n = math.prod(x.shape[a] for a in axes)
+    keepdims = tuple(1 if a in axes else d for a, d in enumerate(x.shape))
+    if n == 0:
+        return jnp.zeros(keepdims, x.dtype)
+    rows = jnp.reshape(jnp.transpose(x, kept + list(axes)), [x.shape[a] for a in kept] + [n])
+    while n > 1:
+        if n % 2:
+            rows = jnp.pad(rows, [(0, 0)] * (rows.ndim - 1) + [(0, 1)])
+            n += 1
+        n //= 2
+        rows = rows[..., :n] + rows[..., n:]
+    return jnp.reshape(rows, keepdims)
+
+
 def reduce_groups(fn, xg, lay: Layout):
     """`fn` (jnp.max/min) over the shared axes of the grouped view, keepdims (scale shape).
     An empty tensor has range [0, 0] (max/min over nothing has no identity)."""
@@ -246,8 +301,28 @@ def reduce_groups(fn, xg, lay: Layout):
 
 
 def safe_divisor(scale):
-    """The divisor used for `scale`: 1 where the scale is 0, so an all-zero group gives q = z."""
-    return jnp.where(scale == 0, jnp.ones_like(scale), scale)
+    """The divisor used for `scale`: 1 where the scale is 0, so an all-zero group gives q = z.
+
+    A nonzero scale below the smallest normal float counts as 0 too: 1/s would overflow to Inf
+    and turn the group's zeros into NaN (XLA:CPU flushes such scales to 0 anyway).
+    """
+    return jnp.where(jnp.abs(scale) < jnp.finfo(scale.dtype).tiny, jnp.ones_like(scale), scale)
+
+
+def divide(x, scale):
+    """x / s for the grouped view `x` and its (broadcast) scale, computed as x · (1/s), with
+    `safe_divisor`'s guard.
+
+    Under jit XLA rewrites a division by a broadcast scale into a multiplication by its
+    reciprocal; writing that out makes eager execution round the same numbers, so q is
+    bit-identical eagerly and under jit. x · (1/s) differs from x / s by at most an ulp or two,
+    which matters only that close to a rounding tie. A scale ≥ 2^64 is first divided by 2^64 on
+    both sides (exact: a power of two), because its reciprocal would be subnormal, which XLA:CPU
+    flushes to 0.
+    """
+    s = safe_divisor(scale)
+    shift = jnp.where(jnp.abs(s) >= 2.0 ** 64, 2.0 ** -64, 1.0).astype(s.dtype)
+    return (x * shift) * (1 / (s * shift))
 
 
 def quantize_grouped(xg, scale, zero_point, spec: QuantSpec):
@@ -266,10 +341,20 @@ def unclipped_integers(xg, scale, zero_point, spec: QuantSpec):
     the STE clip mask)."""
     xg = xg.astype(scale.dtype)
     to_integer = jnp.floor if spec.midrise else jnp.round
-    q = to_integer(xg / safe_divisor(scale))
+    q = to_integer(divide(xg, scale))
     if zero_point is not None:
         q = q + zero_point.astype(q.dtype)
     return q
+
+
+def cast_saturating(x, dtype):
+    """`x` cast to `dtype`, finite values saturating at ±max of `dtype` (NaN/Inf kept).
+
+    The grid can reach half a step past the data, so for bf16/f16 data near their largest value
+    x̂ (computed in float32) can exceed what the narrower dtype holds; a plain cast would give ±Inf.
+    """
+    largest = jnp.finfo(dtype).max
+    return jnp.where(jnp.isfinite(x), jnp.clip(x, -largest, largest), x).astype(dtype)
 
 
 def dequantize_grouped(q, scale, zero_point, offset: float = 0.0):

@@ -47,15 +47,18 @@ def pack(codes, bits: int):
     n = codes.shape[-1]
     if 8 % bits == 0:  # whole codes per byte: shift each into place
         per_byte = 8 // bits
-        codes = _pad_last(codes, per_byte).reshape(codes.shape[:-1] + (-1, per_byte))
+        codes = _pad_last(codes, per_byte)
+        codes = codes.reshape(codes.shape[:-1] + (codes.shape[-1] // per_byte, per_byte))  # not -1: size 0
         shifts = jnp.arange(per_byte, dtype=jnp.uint8) * bits
         return jnp.sum(codes << shifts, axis=-1, dtype=jnp.uint8)  # disjoint fields: sum = OR
     # Codes straddle bytes: go through bit planes, 8 codes (= `bits` bytes) at a time.
-    codes = _pad_last(codes, 8).reshape(codes.shape[:-1] + (-1, 8, 1))
+    codes = _pad_last(codes, 8)
+    m = codes.shape[-1] // 8  # explicit sizes rather than -1, which fails on size-0 arrays
+    codes = codes.reshape(codes.shape[:-1] + (m, 8, 1))
     planes = (codes >> jnp.arange(bits, dtype=jnp.uint8)) & 1  # (..., m, 8, bits): stream order
-    planes = planes.reshape(planes.shape[:-3] + (-1, bits, 8))
+    planes = planes.reshape(planes.shape[:-3] + (m, bits, 8))
     packed = jnp.sum(planes << jnp.arange(8, dtype=jnp.uint8), axis=-1, dtype=jnp.uint8)
-    packed = packed.reshape(packed.shape[:-2] + (-1,))
+    packed = packed.reshape(packed.shape[:-2] + (m * bits,))
     return packed[..., :math.ceil(n * bits / 8)]
 
 
@@ -68,11 +71,13 @@ def unpack(packed, bits: int, shape: Tuple[int, ...]):
         shifts = jnp.arange(per_byte, dtype=jnp.uint8) * bits
         codes = (packed[..., None] >> shifts) & jnp.uint8((1 << bits) - 1)
     else:
-        packed = _pad_last(packed, bits).reshape(packed.shape[:-1] + (-1, bits, 1))
+        packed = _pad_last(packed, bits)
+        m = packed.shape[-1] // bits  # explicit sizes rather than -1, which fails on size-0 arrays
+        packed = packed.reshape(packed.shape[:-1] + (m, bits, 1))
         planes = (packed >> jnp.arange(8, dtype=jnp.uint8)) & 1  # (..., m, bits, 8): stream order
-        planes = planes.reshape(planes.shape[:-3] + (-1, 8, bits))
+        planes = planes.reshape(planes.shape[:-3] + (m, 8, bits))
         codes = jnp.sum(planes << jnp.arange(bits, dtype=jnp.uint8), axis=-1, dtype=jnp.uint8)
-    codes = codes.reshape(codes.shape[:-2] + (-1,))
+    codes = codes.reshape(codes.shape[:-2] + (codes.shape[-2] * codes.shape[-1],))
     return codes[..., :n].reshape(shape)
 
 

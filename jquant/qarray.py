@@ -34,6 +34,10 @@ class QArray:
 
     `shape` is static, so a QArray made inside `jax.vmap` keeps the per-example shape while its
     leaves gain the batch axis: dequantize it inside the same `vmap` (or quantize the batch whole).
+    Inside `jax.shard_map` the leaves are per-device blocks of the same rank: there `shape` is the
+    block's, read off the storage (`value`) when the tree is rebuilt, so a QArray passed in with
+    `in_specs` (e.g. `P(None, "model")` on each leaf of an `(in, out)` kernel) is the local
+    quantized block, and one returned through `out_specs` is whole again.
     """
 
     def __init__(self, value, scale, zero_point, *, spec: QuantSpec, shape: Tuple[int, ...], dtype):
@@ -52,7 +56,7 @@ class QArray:
     @classmethod
     def tree_unflatten(cls, aux, children):
         spec, shape, dtype = aux
-        return cls(*children, spec=spec, shape=shape, dtype=dtype)
+        return cls(*children, spec=spec, shape=_shape_of_storage(spec, shape, children[0]), dtype=dtype)
 
     @property
     def ndim(self) -> int:
@@ -89,10 +93,10 @@ class QArray:
         """x̂ = s · (q - z) (codebook methods: the indexed level) in the original shape and dtype."""
         lay = self.layout
         if self.spec.method in CODEBOOK_METHODS:
-            return codebook.dequantize_codebook(self.q, self.scale, self.spec, lay).astype(self.dtype)
+            return numerics.cast_saturating(codebook.dequantize_codebook(self.q, self.scale, self.spec, lay), self.dtype)
         x = numerics.dequantize_grouped(lay.to_grouped(self.q), self.scale, self.zero_point,
                                        self.spec.offset)
-        return lay.from_grouped(x).astype(self.dtype)
+        return numerics.cast_saturating(lay.from_grouped(x), self.dtype)
 
     @property
     def nbytes(self) -> int:
@@ -110,6 +114,24 @@ class QArray:
                 f"bits/weight={self.bits_per_weight:.3f})")
 
 
+def _shape_of_storage(spec: QuantSpec, shape, value):
+    """The logical shape that storage `value` holds: `shape`, unless `value` is an array of the same
+    rank but another shape — a block of the storage (shard_map) or a whole again (its out_specs) —
+    whose shape then gives it (the packed last axis: 8/b codes per byte, whole codes only)."""
+    block = getattr(value, "shape", None)
+    full = packing.packed_shape(shape, spec.bits) if packing.is_packed(spec.bits) else tuple(shape)
+    if not shape or not isinstance(block, tuple) or len(block) != len(full) or block == full:
+        return shape
+    last = block[-1]
+    if packing.is_packed(spec.bits) and block[-1] != full[-1]:
+        last, partial = divmod(block[-1] * 8, spec.bits)
+        if partial or packing.packed_shape((last,), spec.bits) != (block[-1],):
+            return shape  # not a whole number of codes: leave it (the layout check will say)
+    elif block[-1] == full[-1]:
+        last = shape[-1]
+    return tuple(block[:-1]) + (last,)
+
+
 def quantize(x, spec: QuantSpec, *, scale=None, zero_point=None) -> QArray:
     """Quantize a float array to a QArray (numerics in `jquant.numerics`).
 
@@ -124,11 +146,15 @@ def quantize(x, spec: QuantSpec, *, scale=None, zero_point=None) -> QArray:
       QArray with `shape == x.shape` and `dtype == x.dtype`.
 
     Raises:
-      TypeError: `x` is not a float array. ValueError: the spec does not fit `x.shape`.
+      TypeError: `x` is not a float array, or `spec` is not a QuantSpec. ValueError: the spec does
+        not fit `x.shape`; a fixed scale or zero-point that does not broadcast to the scale shape;
+        eagerly, a fixed zero-point that is not an integer in [Qmin, Qmax] (under jit it is
+        clipped to that range).
     """
+    check_spec(spec, "quantize")
     x = jnp.asarray(x)
     if not jnp.issubdtype(x.dtype, jnp.floating):
-        raise TypeError(f"quantize expects a float array, got dtype {x.dtype}")
+        raise TypeError(f"quantize expects a float array (float16, bfloat16, float32 or float64), got dtype {x.dtype}")
     lay = numerics.layout(x.shape, spec)
     if spec.method in CODEBOOK_METHODS:
         if zero_point is not None:
@@ -146,6 +172,12 @@ def quantize(x, spec: QuantSpec, *, scale=None, zero_point=None) -> QArray:
     return QArray(value, scale, zero_point, spec=spec, shape=x.shape, dtype=x.dtype)
 
 
+def check_spec(spec, where: str) -> None:
+    """TypeError unless `spec` is a QuantSpec (a bare int or dict would fail deep inside)."""
+    if not isinstance(spec, QuantSpec):
+        raise TypeError(f"{where}: spec must be a jquant.QuantSpec, got {type(spec).__name__} {spec!r}")
+
+
 def resolve_scale(x, spec: QuantSpec, lay: numerics.Layout, scale, zero_point):
     """The (scale, zero_point) to use: computed from `x`, or the given ones broadcast to shape."""
     if scale is None:
@@ -155,10 +187,27 @@ def resolve_scale(x, spec: QuantSpec, lay: numerics.Layout, scale, zero_point):
     if spec.symmetric != (zero_point is None):
         need = "no zero_point (symmetric spec)" if spec.symmetric else "a zero_point (asymmetric spec)"
         raise ValueError(f"a fixed scale for {spec!r} needs {need}")
-    scale = jnp.broadcast_to(jnp.asarray(scale, numerics.compute_dtype(x.dtype)), lay.scale_shape)
+    scale = _broadcast_fixed("scale", jnp.asarray(scale, numerics.compute_dtype(x.dtype)), spec, lay)
     if zero_point is not None:
-        zero_point = jnp.broadcast_to(jnp.asarray(zero_point).astype(jnp.int8), lay.scale_shape)
+        zero_point = jnp.asarray(zero_point)
+        if not isinstance(zero_point, jax.core.Tracer):
+            z = np.asarray(zero_point, np.float64)
+            bad = (z != np.round(z)) | (z < spec.qmin) | (z > spec.qmax)
+            if np.any(bad):
+                raise ValueError(f"zero_point for {spec!r} must hold integers in [{spec.qmin}, {spec.qmax}]; "
+                                 f"got {z[bad].ravel()[:4].tolist()}")
+        # clip before the int8 cast: an out-of-range zero-point must not wrap around (under jit)
+        zero_point = _broadcast_fixed("zero_point", jnp.clip(zero_point, spec.qmin, spec.qmax).astype(jnp.int8),
+                                      spec, lay)
     return scale, zero_point
+
+
+def _broadcast_fixed(name, value, spec: QuantSpec, lay: numerics.Layout):
+    try:
+        return jnp.broadcast_to(value, lay.scale_shape)
+    except ValueError:
+        raise ValueError(f"{name} of shape {tuple(value.shape)} does not broadcast to the scale shape "
+                         f"{lay.scale_shape} of {spec!r} on a tensor of shape {lay.shape}") from None
 
 
 def dequantize(qarray: QArray):

@@ -75,6 +75,9 @@ class QuantSpec:
             raise ValueError(f"QuantSpec.method={self.method!r} is unknown; allowed: {', '.join(METHODS)}")
         if not isinstance(self.bits, int) or isinstance(self.bits, bool):
             raise ValueError(f"QuantSpec.bits must be an int, got {self.bits!r}")
+        for flag in ("symmetric", "midrise"):  # a truthy string like "False" must not pass
+            if not isinstance(getattr(self, flag), bool):
+                raise ValueError(f"QuantSpec.{flag} must be True or False, got {getattr(self, flag)!r}")
         if self.method == "sign":
             if self.bits != 1:
                 raise ValueError(f"QuantSpec.bits={self.bits} with method='sign'; sign quantization is 1-bit (bits=1)")
@@ -84,7 +87,8 @@ class QuantSpec:
             if self.method == "nf4" and self.bits != 4:
                 raise ValueError(f"QuantSpec.bits={self.bits} with method='nf4'; NormalFloat-4 is 4-bit (bits=4)")
             if not 1 <= self.bits <= MAX_CODEBOOK_BITS:
-                raise ValueError(f"QuantSpec.bits={self.bits} is too large for method='kmeans' "
+                problem = "too large" if self.bits > MAX_CODEBOOK_BITS else "out of range"
+                raise ValueError(f"QuantSpec.bits={self.bits} is {problem} for method='kmeans' "
                                  f"(2^bits levels per group); allowed: 1..{MAX_CODEBOOK_BITS} — use method='uniform' "
                                  "for more bits")
             if not self.symmetric:

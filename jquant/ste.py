@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 
 from jquant import numerics
-from jquant.qarray import quantize, resolve_scale
+from jquant.qarray import check_spec, quantize, resolve_scale
 from jquant.spec import CODEBOOK_METHODS, QuantSpec
 
 
@@ -49,11 +49,13 @@ def fake_quant(x, spec: QuantSpec, *, scale=None, zero_point=None):
     Returns:
       float array of x's shape and dtype.
     """
+    check_spec(spec, "fake_quant")
     x = jnp.asarray(x)
     if spec.method in CODEBOOK_METHODS:
         # No clip range: the levels span the group's values. Identity gradient (forward and reverse).
+        # x̂ + (x - x) is x̂ exactly (x + (x̂ - x) would round, in bf16 visibly); its derivative is 1.
         x_hat = quantize(x, spec, scale=scale).dequantize()
-        return x + jax.lax.stop_gradient(x_hat - x)
+        return jax.lax.stop_gradient(x_hat) + (x - jax.lax.stop_gradient(x))
     lay = numerics.layout(x.shape, spec)
     # A min/max range computed from x contains x, so the mask would be all ones: skip computing
     # it. Clipping calibrations (percentile, MSE) leave values outside and need the mask.
@@ -66,7 +68,8 @@ def fake_quant(x, spec: QuantSpec, *, scale=None, zero_point=None):
 @functools.partial(jax.custom_jvp, nondiff_argnums=(0, 1, 2))
 def _fake_quant(spec, lay, pass_through, x, scale, zero_point):
     q = numerics.quantize_grouped(lay.to_grouped(x), scale, zero_point, spec)
-    return lay.from_grouped(numerics.dequantize_grouped(q, scale, zero_point, spec.offset)).astype(x.dtype)
+    return numerics.cast_saturating(lay.from_grouped(numerics.dequantize_grouped(q, scale, zero_point, spec.offset)),
+                                    x.dtype)
 
 
 @_fake_quant.defjvp

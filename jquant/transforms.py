@@ -6,16 +6,21 @@ Linen `params` dict, an NNX `State`, a plain dict or any other pytree, eagerly o
 Eagerly, each matched leaf is quantized by one compiled program per (shape, dtype, spec), one leaf
 at a time, so peak memory is about one leaf above the input and output trees and the work is a
 memory-bound pass, never a Python loop over elements. Eagerly, a NaN or Inf in a matched leaf
-raises a ValueError naming the path; under `jit` values are not inspected (NaN then propagates
-into its group as documented in `jquant.numerics`).
+raises a ValueError naming the path. Under `jit` values are unknown when the program is built, so
+`quantize_params` adds a `checkify.debug_check` per matched leaf instead: plain `jit` drops it (no
+cost; NaN then propagates into its group as documented in `jquant.numerics`), while a function
+run through `checked` (or `jax.experimental.checkify.checkify` with `checkify.user_checks`)
+raises the same message.
 """
 
 from __future__ import annotations
 
+import functools
 import warnings
 
 import jax
 import jax.numpy as jnp
+from jax.experimental import checkify
 
 from jquant.policy import Policy, is_float_array, is_qarray, path_to_str
 from jquant.qarray import quantize
@@ -38,7 +43,8 @@ def quantize_params(params, policy: Policy, *, warn_unused: bool = True):
 
     Raises:
       ValueError: naming the leaf path and the rule, when the spec does not fit the leaf (axis out
-        of range, group size that does not divide its axis) or, eagerly, the leaf holds NaN/Inf.
+        of range, group size that does not divide its axis) or, eagerly, the leaf holds NaN/Inf
+        (under `jit`: only through `checked`, see the module docstring).
     """
     return _map_matched(params, policy, _quantize_leaf, warn_unused)
 
@@ -57,13 +63,50 @@ def dequantize_params(tree):
     return jax.tree_util.tree_map(lambda x: x.dequantize() if is_qarray(x) else x, tree, is_leaf=is_qarray)
 
 
+def checked(fn):
+    """`fn` compiled with its checks on: `jax.jit(checkify.checkify(fn, errors=checkify.user_checks))`,
+    raising the first failed check as a ValueError.
+
+    `quantize_params` under a trace checks every matched leaf for NaN/Inf this way, so
+    `checked(lambda p: jquant.quantize_params(p, policy))(params)` raises the eager error message
+    (naming the leaf path) from a compiled program. Plain `jit` ignores these checks.
+
+    Args:
+      fn: a function of arrays (pytrees of arrays); close over everything else (policy, specs).
+
+    Returns:
+      A function with `fn`'s arguments and outputs, compiled once per input shape.
+
+    Raises (when called):
+      ValueError: a check failed; the message is the failed check's, e.g. "dense/kernel: 1
+        non-finite value(s) (NaN/Inf) in the weight; ...".
+    """
+    run = jax.jit(checkify.checkify(fn, errors=checkify.user_checks))
+
+    @functools.wraps(fn)
+    def checked_fn(*args, **kwargs):
+        error, out = run(*args, **kwargs)
+        message = error.get()
+        if message is not None:
+            raise ValueError(message)
+        return out
+
+    return checked_fn
+
+
+def _non_finite(path: str, count: str) -> str:
+    return f"{path}: {count} non-finite value(s) (NaN/Inf) in the weight; quantizing it would corrupt its whole group"
+
+
 def _quantize_leaf(x, spec, path):
     if isinstance(x, jax.core.Tracer):
+        # Values are unknown while tracing: a check that only checkify (`checked`) turns into an error.
+        finite = jnp.isfinite(x)
+        message = _non_finite(path.replace("{", "{{").replace("}", "}}"), "{count}")
+        checkify.debug_check(jnp.all(finite), message, count=jnp.sum(~finite))
         return quantize(x, spec)
     if not bool(jnp.all(jnp.isfinite(x))):
-        bad = int(jnp.size(x) - jnp.sum(jnp.isfinite(x)))
-        raise ValueError(f"{path}: {bad} non-finite value(s) (NaN/Inf) in the weight; quantizing it would "
-                         "corrupt its whole group")
+        raise ValueError(_non_finite(path, int(jnp.size(x) - jnp.sum(jnp.isfinite(x)))))
     return _quantize_jit(x, spec)
 
 
