@@ -26,12 +26,11 @@ NOTES = [
     "Qwix recognises a weight by tracing it back to the module's params and, where it cannot (under "
     "`grad`), by its shape: an activation shaped like a kernel (batch 1024 into a 1024 × 1024 Dense) "
     "stops it ('lhs and rhs cannot be both weights'), hence the MLP's width of 1536.",
-    "Qwix's QAT forward is a real int8 × int8 dot with a custom VJP (its `dot_general_qt`), and "
-    "this CPU's int8 GEMM is 0.5–0.75× the f32 time (table 3), so its W8A8 step can beat float. "
-    "jquant's QAT forward fake-quantizes (quantize → dequantize → float dot) and pays the float dot "
-    "plus the quantization passes; that is why jquant's W8A8 step is above 1.1× Qwix's. Running "
-    "jquant's W8A8 QAT forward through `int_dot_general` with its STE as the VJP would close it "
-    "(a change in `jquant/ste.py`/`ops.py`, not made here).",
+    "W8A8: Qwix's QAT forward is a real int8 × int8 dot with a custom VJP (its `dot_general_qt`), "
+    "and so is jquant's (`QuantDot` runs the integer path forward and takes the fake-quantized "
+    "float dot's derivatives, a custom JVP); this CPU's int8 GEMM is 0.5–0.75× the f32 time "
+    "(table 3), so a W8A8 step can beat float. Weight-only W4 fake-quantizes the weight and runs a "
+    "float dot in all three libraries.",
     "Small steps (a few ms) are dominated by the fixed cost of the extra quantization ops per "
     "layer; from batch 1024 the matmuls dominate and the ratios approach 1.",
 ]

@@ -11,6 +11,11 @@ from jquant import QuantDot, QuantSpec
 DN = (((1,), (0,)), ((), ()))
 
 
+@pytest.fixture(autouse=True)
+def _integer_qat_at_any_size(monkeypatch):
+    monkeypatch.setattr(jquant.ops, "INTEGER_QAT_MIN_MACS", 0)  # small shapes keep the tests fast
+
+
 def _operands():
     return jax.random.normal(jax.random.key(0), (16, 64)), jax.random.normal(jax.random.key(1), (64, 24))
 
@@ -51,6 +56,15 @@ def test_integer_qat_derivatives_are_the_straight_through_ones():
     _, t_int = jax.jvp(integer, (x, w), (x, w))
     _, t_float = jax.jvp(float_ste, (x, w), (x, w))
     np.testing.assert_allclose(np.asarray(t_int), np.asarray(t_float), rtol=1e-5, atol=1e-5)
+
+
+def test_small_dots_keep_the_float_ste_path(monkeypatch):
+    x, w = _operands()
+    op = QuantDot(QuantSpec(8, channel_axes=(1,)), QuantSpec(8))
+    monkeypatch.setattr(jquant.ops, "INTEGER_QAT_MIN_MACS", 16 * 64 * 24 + 1)
+    assert not op._integer_forward(x, w, DN)
+    monkeypatch.setattr(jquant.ops, "INTEGER_QAT_MIN_MACS", 16 * 64 * 24)
+    assert op._integer_forward(x, w, DN)
 
 
 def test_incompatible_operands_keep_the_float_ste_path():
