@@ -75,7 +75,8 @@ def main(argv=None):
                                              include=BLOCK_KERNELS, distance=kl_divergence)
         qtree = jquant.quantize_params(params, policy)
         ppl = char_lm.perplexity(jquant.dequantize_params(qtree), eval_windows)
-        counts = {name: sum(table.candidates[r.chosen] == spec for r in table.rows) for name, spec in CANDIDATES.items()}
+        counts = {name: sum(table.candidates[r.chosen] == spec for r in table.rows)
+                  for name, spec in CANDIDATES.items()}
         mix = ", ".join(f"{n}× {name}" for name, n in counts.items() if n)
         searched.append((f"searched ≤ {budget:g} bits ({mix})", table.bits_per_weight, ppl))
         print(f"| {searched[-1][0]} | {table.bits_per_weight:.2f} | {ppl:.3f} |  [{time.perf_counter() - start:.0f} s]",
@@ -98,7 +99,8 @@ def main(argv=None):
 def _versus(ppl, uniform):
     if uniform is None:
         return "-"
-    return f"{uniform[0]} ({uniform[1]:.2f} bits): {uniform[2]:.3f}, searched {'better' if ppl < uniform[2] else 'worse'}"
+    verdict = "better" if ppl < uniform[2] else "worse"
+    return f"{uniform[0]} ({uniform[1]:.2f} bits): {uniform[2]:.3f}, searched {verdict}"
 
 if __name__ == "__main__":
     main()

@@ -23,8 +23,9 @@ from jquant import learned
 from jquant import flax
 
 __all__ = [
-    "QuantSpec", "MinMax", "Percentile", "MSE", "QArray", "quantize", "dequantize", "fake_quant", "ste_round", "Accumulator", "dot_general",
-    "int_dot_general", "requantize", "QuantDot", "QuantEinsum", "QuantConv", "Rule", "Policy", "int8_weights",
-    "int4_weights", "w8a8", "quantize_params", "dequantize_params", "fake_quant_params", "checked", "report", "Report", "save",
-    "load", "search_policy", "flax", "learned", "lsq_fake_quant", "pact", "init_learned",
+    "QuantSpec", "MinMax", "Percentile", "MSE", "QArray", "quantize", "dequantize", "fake_quant", "ste_round",
+    "Accumulator", "dot_general", "int_dot_general", "requantize", "QuantDot", "QuantEinsum", "QuantConv", "Rule",
+    "Policy", "int8_weights", "int4_weights", "w8a8", "quantize_params", "dequantize_params", "fake_quant_params",
+    "checked", "report", "Report", "save", "load", "search_policy", "flax", "learned", "lsq_fake_quant", "pact",
+    "init_learned",
 ]

@@ -23,9 +23,10 @@ Preserved: every array's bytes, dtype and shape; QArray storage (packed sub-byte
 spec, shape and dtype; Python scalars (bool, int, float, complex, str) with their type; the
 structure of dicts, lists, tuples and None. Not stored: sharding and device placement (arrays
 are gathered to this host with `np.asarray`; the manifest says so) — `load` puts them back on the
-default device, or with the `NamedSharding`s of a `target` tree; which leaves were NumPy rather than jax arrays, and jax weak types; the classes of other
-pytree nodes (FrozenDict, NNX State and Variables, namedtuples, dataclasses) — they load as dicts
-unless `load` is given a `target` to take the structure from.
+default device, or with the `NamedSharding`s of a `target` tree; which leaves were NumPy rather
+than jax arrays, and jax weak types; the classes of other pytree nodes (FrozenDict, NNX State
+and Variables, namedtuples, dataclasses) — they load as dicts unless `load` is given a `target`
+to take the structure from.
 """
 
 from __future__ import annotations

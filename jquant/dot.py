@@ -23,8 +23,9 @@ Path choice, measured on XLA:CPU (jax 0.10.2, 2 cores; see benchmarks/ for the s
   f32: cutting K into chunks of 128–512 that become a batch axis (a free reshape of the `(K, N)`
   weight), the row padded to two in each chunk, then summing the chunks' int32 results — about
   0.6–1.2× f32 on a loaded 2-core machine (benchmarks/RESULTS.md; K = 11008 fares worst), on par
-  with an int8 weight stored `(N, K)`, which would need a transposed QArray storage. `_gemv_chunks` picks the fewest chunks of ≤ 512; a K with no divisor in 128..512 keeps
-  the plain padded dot.
+  with an int8 weight stored `(N, K)`, which would need a transposed QArray storage.
+  `_gemv_chunks` picks the fewest chunks of ≤ 512; a K with no divisor in 128..512 keeps the plain
+  padded dot.
 * Operands whose scales vary along a contracted axis (other than one shared group split) cannot
   take the integer path; that is a configuration error, reported, never a silent float fallback.
 """

@@ -93,7 +93,8 @@ class QArray:
         """x̂ = s · (q - z) (codebook methods: the indexed level) in the original shape and dtype."""
         lay = self.layout
         if self.spec.method in CODEBOOK_METHODS:
-            return numerics.cast_saturating(codebook.dequantize_codebook(self.q, self.scale, self.spec, lay), self.dtype)
+            values = codebook.dequantize_codebook(self.q, self.scale, self.spec, lay)
+            return numerics.cast_saturating(values, self.dtype)
         x = numerics.dequantize_grouped(lay.to_grouped(self.q), self.scale, self.zero_point,
                                        self.spec.offset)
         return numerics.cast_saturating(lay.from_grouped(x), self.dtype)

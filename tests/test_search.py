@@ -2,7 +2,6 @@
 
 import itertools
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -70,7 +69,8 @@ def test_searched_policy_fits_the_budget_and_beats_uniform_policies():
 
     searched = distortion(tree)
     compared = 0
-    for spec in CANDIDATES:  # every uniform policy within the same budget (here only 2-bit k-means: 4-bit g32 takes 5 bits)
+    # every uniform policy within the same budget (here only 2-bit k-means: 4-bit g32 takes 5 bits)
+    for spec in CANDIDATES:
         uniform = jquant.quantize_params(params, jquant.Policy([jquant.Rule(r".*kernel", spec)]))
         if sum(uniform[n]["kernel"].nbytes for n in "abc") <= table.budget_bytes:
             assert searched <= distortion(uniform)

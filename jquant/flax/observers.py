@@ -4,8 +4,9 @@ State per observed activation: `act_lo`, `act_hi` (float32 scalars) and `count` 
 seen). Each batch's range [lo_b, hi_b] is what the activation spec's `calibration` picks for that
 batch: min/max (`MinMax`, default; ±absmax when symmetric), percentiles (`Percentile(p)`) or the
 MSE-searched clip (`MSE()`). The first batch sets lo/hi; later ones move them by
-lo ← m·lo + (1 − m)·lo_b (same for hi) with momentum m. Static ranges are per-tensor: a per-feature activation scale would vary along
-the contraction and rule out the integer path, and a per-token one depends on the batch.
+lo ← m·lo + (1 − m)·lo_b (same for hi) with momentum m. Static ranges are per-tensor: a
+per-feature activation scale would vary along the contraction and rule out the integer path, and
+a per-token one depends on the batch.
 """
 
 from __future__ import annotations
