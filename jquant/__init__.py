@@ -1,10 +1,11 @@
 """jquant: functional quantization transforms for JAX.
 
 Layers, each importing only the ones above it: `calibration` (range methods) → `spec`
-(QuantSpec) → `numerics` (formulas) →
-`packing`, `codebook` → `qarray` (QArray, quantize) → `ste` (fake_quant), `dot` (integer
-dot_general) → `ops` (QuantDot/QuantEinsum/QuantConv) → `policy`, `transforms`, `report`,
-`checkpoint`, `learned` (LSQ / PACT) → `flax` (Linen and NNX integration).
+(QuantSpec) → `numerics` (formulas) → `packing`, `codebook` → `qarray` (QArray, quantize) →
+`ste` (fake_quant), `dot` (integer dot_general) → `ops` (QuantDot/QuantEinsum/QuantConv) →
+`policy`, `transforms`, `report`, `checkpoint`, `search` (mixed precision), `learned` (LSQ /
+PACT) → `flax` (Linen and NNX integration), `ptq` (GPTQ / AWQ / SmoothQuant on any function;
+import `jquant.ptq`).
 """
 
 from jquant.calibration import MSE, MinMax, Percentile
