@@ -94,6 +94,23 @@ def loss_fn(params, batch):
     return optax.softmax_cross_entropy_with_integer_labels(logits, batch[:, 1:]).mean()
 
 
+def optimizer_step(loss, optimizer: optax.GradientTransformation):
+    """The jitted step (tree, opt_state, batch) -> (tree, opt_state, loss) of `loss(tree, batch)`."""
+    @jax.jit
+    def step(tree, opt_state, batch):
+        value, grads = jax.value_and_grad(loss)(tree, batch)
+        updates, opt_state = optimizer.update(grads, opt_state, tree)
+        return optax.apply_updates(tree, updates), opt_state, value
+
+    return step
+
+
+def random_windows(rng: np.random.Generator, data: np.ndarray, context: int, batch: int):
+    """`batch` windows (batch, context + 1) int32 at random offsets of `data` (training batches)."""
+    starts = rng.integers(0, len(data) - context - 1, batch)
+    return jnp.asarray(data[starts[:, None] + np.arange(context + 1)[None, :]], jnp.int32)
+
+
 def train(config: lm.Config, training: Training, data: np.ndarray):
     """AdamW (warmup, cosine decay, clip 1.0) on random windows of `data`; (params, seconds, loss)."""
     warmup = max(1, min(100, training.steps // 10))
@@ -102,19 +119,12 @@ def train(config: lm.Config, training: Training, data: np.ndarray):
     optimizer = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(schedule, weight_decay=training.weight_decay))
     params = lm.init(config, jax.random.key(training.seed))
     opt_state = optimizer.init(params)
-
-    @jax.jit
-    def step(params, opt_state, batch):
-        loss, grads = jax.value_and_grad(loss_fn)(params, batch)
-        updates, opt_state = optimizer.update(grads, opt_state, params)
-        return optax.apply_updates(params, updates), opt_state, loss
-
+    step = optimizer_step(loss_fn, optimizer)
     rng = np.random.default_rng(training.seed)
-    offsets = np.arange(config.context + 1)[None, :]
     start, losses = time.perf_counter(), []
     for i in range(training.steps):
-        starts = rng.integers(0, len(data) - config.context - 1, training.batch)
-        params, opt_state, loss = step(params, opt_state, jnp.asarray(data[starts[:, None] + offsets], jnp.int32))
+        batch = random_windows(rng, data, config.context, training.batch)
+        params, opt_state, loss = step(params, opt_state, batch)
         losses.append(loss)
         if (i + 1) % max(1, training.steps // 10) == 0 or i + 1 == training.steps:
             recent = float(jnp.mean(jnp.stack(losses[-20:])))

@@ -23,8 +23,6 @@ import sys
 import time
 from pathlib import Path
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 import optax
 
@@ -59,19 +57,11 @@ def fine_tune(params, policy, data, config, steps, batch, lr, step_lr, method, s
             return char_lm.loss_fn(lsq_params(tree["params"], {LSQ_STEP: tree[LSQ_STEP]}, policy), tokens)
 
     state = tx.init(tree)
-
-    @jax.jit
-    def step(tree, state, tokens):
-        value, grads = jax.value_and_grad(loss)(tree, tokens)
-        updates, state = tx.update(grads, state, tree)
-        return optax.apply_updates(tree, updates), state, value
-
+    step = char_lm.optimizer_step(loss, tx)
     rng = np.random.default_rng(seed)
-    offsets = np.arange(config.context + 1)[None, :]
     start = time.perf_counter()
     for _ in range(steps):
-        starts = rng.integers(0, len(data) - config.context - 1, batch)
-        tree, state, _ = step(tree, state, jnp.asarray(data[starts[:, None] + offsets], jnp.int32))
+        tree, state, _ = step(tree, state, char_lm.random_windows(rng, data, config.context, batch))
     seconds = time.perf_counter() - start
     if method == "float":
         return tree["params"], seconds
