@@ -107,9 +107,8 @@ def lsq_grad_scale(size: int, num_steps: int, spec: QuantSpec) -> float:
 
 @functools.partial(jax.custom_jvp, nondiff_argnums=(0, 1, 2))
 def _lsq(spec, lay, grad_scale, x, step):
-    # No zero-point: quantize_grouped clips to [Qmin, Qmax] of the spec, the grid LSQ trains.
-    q = numerics.quantize_grouped(lay.to_grouped(x), step, None, spec)
-    return lay.from_grouped(numerics.dequantize_grouped(q, step, None, spec.offset)).astype(x.dtype)
+    # No zero-point: the grid LSQ trains is [Qmin, Qmax] of the spec.
+    return lay.from_grouped(numerics.fake_quantize_grouped(lay.to_grouped(x), step, None, spec)).astype(x.dtype)
 
 
 @_lsq.defjvp
@@ -162,7 +161,9 @@ def pact_range(clip, spec: QuantSpec):
     `QuantDot(act=spec, act_scale=..., act_zero_point=...)` takes to serve a PACT activation."""
     _check_pact_spec(spec)
     clip = jnp.asarray(clip)
-    return numerics.scale_from_range(jnp.zeros_like(clip) if not spec.symmetric else -clip, clip, spec)
+    if spec.symmetric:
+        return numerics.scale_from_range(-jnp.abs(clip), jnp.abs(clip), spec)
+    return numerics.scale_from_range(jnp.zeros_like(clip), clip, spec)
 
 
 def pact(x, clip, spec: QuantSpec):

@@ -157,9 +157,10 @@ def divide_by_constant(x, c):
 
 
 def scale_from_range(lo, hi, spec: QuantSpec):
-    """Scale and zero-point for the range [lo, hi] (arrays of the scale's shape, or scalars).
+    """Scale and zero-point for the range [lo, hi] (arrays of the scale's shape, or scalars; lo <= hi).
 
-    Symmetric: s = max(|lo|, |hi|) / Qmax, z = None (mid-rise: / 2^(b-1)). Asymmetric: lo → min(lo, 0), hi → max(hi, 0),
+    Symmetric: s = max(|lo|, |hi|) / Qmax (mid-rise: / 2^(b-1)), computed as max(−lo, hi), which
+    is equal for lo <= hi; z = None. Asymmetric: lo → min(lo, 0), hi → max(hi, 0),
     s = (hi - lo) / (Qmax - Qmin), z = Qmin - round(lo / s) (int8). Sign: not range based — use
     `compute_scale`.
 
@@ -173,7 +174,7 @@ def scale_from_range(lo, hi, spec: QuantSpec):
     hi = jnp.asarray(hi, dtype)
     if spec.symmetric:
         top = spec.qmax + 1 if spec.midrise else spec.qmax
-        return divide_by_constant(jnp.maximum(jnp.abs(lo), jnp.abs(hi)), top), None
+        return divide_by_constant(jnp.maximum(-lo, hi), top), None
     lo = jnp.minimum(lo, 0)
     hi = jnp.maximum(hi, 0)
     levels = spec.qmax - spec.qmin
@@ -250,8 +251,7 @@ def _search_clip_ratio(xg, lo, hi, spec: QuantSpec, lay: Layout):
 
     def error(r):
         scale, zero_point = scale_from_range(lo_n * r, hi_n * r, spec)
-        q = quantize_grouped(xn, scale, zero_point, spec)
-        diff = jnp.abs(dequantize_grouped(q, scale, zero_point, spec.offset) - xn)
+        diff = jnp.abs(fake_quantize_grouped(xn, scale, zero_point, spec) - xn)
         return jnp.sum(diff ** cal.norm, axis=lay.reduce_axes, keepdims=True)
 
     def visit(i, best):
@@ -347,12 +347,41 @@ def unclipped_integers(xg, scale, zero_point, spec: QuantSpec):
     return q
 
 
+def fake_quantize_grouped(xg, scale, zero_point, spec: QuantSpec):
+    """x̂ of the grouped view `xg` in the scale's dtype: `dequantize_grouped(quantize_grouped(...))`
+    computed without the int8 cast — the forward of fake quantization.
+
+    The same numbers for every non-NaN x (q is an integer-valued float, exact in any float
+    dtype; s · (q − z + offset) and the saturation at ±max are those of `dequantize_grouped`), in
+    one fused elementwise pass: the float → int8 → float round trip costs XLA:CPU about as much as
+    the rest of the pass. A NaN x gives NaN here; the int8 storage of `quantize` cannot hold NaN
+    (that only shows with a fixed scale — a computed scale is NaN itself).
+    """
+    xg = xg.astype(scale.dtype)
+    if spec.method == "sign":
+        q = jnp.where(xg < 0, -1, 1).astype(scale.dtype)
+    else:
+        q = jnp.clip(unclipped_integers(xg, scale, zero_point, spec), spec.qmin, spec.qmax)
+        q = jnp.where(q == 0, 0, q)  # round(-0.3) is -0.0; the integer it stands for is 0 (XLA drops q + 0)
+        if zero_point is not None:
+            q = q - zero_point.astype(q.dtype)
+        if spec.offset:
+            q = q + spec.offset
+    # One clip against a per-group bound (±max, or ±Inf for a non-finite scale, which stays
+    # visible) instead of `dequantize_grouped`'s select per element.
+    bound = jnp.where(jnp.isfinite(scale), jnp.finfo(scale.dtype).max, jnp.inf).astype(scale.dtype)
+    return jnp.clip(scale * q, -bound, bound)
+
+
 def cast_saturating(x, dtype):
     """`x` cast to `dtype`, finite values saturating at ±max of `dtype` (NaN/Inf kept).
 
     The grid can reach half a step past the data, so for bf16/f16 data near their largest value
     x̂ (computed in float32) can exceed what the narrower dtype holds; a plain cast would give ±Inf.
+    When `x` already has `dtype` it is returned as is.
     """
+    if x.dtype == jnp.dtype(dtype):
+        return x
     largest = jnp.finfo(dtype).max
     return jnp.where(jnp.isfinite(x), jnp.clip(x, -largest, largest), x).astype(dtype)
 

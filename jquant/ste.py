@@ -32,7 +32,8 @@ def _ste_round_jvp(primals, tangents):
 def fake_quant(x, spec: QuantSpec, *, scale=None, zero_point=None):
     """Quantize-dequantize with the straight-through estimator.
 
-    Forward: exactly `quantize(x, spec, ...).dequantize()` (same numbers, no packing).
+    Forward: exactly `quantize(x, spec, ...).dequantize()` (the same bits, computed in one float
+    pass without the int8 storage; a NaN element stays NaN, which int8 storage cannot hold).
     Backward: the upstream gradient where the clip is inactive and 0 where it saturates:
     ∂x̂/∂x = 1 if Qmin <= round(x/s) + z <= Qmax, else 0 — i.e. 1 inside the clip range
     [s(Qmin - z), s(Qmax - z)] (widened by the half step that rounds back into it), 0 outside.
@@ -67,9 +68,8 @@ def fake_quant(x, spec: QuantSpec, *, scale=None, zero_point=None):
 
 @functools.partial(jax.custom_jvp, nondiff_argnums=(0, 1, 2))
 def _fake_quant(spec, lay, pass_through, x, scale, zero_point):
-    q = numerics.quantize_grouped(lay.to_grouped(x), scale, zero_point, spec)
-    return numerics.cast_saturating(lay.from_grouped(numerics.dequantize_grouped(q, scale, zero_point, spec.offset)),
-                                    x.dtype)
+    x_hat = numerics.fake_quantize_grouped(lay.to_grouped(x), scale, zero_point, spec)
+    return numerics.cast_saturating(lay.from_grouped(x_hat), x.dtype)
 
 
 @_fake_quant.defjvp

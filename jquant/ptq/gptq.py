@@ -134,8 +134,7 @@ def _quantize_row(w, scale, zero_point, spec: QuantSpec):
         return jnp.take_along_axis(scale, index[:, None], axis=-1)[:, 0]
     if spec.method == "sign":
         return jnp.where(w < 0, -scale, scale)
-    q = numerics.quantize_grouped(w, scale, zero_point, spec)
-    return numerics.dequantize_grouped(q, scale, zero_point, spec.offset)
+    return numerics.fake_quantize_grouped(w, scale, zero_point, spec)
 
 
 @functools.partial(jax.jit, static_argnums=(2, 3, 4, 5))
