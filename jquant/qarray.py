@@ -162,8 +162,9 @@ def quantize(x, spec: QuantSpec, *, scale=None, zero_point=None) -> QArray:
             raise ValueError(f"{spec!r} has no zero-point; zero_point= is not accepted")
         codes, scale = codebook.quantize_codebook(x, spec, lay, scale)
         return QArray(packing.pack(codes, spec.bits), scale, None, spec=spec, shape=x.shape, dtype=x.dtype)
+    bounded = scale is None and numerics.reciprocal_is_normal(spec, x.dtype)
     scale, zero_point = resolve_scale(x, spec, lay, scale, zero_point)
-    q = numerics.quantize_grouped(lay.to_grouped(x), scale, zero_point, spec)
+    q = numerics.quantize_grouped(lay.to_grouped(x), scale, zero_point, spec, bounded=bounded)
     q = lay.from_grouped(q)
     if not packing.is_packed(spec.bits):
         value = q

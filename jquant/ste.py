@@ -61,24 +61,25 @@ def fake_quant(x, spec: QuantSpec, *, scale=None, zero_point=None):
     # A min/max range computed from x contains x, so the mask would be all ones: skip computing
     # it. Clipping calibrations (percentile, MSE) leave values outside and need the mask.
     pass_through = (scale is None and not spec.calibration.clips) or spec.method == "sign"
+    bounded = scale is None and numerics.reciprocal_is_normal(spec, x.dtype)
     scale, zero_point = resolve_scale(x, spec, lay, scale, zero_point)
     scale = jax.lax.stop_gradient(scale)
-    return _fake_quant(spec, lay, pass_through, x, scale, zero_point)
+    return _fake_quant(spec, lay, pass_through, bounded, x, scale, zero_point)
 
 
-@functools.partial(jax.custom_jvp, nondiff_argnums=(0, 1, 2))
-def _fake_quant(spec, lay, pass_through, x, scale, zero_point):
-    x_hat = numerics.fake_quantize_grouped(lay.to_grouped(x), scale, zero_point, spec)
+@functools.partial(jax.custom_jvp, nondiff_argnums=(0, 1, 2, 3))
+def _fake_quant(spec, lay, pass_through, bounded, x, scale, zero_point):
+    x_hat = numerics.fake_quantize_grouped(lay.to_grouped(x), scale, zero_point, spec, bounded=bounded)
     return numerics.cast_saturating(lay.from_grouped(x_hat), x.dtype)
 
 
 @_fake_quant.defjvp
-def _fake_quant_jvp(spec, lay, pass_through, primals, tangents):
+def _fake_quant_jvp(spec, lay, pass_through, bounded, primals, tangents):
     x, scale, zero_point = primals
     dx = tangents[0]
-    out = _fake_quant(spec, lay, pass_through, x, scale, zero_point)
+    out = _fake_quant(spec, lay, pass_through, bounded, x, scale, zero_point)
     if pass_through:
         return out, dx
-    q = numerics.unclipped_integers(lay.to_grouped(x), scale, zero_point, spec)
+    q = numerics.unclipped_integers(lay.to_grouped(x), scale, zero_point, spec, bounded=bounded)
     inside = lay.from_grouped((q >= spec.qmin) & (q <= spec.qmax))
     return out, jnp.where(inside, dx, jnp.zeros_like(dx))

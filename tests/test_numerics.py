@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
 import jquant
-from jquant import QuantSpec
+from jquant import QuantSpec, numerics
 
 import reference
 
@@ -130,10 +130,11 @@ def assert_matches_reference(x, spec, qa, scale=None, zero_point=None):
         q_ok = (q == expected) | (reference.near_tie(ref.t) & (np.abs(q - expected) <= 1))
         assert np.all(q_ok), f"q {q[~q_ok]} vs reference {expected[~q_ok]} at x={xf[~q_ok]}"
 
-    # x̂ = s (q - z): original dtype and shape, output-dtype rounding of the float64 value
+    # x̂ = s (q - z): original dtype and shape, output-dtype rounding of the float64 value,
+    # saturating at ±max (the grid may reach half a step past data at the float limit)
     assert x_hat.dtype == x.dtype and x_hat.shape == shape
     info = jnp.finfo(x.dtype)
-    expected = ref.scale * (q - z)
+    expected = np.clip(ref.scale * (q - z), -float(info.max), float(info.max))
     np.testing.assert_allclose(_as_f64(x_hat), expected, rtol=float(info.eps) / 2 + 1e-6,
                                atol=float(info.smallest_subnormal), err_msg="x_hat")
     return ref
@@ -392,3 +393,35 @@ def test_fixed_scale_clips_at_the_grid_ends():
     np.testing.assert_array_equal(np.asarray(qa.q), ref.q)
     assert ref.q[0] == -127 and ref.q[-1] == 127 and ref.q[-2] == 127
     np.testing.assert_allclose(np.asarray(qa.dequantize()), ref.x_hat, rtol=1e-6)
+
+
+GRIDS = [QuantSpec(b, symmetric=sym, channel_axes=(1,)) for b in range(2, 9) for sym in (True, False)]
+MIDRISE_GRIDS = [QuantSpec(b, midrise=True, channel_axes=(1,)) for b in range(2, 8)]
+
+
+@pytest.mark.parametrize("spec", GRIDS, ids=repr)
+def test_data_up_to_the_float_max_on_every_grid(spec):
+    # the largest scales a grid can get: `divide` skips its huge-scale shift exactly where
+    # `reciprocal_is_normal` says no computed scale can need it; both paths must match the reference
+    # (mid-rise grids: test_calibration.py)
+    big = float(jnp.finfo(jnp.float32).max)
+    rng = np.random.default_rng(spec.bits)
+    columns = [np.array([big, -big, big / 3, -big / 7]), np.array([big, 0.0, 1.0, -2.0]),
+               rng.uniform(-1, 1, 4) * big, np.array([-big, -big / 2, -1e30, 0.0])]
+    x = jnp.asarray(np.stack(columns, axis=1).astype(np.float32))
+    for qa in (jquant.quantize(x, spec), jax.jit(jquant.quantize, static_argnums=1)(x, spec)):
+        assert_matches_reference(x, spec, qa)
+        np.testing.assert_array_equal(np.asarray(jquant.fake_quant(x, spec)), np.asarray(qa.dequantize()))
+
+
+def test_the_shift_free_division_is_chosen_only_where_it_is_exact():
+    wide = [s for s in GRIDS + MIDRISE_GRIDS if numerics.reciprocal_is_normal(s, jnp.float32)]
+    narrow = [s for s in GRIDS + MIDRISE_GRIDS if s not in wide]
+    assert {(s.bits, s.symmetric, s.midrise) for s in narrow} == {
+        (2, True, False), (3, True, False), (2, False, False), (3, False, False), (2, True, True), (3, True, True)}
+    big = np.float32(jnp.finfo(jnp.float32).max)
+    tiny = float(jnp.finfo(jnp.float32).tiny)
+    for spec in wide:  # the largest computed scale has a normal reciprocal
+        scale, _ = numerics.scale_from_range(-big, big, spec)
+        assert 1 / float(scale) >= tiny and float(jnp.float32(1) / scale) >= tiny, spec
+    assert not numerics.reciprocal_is_normal(QuantSpec(1, method="sign"), jnp.float32)
