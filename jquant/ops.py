@@ -3,12 +3,14 @@
 One object serves both phases of a weight's life:
 * training (QAT) — the weight is a float array: weight and activation are fake-quantized (STE
   gradients, `jquant.fake_quant`). `QuantDot` with integer-grid specs for both (W8A8, W4A8, …)
-  and a dot of at least `INTEGER_QAT_MIN_MACS` multiply-adds runs the forward on the exact
-  integer path — the very numbers serving computes — and takes its derivatives (forward and
-  reverse mode) from the fake-quantized float dot, i.e. the same STE; other combinations, and
-  small dots, where the int8 GEMM saves less than the extra quantize pass costs (measured on a
-  2-core CPU: a train step 0.8–0.95× the fake-quant one from ~6·10^7 multiply-adds, up to 1.4×
-  slower on the digits demo's ~10^6), run the float op on the fake-quantized operands;
+  and a dot of at least `INTEGER_QAT_MIN_MACS` multiply-adds (8× that for a packed ≤ 4-bit
+  weight) runs the forward on the exact integer path — the very numbers serving computes — and
+  takes its derivatives (forward and reverse mode) from the fake-quantized float dot, i.e. the
+  same STE; other combinations, and small dots, where the int8 GEMM saves less than the extra
+  quantize pass costs, run the float op on the fake-quantized operands. Measured on a 2-core CPU
+  (train steps): W8A8 on the integer path is 0.9× the fake-quant step on a transformer block at
+  64 tokens (4·10^6-multiply-add dots) but 1.2× on the digits NNX MLP (10^6); a W4A8 MLP at batch
+  1024 is 0.9×, while 1- and 2-bit weights on the digits MLP (4·10^6) are 1.4× slower;
 * serving — the weight is a `QArray` (from `quantize_params`): with an activation spec the
   activation is quantized per call and the exact integer path runs (`jquant.dot_general`); without
   one the weight is dequantized on the fly (weight-only).
@@ -30,13 +32,17 @@ import jax.numpy as jnp
 from jax import lax
 
 from jquant.dot import INTEGER_METHODS, dot_general, int_dot_general
+from jquant.packing import is_packed
 from jquant.qarray import QArray, quantize
 from jquant.spec import QuantSpec
 from jquant.ste import fake_quant
 
 
-INTEGER_QAT_MIN_MACS = 1 << 25
+INTEGER_QAT_MIN_MACS = 1 << 22
 """Smallest dot (M·K·N multiply-adds) whose QAT forward runs on the integer path (module docstring)."""
+PACKED_WEIGHT_MACS_FACTOR = 8
+"""A weight of ≤ 4 bits (packed storage: packed and unpacked again each step) takes the integer
+path from `PACKED_WEIGHT_MACS_FACTOR × INTEGER_QAT_MIN_MACS` multiply-adds."""
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -103,7 +109,8 @@ class QuantDot(_QuantOp):
         if self.act.method not in INTEGER_METHODS or self.weight.method not in INTEGER_METHODS:
             return False
         contracted = math.prod(jnp.shape(rhs)[a] for a in dimension_numbers[0][1])
-        if jnp.size(lhs) * jnp.size(rhs) // max(contracted, 1) < INTEGER_QAT_MIN_MACS:
+        smallest = INTEGER_QAT_MIN_MACS * (PACKED_WEIGHT_MACS_FACTOR if is_packed(self.weight.bits) else 1)
+        if jnp.size(lhs) * jnp.size(rhs) // max(contracted, 1) < smallest:
             return False
         try:
             jax.eval_shape(lambda a, b: int_dot_general(quantize(a, self.act), quantize(b, self.weight),
