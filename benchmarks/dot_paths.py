@@ -9,7 +9,8 @@ the two LLaMA-7B MLP shapes at M = 1. Columns (milliseconds, ratio to f32):
   jquant      `jquant.dot_general(QArray, QArray)`: the chosen integer path + scales (pre-quantized)
   dynamic     `jquant.dot_general(float lhs, QArray rhs, lhs_spec=int8 per row)`: activations
               quantized in the same call
-All candidates of a shape are timed in alternating rounds (median), so their ratios share the
+All candidates of a shape are timed in alternating rounds (median; twice the rounds and repeats
+for M ≤ 8, whose few-ms calls jitter most), so their ratios share the
 machine's slow and fast phases.
 """
 
@@ -65,9 +66,10 @@ def run(quick: bool) -> Table:
         w = jnp.asarray(rng.standard_normal((k, n)), jnp.float32)
         xq, wq = jquant.quantize(x, ACT), jquant.quantize(w, WEIGHT)
         xb, wb = x.astype(jnp.bfloat16), w.astype(jnp.bfloat16)
+        few = m <= 8  # a few ms per call: more (cheap) samples against the machine's jitter
         times = interleaved_ms([f32, bf16, raw, ours, dynamic],
                                [(x, w), (xb, wb), (xq.value, wq.value), (xq, wq), (x, wq)],
-                               rounds=rounds, repeats=repeats)
+                               rounds=2 * rounds if few else rounds, repeats=2 * repeats if few else repeats)
         base, mine = times[0], times[3]
         best = min(range(3), key=lambda i: times[i])
         table.add(m, k, n, f"{base:.2f}", *[f"{t:.2f} ({t / base:.2f}x)" for t in times[1:]],

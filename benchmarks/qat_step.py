@@ -59,7 +59,6 @@ def _step(apply, rngs=None):
 
 
 def run(quick: bool) -> Table:
-    rounds, repeats = (1, 3) if quick else (2, 3)
     libs = ("jquant", "Qwix", "AQT")
     columns = ["model", "batch", "scheme", "float ms"] + [f"{lib} ms (× float)" for lib in libs] + ["jquant / Qwix"]
     table = Table("QAT train step: ms (ratio to the float step)", columns)
@@ -79,6 +78,8 @@ def run(quick: bool) -> Table:
             step, optimizer = _step(apply, rngs)
             fns.append(step)
             args.append((params, optimizer.init(params), x))
+        # steps of up to ~0.1 s get 10–15 samples each (they jitter most); the 1 s steps of batch 8192, 6
+        rounds, repeats = (2, 3) if batch > 1024 else ((2, 5) if quick else (3, 5))
         measured = iter(interleaved_ms(fns, args, rounds=rounds, repeats=repeats))
         times = [None if apply is None else next(measured) for _, apply, _ in applies]
         base = times[0]
