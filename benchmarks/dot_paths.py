@@ -36,7 +36,10 @@ NOTES = [
     "option (`jquant/qarray.py`).",
     "For M ≥ 2 the int8 GEMM is 0.5–0.85× f32, and bf16 (pre-cast operands) is often faster still; "
     "jquant's extra cost over raw int8 is its scale multiply and (for dynamic) the activation "
-    "quantization pass.",
+    "quantization pass. jquant does not take the bf16 route: the column has its operands cast "
+    "ahead of time, while a served int8 weight would be cast on every call (at M = 1 the cast "
+    "alone costs several f32 dots, table 4), and a float32 accumulator holds integer sums exactly "
+    "only up to 2^24, i.e. K ≲ 1000 for int8 × int8 products, so it would no longer be exact.",
     "bf16 at M = 1 falls onto the same slow one-row kernel as raw int8.",
     "The int8 weight (16 MB at 4096²) fits this CPU's 32 MB L3 across repeated calls while the f32 "
     "one (64 MB) does not, which favours int8 at small M in this loop; in a model whose weights "
