@@ -10,7 +10,8 @@ One object serves both phases of a weight's life:
   quantize pass costs, run the float op on the fake-quantized operands. Measured on a 2-core CPU
   (train steps): W8A8 on the integer path is 0.9× the fake-quant step on a transformer block at
   64 tokens (4·10^6-multiply-add dots) but 1.2× on the digits NNX MLP (10^6); a W4A8 MLP at batch
-  1024 is 0.9×, while 1- and 2-bit weights on the digits MLP (4·10^6) are 1.4× slower;
+  1024 is 0.9×, while 1-bit weights on the digits MLP (4·10^6) are 1.4× slower there (their
+  storage is packed and unpacked every step);
 * serving — the weight is a `QArray` (from `quantize_params`): with an activation spec the
   activation is quantized per call and the exact integer path runs (`jquant.dot_general`); without
   one the weight is dequantized on the fly (weight-only).
