@@ -78,8 +78,9 @@ def run(quick: bool) -> Table:
             step, optimizer = _step(apply, rngs)
             fns.append(step)
             args.append((params, optimizer.init(params), x))
-        # steps of up to ~0.1 s get 10–15 samples each (they jitter most); the 1 s steps of batch 8192, 6
-        rounds, repeats = (2, 3) if batch > 1024 else ((2, 5) if quick else (3, 5))
+        # steps of up to ~0.1 s: 10–16 samples each, in many short rounds, so that a slow phase of the
+        # shared machine falls on every candidate alike; the 1 s steps of batch 8192: 6
+        rounds, repeats = (2, 3) if batch > 1024 else ((5, 2) if quick else (8, 2))
         measured = iter(interleaved_ms(fns, args, rounds=rounds, repeats=repeats))
         times = [None if apply is None else next(measured) for _, apply, _ in applies]
         base = times[0]

@@ -47,7 +47,7 @@ def _tree(model, x):
 
 
 def run(quick: bool) -> Table:
-    rounds, repeats = (1, 3) if quick else (3, 3)
+    rounds, repeats = (1, 3) if quick else (8, 2)
     model, x = Mlp(width=WIDTH, depth=LAYERS - 1, out=WIDTH), jnp.ones((1, WIDTH))
     params = _tree(model, x)
     gbytes = tree_bytes(params) / 1e9
