@@ -362,17 +362,16 @@ def quantize_grouped(xg, scale, zero_point, spec: QuantSpec, *, bounded: bool = 
     if spec.method == "sign":
         return jnp.where(xg < 0, -1, 1).astype(jnp.int8)
     dtype = scale.dtype
-    v = divide(xg.astype(dtype), scale, bounded=bounded)
-    if spec.midrise:
-        v = jnp.floor(v)
-    if zero_point is not None:
-        v = jnp.round(v) + zero_point.astype(dtype)  # round(x/s) + z: rounding v + z would move ties
+    if spec.symmetric and not spec.midrise:
+        v = divide(xg.astype(dtype), scale, bounded=bounded)  # rounded by the addition below
+    else:  # floor, or round(x/s) + z: rounding x/s + z would move the ties
+        v = unclipped_integers(xg, scale, zero_point, spec, bounded=bounded)
     v = jnp.clip(v, spec.qmin, spec.qmax)
     mantissa = jnp.finfo(dtype).nmant
+    magic = np.asarray(1.5 * 2.0 ** mantissa, dtype)
     image = jnp.int32 if mantissa < 32 else jnp.int64
-    bits = jax.lax.bitcast_convert_type(v + np.asarray(1.5 * 2.0 ** mantissa, dtype), image)
-    magic_bits = np.asarray(1.5 * 2.0 ** mantissa, dtype).view(np.dtype(image))
-    return (bits - magic_bits).astype(jnp.int8)
+    bits = jax.lax.bitcast_convert_type(v + magic, image)
+    return (bits - magic.view(np.dtype(image))).astype(jnp.int8)
 
 
 def unclipped_integers(xg, scale, zero_point, spec: QuantSpec, *, bounded: bool = False):

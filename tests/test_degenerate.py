@@ -107,16 +107,20 @@ CASES = [(m, g, "float32") for m in METHODS for g in GRANULARITIES]
 CASES += [(m, "channel", d) for m in METHODS for d in ("bfloat16", "float16")]
 
 
-@pytest.mark.parametrize("method, granularity, dtype", CASES)
-def test_degenerate_data(method, granularity, dtype):
-    spec = QuantSpec(**METHODS[method], **GRANULARITIES[granularity])
-    xs = _kinds(jnp.dtype(dtype))
+def _check_every_kind(xs, spec, method, label=""):
+    """`_check` on each of `_kinds`' tensors `xs`, run batched; a failure names the kind."""
     outputs = _batched(xs, spec)
     for i, kind in enumerate(KINDS):
         try:
             _check(xs[i], spec, method, [o[i] for o in outputs])
         except AssertionError as err:
-            raise AssertionError(f"{kind}: {err}") from None
+            raise AssertionError(f"{label}{kind}: {err}") from None
+
+
+@pytest.mark.parametrize("method, granularity, dtype", CASES)
+def test_degenerate_data(method, granularity, dtype):
+    spec = QuantSpec(**METHODS[method], **GRANULARITIES[granularity])
+    _check_every_kind(_kinds(jnp.dtype(dtype)), spec, method)
 
 
 SIZE_ZERO = [  # (shape, granularity, dtype): empty along a channel, a shared and a grouped axis
@@ -147,12 +151,7 @@ def test_zero_dimensional_arrays(method):
     spec = QuantSpec(**METHODS[method])
     for dtype in ("float32", "float16"):  # bf16: in the grid above
         xs = _kinds(jnp.dtype(dtype), shape=())
-        outputs = _batched(xs, spec)
-        for i, kind in enumerate(KINDS):
-            try:
-                _check(xs[i], spec, method, [o[i] for o in outputs])
-            except AssertionError as err:
-                raise AssertionError(f"{dtype} {kind}: {err}") from None
+        _check_every_kind(xs, spec, method, label=f"{dtype} ")
         eager = jquant.quantize(xs[3], spec)  # 1.0: the unbatched path, packed storage of one code
         assert eager.shape == () and eager.dequantize().shape == ()
 
