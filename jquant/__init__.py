@@ -1,32 +1,44 @@
 """jquant: functional quantization transforms for JAX.
 
-Layers, each importing only the ones above it: `calibration` (range methods) → `spec`
-(QuantSpec) → `numerics` (formulas) → `packing`, `codebook` → `qarray` (QArray, quantize) →
-`ste` (fake_quant), `dot` (integer dot_general) → `ops` (QuantDot/QuantEinsum/QuantConv) →
-`policy`, `transforms`, `report`, `checkpoint`, `search` (mixed precision), `learned` (LSQ /
-PACT) → `flax` (Linen and NNX integration), `ptq` (GPTQ / AWQ / SmoothQuant on any function;
-import `jquant.ptq`).
+Public namespaces: `jquant` (specs, formats, QArray, fake quantization, the integer dot,
+quantized ops, policies and the transforms over parameter trees, reports, checkpoints),
+`jquant.ptq` (GPTQ, AWQ, SmoothQuant, mixed-precision search on any JAX function),
+`jquant.learned` (LSQ steps, PACT clips) and `jquant.flax` (Linen and NNX). The subpackages are
+imported on first use, so `import jquant` does not import Flax.
+
+The implementation lives in `jquant._src` (private); its layers, each importing only those
+before it: calibration → numerics → formats (one module per format family) → spec → packing →
+qarray → ste, dot → ops → tree (paths, the one walk over a tree by policy) → policy →
+transforms, report, checkpoint → learned, ptq; `jquant.flax` sits on top and is the only place
+that knows Flax.
 """
 
-from jquant.calibration import MSE, MinMax, Percentile
-from jquant.spec import QuantSpec
-from jquant.qarray import QArray, dequantize, quantize
-from jquant.ste import fake_quant, ste_round
-from jquant.dot import Accumulator, dot_general, int_dot_general, requantize
-from jquant.ops import QuantConv, QuantDot, QuantEinsum
-from jquant.policy import Policy, Rule, int4_weights, int8_weights, w8a8
-from jquant.transforms import checked, dequantize_params, fake_quant_params, quantize_params
-from jquant.report import Report, report
-from jquant.checkpoint import load, save
-from jquant.search import search_policy
-from jquant.learned import init_learned, lsq_fake_quant, pact
-from jquant import learned
-from jquant import flax
+import importlib
+
+from jquant._src.calibration import MSE, MinMax, Percentile
+from jquant._src.formats import NF4, Format, KMeans, Sign, Uniform
+from jquant._src.spec import QuantSpec
+from jquant._src.qarray import QArray, dequantize, quantize
+from jquant._src.ste import fake_quant, ste_round
+from jquant._src.dot import Accumulator, dot_general, int_dot_general, requantize
+from jquant._src.ops import QuantConv, QuantDot, QuantEinsum
+from jquant._src.policy import Policy, Rule, int4_weights, int8_weights, w8a8
+from jquant._src.transforms import checked, dequantize_params, fake_quant_params, quantize_params
+from jquant._src.report import Report, report
+from jquant._src.checkpoint import load, save
+
+_SUBPACKAGES = ("flax", "learned", "ptq")
 
 __all__ = [
-    "QuantSpec", "MinMax", "Percentile", "MSE", "QArray", "quantize", "dequantize", "fake_quant", "ste_round",
-    "Accumulator", "dot_general", "int_dot_general", "requantize", "QuantDot", "QuantEinsum", "QuantConv", "Rule",
-    "Policy", "int8_weights", "int4_weights", "w8a8", "quantize_params", "dequantize_params", "fake_quant_params",
-    "checked", "report", "Report", "save", "load", "search_policy", "flax", "learned", "lsq_fake_quant", "pact",
-    "init_learned",
+    "QuantSpec", "Format", "Uniform", "Sign", "KMeans", "NF4", "MinMax", "Percentile", "MSE", "QArray", "quantize",
+    "dequantize", "fake_quant", "ste_round", "Accumulator", "dot_general", "int_dot_general", "requantize",
+    "QuantDot", "QuantEinsum", "QuantConv", "Rule", "Policy", "int8_weights", "int4_weights", "w8a8",
+    "quantize_params", "dequantize_params", "fake_quant_params", "checked", "report", "Report", "save", "load",
+    *_SUBPACKAGES,
 ]
+
+
+def __getattr__(name):
+    if name in _SUBPACKAGES:
+        return importlib.import_module(f"jquant.{name}")
+    raise AttributeError(f"module 'jquant' has no attribute {name!r}")

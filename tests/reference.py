@@ -96,12 +96,12 @@ def scale_and_zero_point(x, spec) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Per-element scale, zero point and unrounded zero point (Qmin - lo/s) of `x` (float64)
     computed from each group's values."""
     x = np.asarray(x, np.float64)
-    qmin, qmax = qrange(spec.bits, spec.symmetric, spec.method)
+    qmin, qmax = qrange(spec.bits, spec.symmetric, spec.method.name)
     _, member_of = np.unique(group_ids(x.shape, spec), return_inverse=True)
     member_of = member_of.ravel()
     n_groups = member_of.max() + 1
     v = x.ravel()
-    if spec.method == "sign":
+    if spec.method.name == "sign":
         s = np.bincount(member_of, np.abs(v), n_groups) / np.bincount(member_of, None, n_groups)
         z = z_exact = np.zeros(n_groups)
     elif spec.symmetric:
@@ -128,7 +128,7 @@ def quantize(x, spec, scale=None, zero_point=None) -> Reference:
     """Reference quantize → dequantize of `x` with the group's own scale (default) or with given
     per-element `scale` / `zero_point` (broadcast to x's shape)."""
     x = np.asarray(x, np.float64)
-    qmin, qmax = qrange(spec.bits, spec.symmetric, spec.method)
+    qmin, qmax = qrange(spec.bits, spec.symmetric, spec.method.name)
     if scale is None:
         scale, zero_point, zero_point_unrounded = scale_and_zero_point(x, spec)
     else:
@@ -137,7 +137,7 @@ def quantize(x, spec, scale=None, zero_point=None) -> Reference:
         zero_point_unrounded = zero_point
     divisor = np.where(scale == 0, 1.0, scale)
     t = x / divisor
-    if spec.method == "sign":
+    if spec.method.name == "sign":
         q = np.where(x < 0, -1.0, 1.0)
     else:
         q = np.clip(round_half_even(t) + zero_point, qmin, qmax)

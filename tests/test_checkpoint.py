@@ -19,8 +19,8 @@ from hypothesis import strategies as st
 
 import jquant
 from jquant import QuantSpec
-from jquant.checkpoint import FORMAT, VERSION
-from jquant.policy import is_qarray
+from jquant._src.checkpoint import FORMAT, VERSION
+from jquant._src.paths import is_qarray
 
 SPECS = {
     "q8_per_channel": QuantSpec(8, channel_axes=(1,)),

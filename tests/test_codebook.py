@@ -9,7 +9,7 @@ import pytest
 
 import jquant
 from jquant import QuantSpec
-from jquant.codebook import NF4_LEVELS
+from jquant._src.formats.codebook import NF4_LEVELS
 
 
 def _lloyd_max_gaussian_mse(levels: int, iterations: int = 5000) -> float:

@@ -100,7 +100,7 @@ def test_per_group_contraction(m, groups, group_size, n, lsym, rsym, rbits, lgro
 def test_single_row_split_contraction_is_exact(k, chunks, lspec, rspec):
     """M = 1 takes the chunked path (K cut into batch entries, partial int32 sums added): the
     int32 result equals the int64 product bit for bit, including a K with no usable divisor."""
-    from jquant.dot import _gemv_chunks
+    from jquant._src.dot import _gemv_chunks
     assert _gemv_chunks(k) == chunks
     rng = np.random.default_rng(k)
     lq, rq, acc, y = _quantize_and_accumulate(_normal(rng, (1, k)), _normal(rng, (k, 5)), lspec, rspec)

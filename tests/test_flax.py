@@ -12,8 +12,10 @@ from flax import nnx
 from sklearn.datasets import load_digits
 
 import jquant
+from jquant._src.formats import uniform
+from jquant._src import paths
 from jquant import Policy, QuantDot, QuantSpec, Rule
-from jquant.ops import einsum_dimension_numbers
+from jquant._src.ops import einsum_dimension_numbers
 
 W8A8 = Policy([Rule(r".*kernel", QuantSpec(8, channel_axes=(1,)), act=QuantSpec(8))])
 W2A8 = Policy([Rule(r".*kernel", QuantSpec(2, symmetric=False, channel_axes=(1,)), act=QuantSpec(8))])
@@ -79,7 +81,7 @@ def test_linen_qat_trains_and_serving_matches(digits):
         qat_logits = jax.jit(qmodel.apply)(trained, xt)
         assert _accuracy(qat_logits, yt) >= float_acc - allowed_drop
         served = jquant.quantize_params(trained, policy)
-        kernels = [leaf for path, leaf in jquant.policy.leaves_with_paths(served) if path.endswith("kernel")]
+        kernels = [leaf for path, leaf in paths.leaves_with_paths(served) if path.endswith("kernel")]
         assert len(kernels) == 2 and all(isinstance(k, jquant.QArray) for k in kernels)
         served_logits = jax.jit(qmodel.apply)(served, xt)
         agree = np.mean(np.argmax(np.asarray(served_logits), -1) == np.argmax(np.asarray(qat_logits), -1))
@@ -220,9 +222,7 @@ def test_linen_calibration_observes_ema_and_serves_static_ranges(digits):
     qmodel = jquant.flax.quantize(Mlp(), CALIBRATED)
     variables = qmodel.init(jax.random.key(0), x[:1])
     assert set(variables) == {"params"}  # init adds no statistics
-    step = jax.jit(functools.partial(qmodel.calibrate, momentum=0.8))
-    for b in batches:
-        variables = step(variables, b)
+    variables = jquant.flax.calibrate(qmodel, [(b,) for b in batches], variables=variables, momentum=0.8)
     stats = variables["quant_stats"]["Dense_0"]  # the first layer sees x itself
     lo, hi = _ema_reference(batches, 0.8)
     np.testing.assert_allclose([float(stats["act_lo"]), float(stats["act_hi"])], [lo, hi], rtol=1e-6)
@@ -235,7 +235,7 @@ def test_linen_calibration_observes_ema_and_serves_static_ranges(digits):
     h = x[:64]
     for name, activation in (("Dense_0", jax.nn.relu), ("Dense_1", lambda v: v)):
         layer_stats = variables["quant_stats"][name]
-        scale, zero_point = jquant.numerics.scale_from_range(layer_stats["act_lo"], layer_stats["act_hi"], act)
+        scale, zero_point = uniform.scale_from_range(layer_stats["act_lo"], layer_stats["act_hi"], act)
         layer = variables["params"][name]
         h = activation(jquant.fake_quant(h, act, scale=scale, zero_point=zero_point)
                        @ jquant.fake_quant(layer["kernel"], weight) + layer["bias"])
@@ -244,7 +244,7 @@ def test_linen_calibration_observes_ema_and_serves_static_ranges(digits):
     np.testing.assert_allclose(np.asarray(served), np.asarray(static), rtol=1e-4, atol=1e-4)
     with pytest.raises(ValueError, match="per-tensor"):
         bad = Policy([Rule(r".*kernel", QuantSpec(8), act=QuantSpec(8, channel_axes=(0,)))])
-        jquant.flax.quantize(Mlp(), bad).calibrate(variables, batches[0])
+        jquant.flax.calibrate(jquant.flax.quantize(Mlp(), bad), [(batches[0],)], variables=variables)
 
 
 def test_nnx_calibration(digits):
@@ -261,7 +261,7 @@ def test_nnx_calibration(digits):
 
     model = jquant.flax.quantize(Net(nnx.Rngs(0)), CALIBRATED)
     dynamic = model(x[:64])
-    jquant.flax.calibrate_nnx(model, batches, momentum=0.5)
+    jquant.flax.calibrate(model, batches, momentum=0.5)
     observer = model.hidden.dot_general
     lo, hi = _ema_reference([b[0] for b in batches], 0.5)
     np.testing.assert_allclose([float(observer.act_lo.get_value()), float(observer.act_hi.get_value())], [lo, hi],

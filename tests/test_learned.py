@@ -11,6 +11,7 @@ import pytest
 from flax import linen as nn
 
 import jquant
+from jquant._src import paths
 from jquant import Policy, QuantSpec, Rule
 from jquant import learned
 
@@ -49,7 +50,7 @@ def test_lsq_forward_matches_reference_and_export(spec):
     np.testing.assert_allclose(np.asarray(out), _lsq_reference(x, step, spec), rtol=1e-6, atol=1e-6)
     # exported QArray dequantizes to exactly the LSQ forward
     policy = Policy([Rule("w", spec)])
-    qa = learned.export_params({"w": x}, {learned.LSQ_STEP: {"w": step}}, policy)["w"]
+    qa = learned.quantize_params({"w": x}, {learned.LSQ_STEP: {"w": step}}, policy)["w"]
     assert isinstance(qa, jquant.QArray) and qa.spec == spec
     np.testing.assert_array_equal(np.asarray(qa.dequantize()), np.asarray(out))
 
@@ -174,15 +175,15 @@ def test_tree_init_linen_training_and_export():
     x, y = _data()
     qmodel = jquant.flax.quantize(Mlp(), POLICY)
     params = qmodel.init(jax.random.key(0), x[:1])["params"]
-    stats = qmodel.calibrate({"params": params}, x)["quant_stats"]
-    state = learned.init_learned(params, POLICY, act_stats=stats)
+    stats = jquant.flax.calibrate(qmodel, [(x,)], variables={"params": params})
+    state = learned.init(params, POLICY, act_ranges=jquant.flax.act_ranges(stats))
     assert jax.tree.map(jnp.shape, state) == {
         learned.LSQ_STEP: {"Dense_0": {"kernel": (1, 32)}, "Dense_1": {"kernel": (1, 10)}},
         learned.PACT_CLIP: {"Dense_0": {"kernel": ()}, "Dense_1": {"kernel": ()}}}
-    assert float(state[learned.PACT_CLIP]["Dense_0"]["kernel"]) == float(stats["Dense_0"]["act_hi"])
+    assert float(state[learned.PACT_CLIP]["Dense_0"]["kernel"]) == float(stats["quant_stats"]["Dense_0"]["act_hi"])
 
     variables = {"params": params, **state}
-    optimizer = learned.learned_optimizer(optax.adam(1e-2), optax.adam(1e-2))
+    optimizer = learned.optimizer(optax.adam(1e-2), optax.adam(1e-2))
     loss_fn = lambda v: optax.softmax_cross_entropy_with_integer_labels(qmodel.apply(v, x), y).mean()
 
     @jax.jit
@@ -202,14 +203,14 @@ def test_tree_init_linen_training_and_export():
         assert all(jax.tree.leaves(changed)), key
 
     # serving: QArray kernels with the learned steps, the clips as static ranges — same logits
-    served = {"params": learned.export_params(trained["params"], trained, POLICY),
-              "quant_stats": learned.export_stats(trained, POLICY)}
-    kinds = jax.tree.map(type, jquant.quantize_params(trained["params"], POLICY), is_leaf=jquant.policy.is_qarray)
-    assert jax.tree.map(type, served["params"], is_leaf=jquant.policy.is_qarray) == kinds
+    served = {"params": learned.quantize_params(trained["params"], trained, POLICY),
+              "quant_stats": jquant.flax.learned_stats(trained, POLICY)}
+    kinds = jax.tree.map(type, jquant.quantize_params(trained["params"], POLICY), is_leaf=paths.is_qarray)
+    assert jax.tree.map(type, served["params"], is_leaf=paths.is_qarray) == kinds
     np.testing.assert_allclose(np.asarray(jax.jit(qmodel.apply)(served, x)), np.asarray(qmodel.apply(trained, x)),
                                atol=1e-4)
     # the functional path: LSQ fake-quantized params = the exported kernels dequantized
-    fq = learned.lsq_params(trained["params"], trained, POLICY)
+    fq = learned.fake_quant_params(trained["params"], trained, POLICY)
     deq = jquant.dequantize_params(served["params"])
     for a, b in zip(jax.tree.leaves(fq), jax.tree.leaves(deq)):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
@@ -218,7 +219,7 @@ def test_tree_init_linen_training_and_export():
 def test_learned_optimizer_gives_steps_their_own_rate():
     tree = {"params": {"w": jnp.ones(3)}, learned.LSQ_STEP: {"w": jnp.ones(())}}
     grads = jax.tree.map(jnp.ones_like, tree)
-    optimizer = learned.learned_optimizer(optax.sgd(1.0), optax.sgd(0.01))
+    optimizer = learned.optimizer(optax.sgd(1.0), optax.sgd(0.01))
     updates, _ = optimizer.update(grads, optimizer.init(tree), tree)
     np.testing.assert_allclose(np.asarray(updates["params"]["w"]), -1.0)
     np.testing.assert_allclose(float(updates[learned.LSQ_STEP]["w"]), -0.01)

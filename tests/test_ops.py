@@ -13,7 +13,7 @@ DN = (((1,), (0,)), ((), ()))
 
 @pytest.fixture(autouse=True)
 def _integer_qat_at_any_size(monkeypatch):
-    monkeypatch.setattr(jquant.ops, "INTEGER_QAT_MIN_MACS", 0)  # small shapes keep the tests fast
+    monkeypatch.setattr(jquant._src.ops, "INTEGER_QAT_MIN_MACS", 0)  # small shapes keep the tests fast
 
 
 def _operands():
@@ -61,9 +61,9 @@ def test_integer_qat_derivatives_are_the_straight_through_ones():
 def test_small_dots_keep_the_float_ste_path(monkeypatch):
     x, w = _operands()
     op = QuantDot(QuantSpec(8, channel_axes=(1,)), QuantSpec(8))
-    monkeypatch.setattr(jquant.ops, "INTEGER_QAT_MIN_MACS", 16 * 64 * 24 + 1)
+    monkeypatch.setattr(jquant._src.ops, "INTEGER_QAT_MIN_MACS", 16 * 64 * 24 + 1)
     assert not op._integer_forward(x, w, DN)
-    monkeypatch.setattr(jquant.ops, "INTEGER_QAT_MIN_MACS", 16 * 64 * 24)
+    monkeypatch.setattr(jquant._src.ops, "INTEGER_QAT_MIN_MACS", 16 * 64 * 24)
     assert op._integer_forward(x, w, DN)
 
 

@@ -11,7 +11,8 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
 import jquant
-from jquant import QuantSpec, packing
+from jquant import QuantSpec
+from jquant._src import packing
 
 SHAPES = hnp.array_shapes(min_dims=0, max_dims=3, min_side=1, max_side=9)
 

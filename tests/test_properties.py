@@ -23,7 +23,10 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
 import jquant
-from jquant import QuantSpec, numerics
+from jquant import QuantSpec
+from jquant._src import packing
+from jquant._src import numerics
+from jquant._src.formats import uniform
 
 import reference
 
@@ -142,7 +145,7 @@ def test_stored_integers_survive_packing(shape_spec, seed):
     # the integers read back from storage (unpacked for ≤ 4 bits) are the ones quantize computed
     np.testing.assert_array_equal(np.asarray(q), np.asarray(codes))
     if spec.bits <= 4:
-        assert qa.value.dtype == jnp.uint8 and qa.value.shape == jquant.packing.packed_shape(shape, spec.bits)
+        assert qa.value.dtype == jnp.uint8 and qa.value.shape == packing.packed_shape(shape, spec.bits)
         assert qa.nbytes >= math.ceil(math.prod(shape) * spec.bits / 8)
     else:
         assert qa.value.dtype == jnp.int8 and qa.value.shape == shape
@@ -153,12 +156,8 @@ def _storage(x, spec):
     """(QArray, its .q, the integers computed directly without packing)."""
     qa = jquant.quantize(x, spec)
     lay = numerics.layout(x.shape, spec)
-    if spec.method in ("kmeans", "nf4"):
-        from jquant import codebook
-        codes, _ = codebook.quantize_codebook(x, spec, lay, None if spec.method == "kmeans" else qa.scale)
-        return qa, qa.q, codes.astype(jnp.int8)
-    codes = numerics.quantize_grouped(lay.to_grouped(x), qa.scale, qa.zero_point, spec)
-    return qa, qa.q, lay.from_grouped(codes)
+    # The format's own integers, straight from the stored scale (no packing in between).
+    return qa, qa.q, spec.method.encode(x, spec, lay, qa.scale, qa.zero_point, fixed=True)
 
 
 @st.composite

@@ -9,9 +9,10 @@ import numpy as np
 import pytest
 
 import jquant
+from jquant._src import paths
 import jquant.ptq
 from jquant import Policy, QuantSpec, Rule
-from jquant.ptq.folding import fold_groups
+from jquant._src.ptq.folding import fold_groups
 
 D = 32
 
@@ -55,7 +56,7 @@ POLICY = Policy([Rule(r".*kernel", QuantSpec(3, symmetric=False, channel_axes=(1
 
 def test_fold_groups_find_norms_and_report_what_cannot_fold():
     params = _params(0)
-    leaves = {jquant.policy.path_to_str(p): i
+    leaves = {paths.path_to_str(p): i
               for i, (p, _) in enumerate(jax.tree_util.tree_flatten_with_path(params)[0])}
     wanted = {leaves[f"{n}/kernel"] for n in ("q", "k", "v", "o", "up", "down")}
     groups = {tuple(sorted(leaf for leaf, _ in g.weights)): g for g in fold_groups(_block, params, _batches(1, 1)[0],
@@ -76,7 +77,7 @@ def test_fold_into_the_previous_linear_and_its_bias():
                     "bias": jnp.asarray(rng.standard_normal(16), jnp.float32)},
               "b": {"kernel": jnp.asarray(rng.standard_normal((16, 4)), jnp.float32)}}
     x = jnp.asarray(rng.standard_normal((64, 8)) * np.linspace(0.1, 10, 8), jnp.float32)
-    smoothed = jquant.ptq.smoothquant(fn, params, Policy([Rule("b/kernel", QuantSpec(8))]), [(x,)])
+    smoothed, _ = jquant.ptq.smoothquant(fn, params, Policy([Rule("b/kernel", QuantSpec(8))]), [(x,)])
     np.testing.assert_allclose(np.asarray(fn(smoothed, x)), np.asarray(fn(params, x)), rtol=1e-4, atol=1e-4)
     assert not np.allclose(np.asarray(smoothed["a"]["kernel"]), np.asarray(params["a"]["kernel"]))
     assert not np.allclose(np.asarray(smoothed["a"]["bias"]), np.asarray(params["a"]["bias"]))
@@ -86,7 +87,7 @@ def test_awq_keeps_the_function_and_beats_round_to_nearest():
     params, batches = _params(3), _batches(4, 5)
     *calibration, (held_out,) = batches
     with pytest.warns(UserWarning, match=r"2 weight\(s\) not scaled.*o/kernel.*down/kernel"):
-        scaled, errors = jquant.ptq.awq(_block, params, POLICY, calibration, return_errors=True)
+        scaled, errors = jquant.ptq.awq(_block, params, POLICY, calibration)
     np.testing.assert_allclose(np.asarray(_block(scaled, held_out)), np.asarray(_block(params, held_out)),
                                rtol=1e-4, atol=1e-4 * float(jnp.max(jnp.abs(_block(params, held_out)))))
     assert set(errors) == {"q/kernel", "k/kernel", "v/kernel", "up/kernel"}
@@ -104,7 +105,7 @@ def test_smoothquant_balances_activation_and_weight_ranges():
     params, batches = _params(5), _batches(6, 3)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        smoothed = jquant.ptq.smoothquant(_block, params, POLICY, batches, alpha=0.5)
+        smoothed, errors = jquant.ptq.smoothquant(_block, params, POLICY, batches, alpha=0.5)
     x = np.concatenate([np.asarray(b[0]) for b in batches])
     h_before = np.asarray(_layer_norm(jnp.asarray(x), params["ln1"]))
     h_after = np.asarray(_layer_norm(jnp.asarray(x), smoothed["ln1"]))

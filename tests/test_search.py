@@ -8,7 +8,7 @@ import pytest
 
 import jquant
 from jquant import QuantSpec
-from jquant.search import _knapsack
+from jquant._src.ptq.search import _knapsack
 
 
 @pytest.mark.parametrize("seed", range(5))
@@ -55,7 +55,7 @@ CANDIDATES = [QuantSpec(8, channel_axes=(1,)), QuantSpec(4, channel_axes=(1,), g
 
 def test_searched_policy_fits_the_budget_and_beats_uniform_policies():
     params, batches = _setup()
-    policy, table = jquant.search_policy(_mlp, params, batches, 4.0, CANDIDATES)
+    policy, table = jquant.ptq.search_policy(_mlp, params, batches, 4.0, CANDIDATES)
     assert table.bits_per_weight <= 4.0 and table.bytes <= table.budget_bytes
     assert [r.pattern for r in policy.rules] == ["a/kernel", "b/kernel", "c/kernel"]
     tree = jquant.quantize_params(params, policy)
@@ -65,7 +65,7 @@ def test_searched_policy_fits_the_budget_and_beats_uniform_policies():
 
     def distortion(p):
         p = jquant.dequantize_params(p)
-        return sum(float(jquant.search.relative_mse(_mlp(p, *b), r)) for b, r in zip(batches, reference))
+        return sum(float(jquant.ptq.relative_mse(_mlp(p, *b), r)) for b, r in zip(batches, reference))
 
     searched = distortion(tree)
     compared = 0
@@ -82,10 +82,10 @@ def test_searched_policy_fits_the_budget_and_beats_uniform_policies():
 def test_search_errors_are_clear():
     params, batches = _setup()
     with pytest.raises(ValueError, match="below the smallest choice"):
-        jquant.search_policy(_mlp, params, batches, 0.5, CANDIDATES)
+        jquant.ptq.search_policy(_mlp, params, batches, 0.5, CANDIDATES)
     with pytest.raises(ValueError, match="matches no float leaf"):
-        jquant.search_policy(_mlp, params, batches, 4.0, CANDIDATES, include="nothing")
+        jquant.ptq.search_policy(_mlp, params, batches, 4.0, CANDIDATES, include="nothing")
     with pytest.raises(ValueError, match=r"a/kernel: none of the candidates fits"):
-        jquant.search_policy(_mlp, params, batches, 4.0, [QuantSpec(4, channel_axes=(1,), group_size=64)])
+        jquant.ptq.search_policy(_mlp, params, batches, 4.0, [QuantSpec(4, channel_axes=(1,), group_size=64)])
     with pytest.raises(ValueError, match="batches is empty"):
-        jquant.search_policy(_mlp, params, [], 4.0, CANDIDATES)
+        jquant.ptq.search_policy(_mlp, params, [], 4.0, CANDIDATES)

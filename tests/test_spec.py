@@ -9,34 +9,45 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import jquant
-from jquant import QuantSpec
+from jquant import MSE, Percentile, QuantSpec
 
 import reference
 
 
-@pytest.mark.parametrize("kwargs, field, allowed", [
-    (dict(bits=0), "bits", "2..8"),
-    (dict(bits=9), "bits", "2..8"),
-    (dict(bits=-3), "bits", "2..8"),
-    (dict(bits=1), "bits", "method='sign'"),            # 1-bit uniform: points to sign
-    (dict(bits=8.0), "bits", "int"),
-    (dict(bits=True), "bits", "int"),
-    (dict(bits=2, method="sign"), "bits", "bits=1"),
-    (dict(bits=1, method="sign", symmetric=False), "symmetric", "symmetric"),
-    (dict(method="ternary"), "method", "uniform, sign"),
-    (dict(group_size=0), "group_size", "positive"),
-    (dict(group_size=-4), "group_size", "positive"),
-    (dict(group_size=2.5), "group_size", "positive int"),
-    (dict(group_axis=0), "group_axis", "group_size"),
-    (dict(group_size=2, group_axis=1, channel_axes=(1,)), "group_axis", "channel axis"),
-    (dict(group_size=2, group_axis=-1, channel_axes=-1), "group_axis", "channel axis"),
-    (dict(group_size=2, group_axis=1.0), "group_axis", "int"),
-    (dict(channel_axes=(0, 0)), "channel_axes", "repeated"),
-    (dict(channel_axes=(0, 1.5)), "channel_axes", "ints"),
-    (dict(channel_axes=None), "channel_axes", "tuple of ints"),
+@pytest.mark.parametrize("kwargs, field, allowed, error", [
+    (dict(bits=0), "bits", "2..8", ValueError),
+    (dict(bits=9), "bits", "2..8", ValueError),
+    (dict(bits=-3), "bits", "2..8", ValueError),
+    (dict(bits=1), "bits", "method='sign'", ValueError),            # 1-bit uniform: points to sign
+    (dict(bits=8.0), "bits", "int", TypeError),
+    (dict(bits="8"), "bits", "int", TypeError),
+    (dict(bits=5, method="kmeans"), "bits", "allowed: 1..4", ValueError),
+    (dict(bits=0, method="kmeans"), "bits", "out of range", ValueError),
+    (dict(bits=3, method="nf4"), "bits", "bits=4", ValueError),
+    (dict(symmetric="False"), "symmetric", "True or False", TypeError),
+    (dict(bits=1, method="sign", calibration=Percentile(99.0)), "calibration", "method='uniform'", ValueError),
+    (dict(bits=True), "bits", "int", TypeError),
+    (dict(bits=2, method="sign"), "bits", "bits=1", ValueError),
+    (dict(bits=1, method="sign", symmetric=False), "symmetric", "symmetric", ValueError),
+    (dict(method="ternary"), "method", "uniform, sign", ValueError),
+    (dict(method=4), "method", "uniform, sign", TypeError),
+    (dict(group_size=0), "group_size", "positive", ValueError),
+    (dict(group_size=-4), "group_size", "positive", ValueError),
+    (dict(group_size=2.5), "group_size", "positive int", TypeError),
+    (dict(group_axis=0), "group_axis", "group_size", ValueError),
+    (dict(group_size=2, group_axis=1, channel_axes=(1,)), "group_axis", "channel axis", ValueError),
+    (dict(group_size=2, group_axis=-1, channel_axes=-1), "group_axis", "channel axis", ValueError),
+    (dict(group_size=2, group_axis=1.0), "group_axis", "int", TypeError),
+    (dict(channel_axes=(0, 0)), "channel_axes", "repeated", ValueError),
+    (dict(channel_axes=(0, 1.5)), "channel_axes", "ints", TypeError),
+    (dict(channel_axes=None), "channel_axes", "tuple of ints", TypeError),
+    (dict(bits=4, symmetric=False, midrise=True), "midrise", "symmetric=True", ValueError),
+    (dict(bits=1, method="sign", midrise=True), "midrise", "symmetric uniform", ValueError),
+    (dict(bits=3, method="kmeans", calibration=MSE()), "calibration", "method='uniform'", ValueError),
+    (dict(bits=8, calibration="mse"), "calibration", "MinMax()", TypeError),
 ])
-def test_bad_spec_raises_value_error_naming_field_and_allowed(kwargs, field, allowed):
-    with pytest.raises(ValueError) as info:
+def test_bad_spec_raises_naming_field_and_allowed(kwargs, field, allowed, error):
+    with pytest.raises(error) as info:
         QuantSpec(**kwargs)
     message = str(info.value)
     assert f"QuantSpec.{field}" in message

@@ -9,8 +9,9 @@ import pytest
 from flax import linen as nn
 
 import jquant
+from jquant._src import paths
 from jquant import Policy, QuantSpec, Rule
-from jquant.policy import is_qarray
+from jquant._src.paths import is_qarray
 
 
 class Block(nn.Module):
@@ -33,7 +34,7 @@ def model_and_params():
 
 
 def _kernels(tree):
-    return {p: l for p, l in jquant.policy.leaves_with_paths(tree) if p.endswith("kernel")}
+    return {p: l for p, l in paths.leaves_with_paths(tree) if p.endswith("kernel")}
 
 
 def test_int8_per_channel_keeps_the_block_function(model_and_params):
@@ -53,8 +54,8 @@ def test_structure_dtypes_and_untouched_leaves(model_and_params):
     tree = {"params": params["params"], "step": jnp.array(7, jnp.int32), "ema": jnp.ones((4,), jnp.bfloat16)}
     policy = Policy([Rule(r".*query/kernel", None), Rule(r".*", QuantSpec(8))])
     qtree = jquant.quantize_params(tree, policy)
-    flat_in = jquant.policy.leaves_with_paths(tree)
-    flat_out = dict(jquant.policy.leaves_with_paths(qtree))
+    flat_in = paths.leaves_with_paths(tree)
+    flat_out = dict(paths.leaves_with_paths(qtree))
     for path, leaf in flat_in:
         out = flat_out[path]
         if path.endswith("query/kernel") or path == "step":
@@ -63,7 +64,7 @@ def test_structure_dtypes_and_untouched_leaves(model_and_params):
             assert is_qarray(out), path
     back = jquant.dequantize_params(qtree)
     assert jax.tree_util.tree_structure(back) == jax.tree_util.tree_structure(tree)
-    for (path, a), (_, b) in zip(flat_in, jquant.policy.leaves_with_paths(back)):
+    for (path, a), (_, b) in zip(flat_in, paths.leaves_with_paths(back)):
         assert a.shape == b.shape and a.dtype == b.dtype, path
 
 
@@ -72,7 +73,7 @@ def test_fake_quant_params_matches_quantize_then_dequantize_and_has_gradients(mo
     policy = jquant.int4_weights(group_size=32)
     fq = jax.jit(jquant.fake_quant_params, static_argnums=1)(params, policy)
     dq = jquant.dequantize_params(jquant.quantize_params(params, policy))
-    for (p, a), (_, b) in zip(jquant.policy.leaves_with_paths(fq), jquant.policy.leaves_with_paths(dq)):
+    for (p, a), (_, b) in zip(paths.leaves_with_paths(fq), paths.leaves_with_paths(dq)):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b), err_msg=p)
     grads = jax.grad(lambda p: jnp.sum(model.apply(jquant.fake_quant_params(p, policy), x) ** 2))(params)
     for path, g in _kernels(grads).items():

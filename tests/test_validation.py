@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 
 import jquant
-from jquant import Policy, QuantSpec, Rule, packing
-from jquant.calibration import Percentile
+from jquant import Policy, QuantSpec, Rule
+from jquant._src import packing
 
 DN = (((1,), (0,)), ((), ()))
 
@@ -35,32 +35,6 @@ INF_KERNEL = jnp.ones((4, 8)).at[3, 0].set(-jnp.inf).at[0, 0].set(jnp.inf)
 X = jnp.ones((4, 16))
 
 CASES = {
-    # --- QuantSpec on its own: field, value, allowed -------------------------------------------
-    "bits above range": (lambda: QuantSpec(bits=9), ValueError, ["QuantSpec.bits=9", "allowed: 2..8"]),
-    "bits below range": (lambda: QuantSpec(bits=1), ValueError, ["QuantSpec.bits=1", "2..8", "method='sign'"]),
-    "bits not an int": (lambda: QuantSpec(bits="8"), ValueError, ["QuantSpec.bits", "'8'", "int"]),
-    "unknown method": (lambda: QuantSpec(method="ternary"), ValueError,
-                       ["QuantSpec.method='ternary'", "uniform, sign, kmeans, nf4"]),
-    "sign with 2 bits": (lambda: QuantSpec(bits=2, method="sign"), ValueError, ["QuantSpec.bits=2", "bits=1"]),
-    "codebook bits too large": (lambda: QuantSpec(bits=5, method="kmeans"), ValueError,
-                                ["QuantSpec.bits=5", "too large", "allowed: 1..4", "method='uniform'"]),
-    "codebook bits zero": (lambda: QuantSpec(bits=0, method="kmeans"), ValueError,
-                           ["QuantSpec.bits=0", "out of range", "allowed: 1..4"]),
-    "nf4 not 4 bits": (lambda: QuantSpec(bits=3, method="nf4"), ValueError, ["QuantSpec.bits=3", "bits=4"]),
-    "symmetric not a bool": (lambda: QuantSpec(symmetric="False"), ValueError,
-                             ["QuantSpec.symmetric", "'False'", "True or False"]),
-    "midrise asymmetric": (lambda: QuantSpec(4, symmetric=False, midrise=True), ValueError,
-                           ["QuantSpec.midrise=True", "symmetric=True"]),
-    "calibration not one": (lambda: QuantSpec(calibration="absmax"), ValueError,
-                            ["QuantSpec.calibration='absmax'", "MinMax()"]),
-    "calibration for sign": (lambda: QuantSpec(1, method="sign", calibration=Percentile(99.0)), ValueError,
-                             ["QuantSpec.calibration", "method='uniform'"]),
-    "group size zero": (lambda: QuantSpec(group_size=0), ValueError, ["QuantSpec.group_size", "0", "positive int"]),
-    "group axis without size": (lambda: QuantSpec(group_axis=0), ValueError, ["QuantSpec.group_axis=0", "group_size"]),
-    "group axis is a channel axis": (lambda: QuantSpec(group_size=2, group_axis=1, channel_axes=(1,)), ValueError,
-                                     ["QuantSpec.group_axis=1", "channel axis"]),
-    "channel axes repeated": (lambda: QuantSpec(channel_axes=(0, 0)), ValueError, ["QuantSpec.channel_axes", "repeated"]),
-
     # --- a spec that does not fit a leaf of a tree: leaf path, rule, field, allowed ------------
     "group size does not divide": (_quantize_tree(jnp.ones((100, 8)), QuantSpec(4, channel_axes=(-1,), group_size=64)),
                                    ValueError, ["encoder/dense/kernel", "rule 0", "group_size=64", "size 100",
@@ -80,9 +54,9 @@ CASES = {
                             TypeError, ["policy", "jquant.Policy", "list"]),
     "invalid regex": (lambda: Rule("(.*kernel", QuantSpec()), ValueError,
                       ["Rule.pattern '(.*kernel'", "not a valid regular expression"]),
-    "pattern not a string": (lambda: Rule(3, QuantSpec()), ValueError, ["Rule.pattern", "str"]),
-    "rule spec not a QuantSpec": (lambda: Rule(".*", {"bits": 8}), ValueError, ["Rule.spec", "QuantSpec or None"]),
-    "policy of non-rules": (lambda: Policy([(".*", QuantSpec())]), ValueError, ["Policy rule 0", "jquant.Rule"]),
+    "pattern not a string": (lambda: Rule(3, QuantSpec()), TypeError, ["Rule.pattern", "str"]),
+    "rule spec not a QuantSpec": (lambda: Rule(".*", {"bits": 8}), TypeError, ["Rule.spec", "QuantSpec or None"]),
+    "policy of non-rules": (lambda: Policy([(".*", QuantSpec())]), TypeError, ["Policy rule 0", "jquant.Rule"]),
 
     # --- NaN / Inf in weights: the leaf path and the count -------------------------------------
     "NaN in a weight": (lambda: jquant.quantize_params(_tree(NAN_KERNEL), jquant.int8_weights()), ValueError,
@@ -132,7 +106,7 @@ CASES = {
         ValueError, ["lhs is grouped along axis 0", "not contracted", "along a contracting axis"]),
     "codebook operand on the integer path": (
         lambda: jquant.int_dot_general(_qa((4, 16), QuantSpec(8)), _qa((16, 3), QuantSpec(2, method="kmeans")), DN),
-        ValueError, ["rhs uses method='kmeans'", "integer methods", "uniform"]),
+        ValueError, ["rhs uses method='kmeans'", "integer formats", "uniform"]),
     "float operand on the integer path": (lambda: jquant.int_dot_general(X, _qa((16, 3), QuantSpec(8)), DN),
                                           TypeError, ["int_dot_general", "lhs must be a QArray"]),
     "dimension number out of range": (

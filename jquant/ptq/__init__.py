@@ -1,16 +1,16 @@
-"""Post-training quantization from calibration data, on any JAX function.
+"""Post-training quantization from calibration data, on any JAX function `fn(params, *batch)`.
 
-`gptq(fn, params, policy, batches)` finds where `fn(params, *batch)` multiplies each
-policy-matched weight (by tracing it to a jaxpr — no model-specific code) and quantizes weight by
-weight with the inputs it really sees. `awq` and `smoothquant` fold per-input-channel scales into
-the float params (the function is unchanged) so that quantizing afterwards loses less. Modules:
-`capture` (sites and input statistics), `gptq` (the per-weight algorithm), `layerwise` (the
-driver over a tree), `folding` (where a per-channel scale can be folded), `scaling` (AWQ,
-SmoothQuant).
+`gptq` finds where `fn` multiplies each policy-matched weight (by tracing it to a jaxpr — no
+model-specific code) and quantizes weight by weight with the inputs it really sees. `awq` and
+`smoothquant` fold per-input-channel scales into the float params (the function is unchanged) so
+that quantizing afterwards loses less. All three return a `Result(params, errors)`.
+`search_policy` picks each weight's spec under a size budget from measured sensitivities.
 """
 
-from jquant.ptq.gptq import LayerResult, gptq_weight
-from jquant.ptq.layerwise import gptq
-from jquant.ptq.scaling import awq, smoothquant
+from jquant._src.ptq.gptq import LayerError, gptq_weight
+from jquant._src.ptq.layerwise import Result, gptq
+from jquant._src.ptq.scaling import awq, smoothquant
+from jquant._src.ptq.search import SearchTable, relative_mse, search_policy
 
-__all__ = ["gptq", "gptq_weight", "LayerResult", "awq", "smoothquant"]
+__all__ = ["gptq", "awq", "smoothquant", "Result", "LayerError", "gptq_weight", "search_policy", "SearchTable",
+           "relative_mse"]

@@ -30,7 +30,7 @@ import jax
 import jax.numpy as jnp
 from jax.extend import core as jcore
 
-from jquant.ptq.capture import flat_program
+from jquant._src.ptq.capture import flat_program
 
 _FOLLOW = frozenset({"convert_element_type", "copy", "copy_p"})
 

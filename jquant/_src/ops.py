@@ -32,11 +32,11 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from jquant.dot import INTEGER_METHODS, dot_general, int_dot_general
-from jquant.packing import is_packed
-from jquant.qarray import QArray, quantize
-from jquant.spec import QuantSpec
-from jquant.ste import fake_quant
+from jquant._src.dot import dot_general, int_dot_general
+from jquant._src.packing import is_packed
+from jquant._src.qarray import QArray, quantize
+from jquant._src.spec import QuantSpec
+from jquant._src.ste import fake_quant
 
 
 INTEGER_QAT_MIN_MACS = 1 << 22
@@ -70,7 +70,7 @@ class _QuantOp:
         the activation is fake-quantized and the weight dequantized (the same numbers as QAT)."""
         if self.act is None:
             return lhs, rhs
-        if rhs.spec.method not in INTEGER_METHODS:
+        if not rhs.spec.method.integer_grid:
             return self.fake_quant_inputs(lhs, rhs)[0], rhs.dequantize()
         return quantize(lhs, self.act, scale=self.act_scale, zero_point=self.act_zero_point), rhs
 
@@ -107,7 +107,7 @@ class QuantDot(_QuantOp):
         and `int_dot_general` accepts the operands (checked on shapes only, at trace time)."""
         if self.act is None or self.weight is None:
             return False
-        if self.act.method not in INTEGER_METHODS or self.weight.method not in INTEGER_METHODS:
+        if not (self.act.method.integer_grid and self.weight.method.integer_grid):
             return False
         contracted = math.prod(jnp.shape(rhs)[a] for a in dimension_numbers[0][1])
         smallest = INTEGER_QAT_MIN_MACS * (PACKED_WEIGHT_MACS_FACTOR if is_packed(self.weight.bits) else 1)

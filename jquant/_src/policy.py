@@ -1,9 +1,9 @@
-"""Quantization policies: ordered regex rules from parameter paths to specs.
+"""Quantization policies: ordered regex rules from parameter paths to specs, and `walk`, the one
+walk over a parameter tree by a policy that every user of policies goes through.
 
-A leaf's path is its keys, attribute names and indices joined with "/", e.g.
-`params/encoder/layer_0/attn/query/kernel` (the leading `params/` is optional in rules). A
-trailing `value` attribute (the array inside an NNX `Variable`) is dropped, so an NNX `State` and
-a Linen `params` dict give the same paths.
+Paths are named as `jquant._src.paths` says, e.g. `params/encoder/layer_0/attn/query/kernel`
+(a leading `params/` is optional in rules, so rules read the same on a Linen `variables` dict
+and on its `params`).
 
 Kernel conventions (what the presets and the docs assume; a rule can say anything else):
 * Dense `(in, out)`, Conv `(H, W, I, O)`, DenseGeneral/Einsum kernels whose output features are
@@ -17,12 +17,15 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from typing import Any, Iterable, List, Optional, Tuple
+import warnings
+from typing import Callable, List, NamedTuple, Optional, Tuple
 
 import jax
+import jax.numpy as jnp
+from jax.experimental import checkify
 
-from jquant.qarray import QArray
-from jquant.spec import QuantSpec
+from jquant._src.paths import at_path, is_float_array, leaves_with_paths, map_with_paths
+from jquant._src.spec import QuantSpec
 
 
 @dataclasses.dataclass(frozen=True)
@@ -36,7 +39,8 @@ class Rule:
         ignored by the parameter transforms).
 
     Raises:
-      ValueError: the pattern is not a valid regular expression, or a spec is not a QuantSpec.
+      TypeError: the pattern is not a str, or a spec is not a QuantSpec.
+      ValueError: the pattern is not a valid regular expression.
     """
 
     pattern: str
@@ -45,7 +49,7 @@ class Rule:
 
     def __post_init__(self):
         if not isinstance(self.pattern, str):
-            raise ValueError(f"Rule.pattern must be a str (a regular expression), got {self.pattern!r}")
+            raise TypeError(f"Rule.pattern must be a str (a regular expression), got {self.pattern!r}")
         try:
             re.compile(self.pattern)
         except re.error as err:
@@ -53,7 +57,7 @@ class Rule:
         for name in ("spec", "act"):
             value = getattr(self, name)
             if value is not None and not isinstance(value, QuantSpec):
-                raise ValueError(f"Rule.{name} must be a QuantSpec or None, got {type(value).__name__}: {value!r}")
+                raise TypeError(f"Rule.{name} must be a QuantSpec or None, got {type(value).__name__}: {value!r}")
 
     def matches(self, path: str) -> bool:
         return re.fullmatch(self.pattern, path) is not None
@@ -77,7 +81,7 @@ class Policy:
         rules = tuple(self.rules)
         for i, rule in enumerate(rules):
             if not isinstance(rule, Rule):
-                raise ValueError(f"Policy rule {i} must be a jquant.Rule, got {type(rule).__name__}: {rule!r}")
+                raise TypeError(f"Policy rule {i} must be a jquant.Rule, got {type(rule).__name__}: {rule!r}")
         object.__setattr__(self, "rules", rules)
 
     def rule_for(self, path: str) -> Optional[Tuple[int, Rule]]:
@@ -116,38 +120,95 @@ class Policy:
         return "Policy([" + ", ".join(repr(r) for r in self.rules) + "])"
 
 
-def path_to_str(path) -> str:
-    """A key path as "a/b/0/c", dropping a final NNX `.value` attribute."""
-    parts = []
-    for key in path:
-        if isinstance(key, jax.tree_util.DictKey):
-            parts.append(str(key.key))
-        elif isinstance(key, jax.tree_util.GetAttrKey):
-            parts.append(key.name)
-        elif isinstance(key, jax.tree_util.SequenceKey):
-            parts.append(str(key.idx))
-        elif isinstance(key, jax.tree_util.FlattenedIndexKey):
-            parts.append(str(key.key))
-        else:
-            parts.append(str(key))
-    if len(path) > 1 and isinstance(path[-1], jax.tree_util.GetAttrKey) and path[-1].name == "value":
-        parts.pop()
-    return "/".join(parts)
+def check_policy(policy, where: str) -> "Policy":
+    """TypeError unless `policy` is a Policy."""
+    if not isinstance(policy, Policy):
+        raise TypeError(f"{where}: policy must be a jquant.Policy, got {type(policy).__name__}")
+    return policy
 
 
-def is_qarray(x) -> bool:
-    return isinstance(x, QArray)
+class Match(NamedTuple):
+    """A float leaf, the first rule that matches its path (`index` into `Policy.rules`), and the
+    leaf's position in `jax.tree_util.tree_leaves(tree, is_leaf=is_qarray)`."""
+    path: str
+    leaf: object
+    index: int
+    rule: Rule
+    position: int
 
 
-def leaves_with_paths(tree) -> Iterable[Tuple[str, Any]]:
-    """(path string, leaf) pairs; QArrays are leaves."""
-    flat, _ = jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_qarray)
-    return [(path_to_str(path), leaf) for path, leaf in flat]
+def walk(tree, policy: Policy, fn: Callable[[Match], object], *, where: str,
+         selects: Callable[[Rule], bool] = lambda rule: rule.spec is not None, warn_unused: bool = True):
+    """`tree` with `fn(match)` in place of every float leaf whose first matching rule `selects`;
+    every other leaf (QArrays, non-float leaves, unmatched leaves) is kept as it is.
+
+    The one walk over a tree by a policy: paths as `jquant._src.paths` names them, first match
+    wins, and for every selected leaf:
+    * NaN/Inf: eagerly, a leaf holding NaN or Inf raises a ValueError naming its path (its group
+      would be corrupted). Under a trace values are unknown, so a `checkify.debug_check` stands in:
+      plain `jit` drops it (no cost), `jquant.checked` (or checkify with `user_checks`) raises the
+      same message.
+    * Errors from `fn` (TypeError/ValueError) are re-raised with the path, the rule and the shape.
+    Afterwards, with `warn_unused`, a warning lists the rules that matched no float leaf (a typo in
+    a pattern must not pass silently).
+
+    Args:
+      tree: any pytree. policy: the Policy. fn: the new leaf from a Match.
+      where: the caller's name, for errors. selects: which matching rules apply.
+
+    Raises:
+      TypeError: `policy` is not a Policy; ValueError/TypeError from `fn`, with the path.
+    """
+    check_policy(policy, where)
+    used = set()
+    position = iter(range(1 << 62))
+
+    def visit(path, leaf):
+        at = next(position)
+        if not is_float_array(leaf):
+            return leaf
+        hit = policy.rule_for(path)
+        if hit is None:
+            return leaf
+        index, rule = hit
+        used.add(index)
+        if not selects(rule):
+            return leaf
+        _check_finite(path, leaf)
+        try:
+            return fn(Match(path, leaf, index, rule, at))
+        except (TypeError, ValueError) as err:
+            raise at_path(path, err, f"rule {index} {rule!r} does not fit shape {tuple(leaf.shape)}: ") from None
+
+    out = map_with_paths(visit, tree)
+    unused = [rule for i, rule in enumerate(policy.rules) if i not in used]
+    if warn_unused and unused:
+        warnings.warn(f"jquant {where}: {len(unused)} policy rule(s) matched no float leaf: {unused}", stacklevel=3)
+    return out
 
 
-def is_float_array(x) -> bool:
-    dtype = getattr(x, "dtype", None)
-    return dtype is not None and not isinstance(x, QArray) and jax.numpy.issubdtype(dtype, jax.numpy.floating)
+def matches(tree, policy: Policy, *, where: str, selects: Callable[[Rule], bool] = lambda rule: rule.spec is not None,
+            warn_unused: bool = True) -> List[Match]:
+    """The Matches `walk` visits, in flattening order (nothing is replaced)."""
+    found = []
+    walk(tree, policy, lambda match: found.append(match) or match.leaf, where=where, selects=selects,
+         warn_unused=warn_unused)
+    return found
+
+
+def _non_finite(path: str, count: str) -> str:
+    return f"{path}: {count} non-finite value(s) (NaN/Inf) in the weight; quantizing it would corrupt its whole group"
+
+
+def _check_finite(path: str, x) -> None:
+    if isinstance(x, jax.core.Tracer):
+        finite = jnp.isfinite(x)
+        message = _non_finite(path.replace("{", "{{").replace("}", "}}"), "{count}")
+        checkify.debug_check(jnp.all(finite), message, count=jnp.sum(~finite))
+        return
+    finite = jnp.isfinite(x)
+    if not bool(jnp.all(finite)):
+        raise ValueError(_non_finite(path, int(jnp.size(x) - jnp.sum(finite))))
 
 
 KERNEL = r"(.*/)?kernel"

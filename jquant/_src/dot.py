@@ -39,10 +39,9 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from jquant.qarray import QArray, quantize
-from jquant.spec import QuantSpec
+from jquant._src.qarray import QArray, quantize
+from jquant._src.spec import QuantSpec
 
-INTEGER_METHODS = ("uniform", "sign")
 _INT32_LIMIT = 2 ** 31
 # Chunk lengths for splitting a single row's contraction (module docstring, "M = 1").
 _GEMV_CHUNK_MIN, _GEMV_CHUNK_MAX = 128, 512
@@ -145,9 +144,9 @@ def int_dot_general(lhs: QArray, rhs: QArray, dimension_numbers) -> Accumulator:
     for name, op in (("lhs", lhs), ("rhs", rhs)):
         if not isinstance(op, QArray):
             raise TypeError(f"int_dot_general: {name} must be a QArray, got {type(op).__name__}")
-        if op.spec.method not in INTEGER_METHODS:
-            raise ValueError(f"int_dot_general: {name} uses method={op.spec.method!r}, which has no integer grid; "
-                             f"integer methods: {INTEGER_METHODS}")
+        if not op.spec.method.integer_grid:
+            raise ValueError(f"int_dot_general: {name} uses method={op.spec.method.name!r}, which has no integer "
+                             "grid; integer formats: uniform, sign")
     (lc, rc), (lb, rb) = dimension_numbers
     lc, lb = _axes(lc, lhs.ndim, "lhs"), _axes(lb, lhs.ndim, "lhs")
     rc, rb = _axes(rc, rhs.ndim, "rhs"), _axes(rb, rhs.ndim, "rhs")
@@ -224,11 +223,7 @@ class _Operand:
     def __init__(self, qa: QArray, contract, batch, split_axis, group_size, name):
         shape = qa.shape
         q, scale, zero_point = qa.q, qa.scale, qa.zero_point
-        if qa.spec.midrise:  # s·(q + 1/2) = (s/2)·(2q + 1): odd integers on a half-size scale
-            if qa.spec.bits > 7:
-                raise ValueError(f"int_dot_general: {name} is {qa.spec!r}; a mid-rise grid multiplies 2q + 1, "
-                                 "which fits int8 only for bits <= 7")
-            q, scale = 2 * q + 1, scale / 2
+        q, scale = qa.spec.method.integer_operand(q, scale, qa.spec, f"int_dot_general: {name}")
         if split_axis is not None:
             own_split = qa.layout.group_axis == split_axis
 

@@ -2,8 +2,9 @@
 
 Storage (`QArray.value`):
 * bits 5..8: the signed integers q as int8, in the tensor's own shape;
-* bits 1..4: unsigned codes packed into uint8 along the last axis (`jquant.packing`): uniform
-  codes are q - Qmin, sign codes are (q + 1) / 2, codebook codes are the level indices. 4-bit
+* bits 1..4: unsigned codes packed into uint8 along the last axis (`packing`), as the format maps
+  integers to codes (`Format.to_codes`): uniform codes are q - Qmin, sign codes are (q + 1) / 2,
+  codebook codes are the level indices. 4-bit
   takes half the bytes of int8, 3-bit three eighths, 2-bit a quarter, 1-bit an eighth.
 
 Scale and zero-point have shape `numerics.layout(shape, spec).scale_shape`: the tensor's shape
@@ -20,8 +21,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jquant import codebook, numerics, packing
-from jquant.spec import CODEBOOK_METHODS, QuantSpec
+from jquant._src import numerics, packing
+from jquant._src.spec import QuantSpec
 
 
 @jax.tree_util.register_pytree_with_keys_class
@@ -77,10 +78,7 @@ class QArray:
         uniform and sign, level indices 0..2^b-1 for codebook methods."""
         if not packing.is_packed(self.spec.bits):
             return self.value
-        codes = packing.unpack(self.value, self.spec.bits, self.shape).astype(jnp.int8)
-        if self.spec.method == "sign":
-            return 2 * codes - 1
-        return codes + jnp.int8(self.spec.qmin)
+        return self.spec.method.from_codes(packing.unpack(self.value, self.spec.bits, self.shape), self.spec)
 
     def __getitem__(self, index):
         """`qa[...]` is `qa` (how NNX reads a Variable's value); other indexing is not defined on
@@ -91,13 +89,8 @@ class QArray:
 
     def dequantize(self):
         """x̂ = s · (q - z) (codebook methods: the indexed level) in the original shape and dtype."""
-        lay = self.layout
-        if self.spec.method in CODEBOOK_METHODS:
-            values = codebook.dequantize_codebook(self.q, self.scale, self.spec, lay)
-            return numerics.cast_saturating(values, self.dtype)
-        x = numerics.dequantize_grouped(lay.to_grouped(self.q), self.scale, self.zero_point,
-                                       self.spec.offset)
-        return numerics.cast_saturating(lay.from_grouped(x), self.dtype)
+        values = self.spec.method.decode(self.q, self.scale, self.zero_point, self.spec, self.layout)
+        return numerics.cast_saturating(values, self.dtype)
 
     @property
     def nbytes(self) -> int:
@@ -152,64 +145,25 @@ def quantize(x, spec: QuantSpec, *, scale=None, zero_point=None) -> QArray:
         eagerly, a fixed zero-point that is not an integer in [Qmin, Qmax] (under jit it is
         clipped to that range).
     """
-    check_spec(spec, "quantize")
-    x = jnp.asarray(x)
-    if not jnp.issubdtype(x.dtype, jnp.floating):
-        raise TypeError(f"quantize expects a float array (float16, bfloat16, float32 or float64), got dtype {x.dtype}")
+    x = check_float_input(x, spec, "quantize")
     lay = numerics.layout(x.shape, spec)
-    if spec.method in CODEBOOK_METHODS:
-        if zero_point is not None:
-            raise ValueError(f"{spec!r} has no zero-point; zero_point= is not accepted")
-        codes, scale = codebook.quantize_codebook(x, spec, lay, scale)
-        return QArray(packing.pack(codes, spec.bits), scale, None, spec=spec, shape=x.shape, dtype=x.dtype)
-    bounded = scale is None and numerics.reciprocal_is_normal(spec, x.dtype)
-    scale, zero_point = resolve_scale(x, spec, lay, scale, zero_point)
-    q = numerics.quantize_grouped(lay.to_grouped(x), scale, zero_point, spec, bounded=bounded)
-    q = lay.from_grouped(q)
-    if not packing.is_packed(spec.bits):
-        value = q
-    else:
-        codes = (q + 1) // 2 if spec.method == "sign" else q - spec.qmin
-        value = packing.pack(codes.astype(jnp.uint8), spec.bits)
+    fmt = spec.method
+    fixed = scale is not None
+    scale, zero_point = fmt.params(x, spec, lay, scale, zero_point)
+    q = fmt.encode(x, spec, lay, scale, zero_point, fixed=fixed)
+    value = packing.pack(fmt.to_codes(q, spec).astype(jnp.uint8), spec.bits) if packing.is_packed(spec.bits) else q
     return QArray(value, scale, zero_point, spec=spec, shape=x.shape, dtype=x.dtype)
 
 
-def check_spec(spec, where: str) -> None:
-    """TypeError unless `spec` is a QuantSpec (a bare int or dict would fail deep inside)."""
+def check_float_input(x, spec, where: str):
+    """`x` as a float array, after a TypeError unless `spec` is a QuantSpec (a bare int or dict
+    would fail deep inside) and `x` is a float array."""
     if not isinstance(spec, QuantSpec):
         raise TypeError(f"{where}: spec must be a jquant.QuantSpec, got {type(spec).__name__} {spec!r}")
-
-
-def resolve_scale(x, spec: QuantSpec, lay: numerics.Layout, scale, zero_point):
-    """The (scale, zero_point) to use: computed from `x`, or the given ones broadcast to shape."""
-    if scale is None:
-        if zero_point is not None:
-            raise ValueError("zero_point given without scale; pass both or neither")
-        return numerics.compute_scale(x, spec, lay)
-    if spec.symmetric != (zero_point is None):
-        need = "no zero_point (symmetric spec)" if spec.symmetric else "a zero_point (asymmetric spec)"
-        raise ValueError(f"a fixed scale for {spec!r} needs {need}")
-    scale = _broadcast_fixed("scale", jnp.asarray(scale, numerics.compute_dtype(x.dtype)), spec, lay)
-    if zero_point is not None:
-        zero_point = jnp.asarray(zero_point)
-        if not isinstance(zero_point, jax.core.Tracer):
-            z = np.asarray(zero_point, np.float64)
-            bad = (z != np.round(z)) | (z < spec.qmin) | (z > spec.qmax)
-            if np.any(bad):
-                raise ValueError(f"zero_point for {spec!r} must hold integers in [{spec.qmin}, {spec.qmax}]; "
-                                 f"got {z[bad].ravel()[:4].tolist()}")
-        # clip before the int8 cast: an out-of-range zero-point must not wrap around (under jit)
-        zero_point = _broadcast_fixed("zero_point", jnp.clip(zero_point, spec.qmin, spec.qmax).astype(jnp.int8),
-                                      spec, lay)
-    return scale, zero_point
-
-
-def _broadcast_fixed(name, value, spec: QuantSpec, lay: numerics.Layout):
-    try:
-        return jnp.broadcast_to(value, lay.scale_shape)
-    except ValueError:
-        raise ValueError(f"{name} of shape {tuple(value.shape)} does not broadcast to the scale shape "
-                         f"{lay.scale_shape} of {spec!r} on a tensor of shape {lay.shape}") from None
+    x = jnp.asarray(x)
+    if not jnp.issubdtype(x.dtype, jnp.floating):
+        raise TypeError(f"{where} expects a float array (float16, bfloat16, float32 or float64), got dtype {x.dtype}")
+    return x
 
 
 def dequantize(qarray: QArray):

@@ -30,16 +30,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jquant import numerics
-from jquant.codebook import NF4_LEVELS
-from jquant.qarray import QArray, quantize
-from jquant.spec import CODEBOOK_METHODS, QuantSpec
+from jquant._src import numerics
+from jquant._src.qarray import QArray, quantize
+from jquant._src.spec import QuantSpec
 
 
-class LayerResult(NamedTuple):
-    """GPTQ's result for one weight: the QArray and relative output errors on the calibration
-    inputs, tr(ΔᵀHΔ) / tr(WᵀHW), of GPTQ and of round-to-nearest."""
-    qarray: QArray
+class LayerError(NamedTuple):
+    """A PTQ algorithm's relative output error on one weight's calibration inputs,
+    tr(ΔᵀHΔ) / tr(WᵀHW) with Δ = W − Ŵ and H ∝ XᵀX, next to round-to-nearest's."""
     error: float
     rtn_error: float
 
@@ -52,7 +50,7 @@ def contraction_order(shape: Tuple[int, ...], contracted: Tuple[int, ...], spec:
 
 
 def gptq_weight(w, xtx, rows: int, spec: QuantSpec, order: Tuple[int, ...], *, damp: float = 0.01,
-                act_order: bool = False) -> LayerResult:
+                act_order: bool = False) -> Tuple[QArray, LayerError]:
     """GPTQ of one weight.
 
     Args:
@@ -65,21 +63,17 @@ def gptq_weight(w, xtx, rows: int, spec: QuantSpec, order: Tuple[int, ...], *, d
       act_order: visit input channels by decreasing diag H.
 
     Returns:
-      LayerResult.
+      (the QArray, its LayerError).
     """
     if not damp > 0:
         raise ValueError(f"gptq damp={damp} must be > 0")
     w = jnp.asarray(w)
     hessian = 2 * jnp.asarray(xtx, jnp.float32) / max(rows, 1)
     values, grid = _run(w.astype(jnp.float32), hessian, spec, tuple(order), float(damp), bool(act_order))
-    values = values.astype(w.dtype)
-    if spec.method == "kmeans":
-        qarray = quantize(values, spec, scale=grid[0])
-    else:
-        qarray = quantize(values, spec, scale=grid[0], zero_point=grid[1])
+    qarray = quantize(values.astype(w.dtype), spec, scale=grid[0], zero_point=grid[1])
     rtn = quantize(w, spec).dequantize()
-    return LayerResult(qarray, _relative_error(w, qarray.dequantize(), hessian, order),
-                       _relative_error(w, rtn, hessian, order))
+    return qarray, LayerError(_relative_error(w, qarray.dequantize(), hessian, order),
+                              _relative_error(w, rtn, hessian, order))
 
 
 def _relative_error(w, w_hat, hessian, order):
@@ -113,30 +107,6 @@ def _grid(x, spec: QuantSpec):
     return qa.scale, qa.zero_point
 
 
-def _per_element(grid, shape, spec: QuantSpec):
-    """Stored grid parameters broadcast to one per element of `shape`: (scale, zero_point) for
-    integer grids, or (levels (..., L), None) for codebooks."""
-    lay = numerics.layout(shape, spec)
-    scale, zero_point = grid
-    if spec.method in CODEBOOK_METHODS:
-        levels = scale if spec.method == "kmeans" else scale[..., None] * jnp.asarray(NF4_LEVELS, scale.dtype)
-        levels = jnp.broadcast_to(levels, lay.grouped_shape + levels.shape[-1:])
-        return jnp.reshape(levels, shape + levels.shape[-1:]), None
-    scale = lay.from_grouped(jnp.broadcast_to(scale, lay.grouped_shape))
-    zero_point = None if zero_point is None else lay.from_grouped(jnp.broadcast_to(zero_point, lay.grouped_shape))
-    return scale, zero_point
-
-
-def _quantize_row(w, scale, zero_point, spec: QuantSpec):
-    """Grid values for a row `w` (N,) with per-element parameters (see `_per_element`)."""
-    if spec.method in CODEBOOK_METHODS:
-        index = jnp.argmin(jnp.abs(w[:, None] - scale), axis=-1)  # first of equals: the lower level
-        return jnp.take_along_axis(scale, index[:, None], axis=-1)[:, 0]
-    if spec.method == "sign":
-        return jnp.where(w < 0, -scale, scale)
-    return numerics.fake_quantize_grouped(w, scale, zero_point, spec)
-
-
 @functools.partial(jax.jit, static_argnums=(2, 3, 4, 5))
 def _run(w, hessian, spec: QuantSpec, order, damp: float, act_order: bool):
     shape = w.shape
@@ -159,7 +129,7 @@ def _run(w, hessian, spec: QuantSpec, order, damp: float, act_order: bool):
     grid = _grid(w, spec)
 
     def expand(grid):
-        scale, zero_point = _per_element(grid, shape, spec)
+        scale, zero_point = spec.method.element_params(*grid, spec, lay)
         return to_rows(scale)[visit], None if zero_point is None else to_rows(zero_point)[visit]
 
     def refresh(grid, current, group):
@@ -181,7 +151,7 @@ def _run(w, hessian, spec: QuantSpec, order, damp: float, act_order: bool):
         row = current[i]
         scale = per[0][i]
         zero_point = None if per[1] is None else per[1][i]
-        q = _quantize_row(row, scale, zero_point, spec)
+        q = spec.method.quantize_elements(row, scale, zero_point, spec)
         err = (row - q) / upper[i, i]
         current = current - upper[i][:, None] * err[None, :]
         return current.at[i].set(q), grid, per

@@ -2,10 +2,10 @@
 
 Both rewrite X·W = (X / s)·(s ⊙ W), s > 0 one number per input channel (the contracted axis),
 multiplying the weight rows by s and folding 1/s into the parameters that produce X (a norm's
-scale and bias, or the previous linear's output columns — `jquant.ptq.folding`). The float
-function is unchanged (up to rounding); only what quantization sees changes. The result is an
-ordinary float param tree: quantize it with `jquant.quantize_params(result, policy)` or
-`jquant.ptq.gptq(fn, result, policy, batches)`.
+scale and bias, or the previous linear's output columns — `folding`). The float
+function is unchanged (up to rounding); only what quantization sees changes. The result's params are an
+ordinary float tree: quantize it with `jquant.quantize_params(params, policy)` or
+`jquant.ptq.gptq(fn, params, policy, batches)`.
 
 * **AWQ** (Lin et al. 2023): s = m^α / √(max(m^α)·min(m^α)) with m = mean|X| per channel;
   α is searched on a grid in [0, 1] (α = 0 is round-to-nearest) for the smallest output error
@@ -26,28 +26,28 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jquant.policy import Policy
-from jquant.ptq.capture import statistics_program
-from jquant.ptq.folding import fold_groups, scale_along
-from jquant.ptq.gptq import matrix_view
-from jquant.ptq.layerwise import matched_targets
-from jquant.qarray import quantize
-from jquant.spec import QuantSpec
+from jquant._src.policy import Policy
+from jquant._src.ptq.capture import statistics_program
+from jquant._src.ptq.folding import fold_groups, scale_along
+from jquant._src.ptq.gptq import LayerError, matrix_view
+from jquant._src.ptq.layerwise import Result, calibration_batches, matched_targets
+from jquant._src.qarray import quantize
+from jquant._src.spec import QuantSpec
 
 _TINY = 1e-8
 
 
-def awq(fn, params, policy: Policy, batches, *, grid: int = 20, return_errors: bool = False):
+def awq(fn, params, policy: Policy, batches, *, grid: int = 20) -> Result:
     """AWQ scales for every scalable group of policy-matched weights, folded into `params`.
 
     Args:
       fn, params, policy, batches: as in `jquant.ptq.gptq`.
       grid: α is searched over {0, 1/grid, ..., 1}.
-      return_errors: also return {path: (AWQ error, RTN error)}, relative output errors
-        tr(ΔᵀXᵀXΔ) / tr(WᵀXᵀXW) on the calibration inputs.
 
     Returns:
-      The float params with the scales folded (same structure), or (params, errors).
+      Result(params, errors): the float params with the scales folded (same structure), and each
+      scaled weight's LayerError: the relative output error tr(ΔᵀXᵀXΔ) / tr(WᵀXᵀXW) on the
+      calibration inputs of round-to-nearest with the scales, and without (α = 0).
     """
     if not isinstance(grid, int) or grid < 1:
         raise ValueError(f"awq grid={grid!r} must be a positive int")
@@ -56,45 +56,58 @@ def awq(fn, params, policy: Policy, batches, *, grid: int = 20, return_errors: b
     for group in groups:
         if not group.folds:
             continue
-        members = [(leaf, axis, targets[leaf]) for leaf, axis in group.weights]
-        first = stats[members[0][0]]
+        first = stats[group.weights[0][0]]
         mean_abs = np.maximum(np.asarray(first.abs_sum) / max(first.rows, 1), _TINY)
         candidates = []
         for alpha in np.linspace(0.0, 1.0, grid + 1):
             s = mean_abs ** alpha
             s = s / np.sqrt(s.max() * s.min())
-            err = [_awq_error(leaves[leaf], first.xtx, jnp.asarray(s, jnp.float32), target.spec, axis)
-                   for leaf, axis, target in members]
-            candidates.append((sum(float(e[0]) for e in err), alpha, s, err))
-        best = min(candidates, key=lambda c: c[0])
-        rtn = candidates[0]
-        for (leaf, axis, target), e, e_rtn in zip(members, best[3], rtn[3]):
-            errors[target.path] = (float(e[0] / e[1]), float(e_rtn[0] / e_rtn[1]))
-        _apply(leaves, group, best[2])
-    out = jax.tree_util.tree_unflatten(treedef, leaves)
-    return (out, errors) if return_errors else out
+            candidates.append((s, _group_errors(leaves, group, targets, first.xtx, s)))
+        best, rtn = min(candidates, key=lambda c: sum(e[0] for e in c[1])), candidates[0]
+        _record(errors, group, targets, best[1], rtn[1])
+        _apply(leaves, group, best[0])
+    return Result(jax.tree_util.tree_unflatten(treedef, leaves), errors)
 
 
-def smoothquant(fn, params, policy: Policy, batches, *, alpha: float = 0.5):
+def smoothquant(fn, params, policy: Policy, batches, *, alpha: float = 0.5) -> Result:
     """SmoothQuant scales s = max|X|^α / max|W|^(1−α) for every scalable group of
-    policy-matched weights, folded into `params` (float params of the same structure)."""
+    policy-matched weights, folded into `params`.
+
+    Returns:
+      Result(params, errors): float params of the same structure, and each scaled weight's
+      LayerError (round-to-nearest with the scales vs without, as for `awq`).
+    """
     if not 0 <= alpha <= 1:
         raise ValueError(f"smoothquant alpha={alpha!r} must be in [0, 1]")
     leaves, treedef, targets, groups, stats = _prepare(fn, params, policy, batches, "SmoothQuant")
+    errors = {}
     for group in groups:
         if not group.folds:
             continue
-        x_max = np.maximum(np.asarray(stats[group.weights[0][0]].abs_max), _TINY)
+        first = stats[group.weights[0][0]]
+        x_max = np.maximum(np.asarray(first.abs_max), _TINY)
         w_max = np.max([_channel_absmax(leaves[leaf], axis) for leaf, axis in group.weights], axis=0)
         s = x_max ** alpha / np.maximum(w_max, _TINY) ** (1 - alpha)
+        _record(errors, group, targets, _group_errors(leaves, group, targets, first.xtx, s),
+                _group_errors(leaves, group, targets, first.xtx, np.ones_like(s)))
         _apply(leaves, group, s)
-    return jax.tree_util.tree_unflatten(treedef, leaves)
+    return Result(jax.tree_util.tree_unflatten(treedef, leaves), errors)
+
+
+def _group_errors(leaves, group, targets, xtx, s):
+    """[(tr(ΔᵀXᵀXΔ), tr(WᵀXᵀXW))] of each weight of `group` quantized with the scales `s`."""
+    s = jnp.asarray(s, jnp.float32)
+    return [tuple(float(v) for v in _awq_error(leaves[leaf], xtx, s, targets[leaf].spec, axis))
+            for leaf, axis in group.weights]
+
+
+def _record(errors, group, targets, scaled, unscaled):
+    for (leaf, _), (e, norm), (e_rtn, norm_rtn) in zip(group.weights, scaled, unscaled):
+        errors[targets[leaf].path] = LayerError(e / norm, e_rtn / norm_rtn)
 
 
 def _prepare(fn, params, policy, batches, algorithm):
-    batches = [tuple(b) for b in batches]
-    if not batches:
-        raise ValueError(f"{algorithm}: batches is empty; pass at least one calibration batch")
+    batches = calibration_batches(batches, algorithm)
     targets = {t.leaf: t for t in matched_targets(fn, params, policy, batches[0], algorithm)}
     groups = fold_groups(fn, params, batches[0], targets)
     stats = statistics_program(fn, params, {leaf: t.order for leaf, t in targets.items()})(params, batches)

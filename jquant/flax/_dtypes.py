@@ -10,7 +10,7 @@ from __future__ import annotations
 import jax.numpy as jnp
 from flax.linen.dtypes import canonicalize_dtype
 
-from jquant.qarray import QArray
+from jquant._src.qarray import QArray
 
 
 def promote_dtype_nnx(args, /, *, dtype=None, inexact=True):

@@ -11,14 +11,25 @@ weight compensates the error of the layers before it.
 from __future__ import annotations
 
 import time
-from typing import Callable, Iterable, NamedTuple
+from typing import Any, Callable, Dict, Iterable, NamedTuple, Tuple
 
 import jax
+import jax.numpy as jnp
 
-from jquant.policy import Policy, is_float_array, is_qarray, path_to_str
-from jquant.ptq.capture import Statistics, find_sites, statistics_program
-from jquant.ptq.gptq import LayerResult, contraction_order, gptq_weight
-from jquant.spec import QuantSpec
+from jquant._src.paths import is_qarray, leaves_with_paths
+from jquant._src.policy import Policy, matches
+from jquant._src.qarray import QArray
+from jquant._src.ptq.capture import Statistics, find_sites, statistics_program
+from jquant._src.ptq.gptq import LayerError, contraction_order, gptq_weight
+from jquant._src.spec import QuantSpec
+
+
+class Result(NamedTuple):
+    """What every PTQ algorithm returns (unpack as `params, errors = ...`): the new params (QArray
+    leaves for GPTQ; float params with scales folded in for AWQ and SmoothQuant) and each
+    processed weight's `LayerError` by path."""
+    params: Any
+    errors: Dict[str, LayerError]
 
 
 class Target(NamedTuple):
@@ -37,17 +48,10 @@ def matched_targets(fn, params, policy: Policy, first_batch: tuple, algorithm: s
       ValueError: naming the path, for a matched weight that `fn` never contracts in a
         dot_general (and how it is used instead), or contracts over different axes in two places.
     """
-    if not isinstance(policy, Policy):
-        raise TypeError(f"policy must be a jquant.Policy, got {type(policy).__name__}")
-    flat, _ = jax.tree_util.tree_flatten_with_path(params, is_leaf=is_qarray)
-    wanted = {}
-    for index, (key_path, leaf) in enumerate(flat):
-        path = path_to_str(key_path)
+    for path, leaf in leaves_with_paths(params):
         if is_qarray(leaf):
             raise TypeError(f"{path}: {algorithm} takes float params; this leaf is already a QArray")
-        hit = policy.rule_for(path) if is_float_array(leaf) else None
-        if hit is not None and hit[1].spec is not None:
-            wanted[index] = (path, hit[1].spec)
+    wanted = {m.position: (m.path, m.rule.spec) for m in matches(params, policy, where=algorithm)}
     sites, other = find_sites(fn, params, first_batch, wanted)
     for index, (path, spec) in wanted.items():
         if index not in sites:
@@ -59,24 +63,30 @@ def matched_targets(fn, params, policy: Policy, first_batch: tuple, algorithm: s
         if len(axes) > 1:
             raise ValueError(f"{path}: contracted over different axes {sorted(axes)} in different places; "
                              f"{algorithm} needs one input layout per weight")
-    shapes = [x.shape for _, x in flat]
+    shapes = [jnp.shape(x) for x in jax.tree_util.tree_leaves(params)]
     return [Target(i, wanted[i][0], wanted[i][1],
                    contraction_order(shapes[i], sites[i][0].weight_axes, wanted[i][1]))
             for i in sites if i in wanted]
 
 
-def quantize_layerwise(fn, params, policy: Policy, batches: Iterable[tuple],
-                       quantize_weight: Callable[[jax.Array, Statistics, Target], LayerResult], *,
-                       algorithm: str, sequential: bool = True, progress: bool = True):
-    """Quantize every matched weight with `quantize_weight(w, statistics, target)`.
-
-    Returns:
-      (tree with QArrays at the matched leaves, {path: LayerResult}).
-    """
+def calibration_batches(batches, algorithm: str) -> list:
+    """`batches` as a list of tuples (fn's arguments after params), or a ValueError when empty."""
     batches = [tuple(b) for b in batches]
     if not batches:
         raise ValueError(f"{algorithm}: batches is empty; pass at least one calibration batch (a tuple of fn's "
                          "arguments after params)")
+    return batches
+
+
+def quantize_layerwise(fn, params, policy: Policy, batches: Iterable[tuple],
+                       quantize_weight: Callable[[jax.Array, Statistics, Target], Tuple[QArray, LayerError]], *,
+                       algorithm: str, sequential: bool = True, progress: bool = True):
+    """Quantize every matched weight with `quantize_weight(w, statistics, target)`.
+
+    Returns:
+      Result: the tree with QArrays at the matched leaves, and their errors.
+    """
+    batches = calibration_batches(batches, algorithm)
     targets = matched_targets(fn, params, policy, batches[0], algorithm)
     leaves, treedef = jax.tree_util.tree_flatten(params)
     statistics = statistics_program(fn, params, {t.leaf: t.order for t in targets})
@@ -87,13 +97,13 @@ def quantize_layerwise(fn, params, policy: Policy, batches: Iterable[tuple],
         for i, target in enumerate(targets):
             if stats is None or sequential:
                 stats = statistics(jax.tree_util.tree_unflatten(treedef, seen), batches)
-            result = quantize_weight(leaves[target.leaf], stats[target.leaf], target)
+            qarray, result = quantize_weight(leaves[target.leaf], stats[target.leaf], target)
             results[target.path] = result
-            out[target.leaf] = result.qarray
-            seen[target.leaf] = result.qarray.dequantize()
+            out[target.leaf] = qarray
+            seen[target.leaf] = qarray.dequantize()
             bar.advance(f"{target.path}  error {result.error:.4g} (RTN {result.rtn_error:.4g})  "
                         f"{time.perf_counter() - start:.1f} s")
-    return jax.tree_util.tree_unflatten(treedef, out), results
+    return Result(jax.tree_util.tree_unflatten(treedef, out), results)
 
 
 class _Progress:
@@ -124,7 +134,7 @@ class _Progress:
 
 
 def gptq(fn, params, policy: Policy, batches: Iterable[tuple], *, damp: float = 0.01, act_order: bool = False,
-         sequential: bool = True, progress: bool = True, return_errors: bool = False):
+         sequential: bool = True, progress: bool = True) -> Result:
     """GPTQ every policy-matched weight of `params`, using the inputs `fn` feeds it.
 
     Args:
@@ -138,12 +148,11 @@ def gptq(fn, params, policy: Policy, batches: Iterable[tuple], *, damp: float = 
       damp, act_order: see `jquant.ptq.gptq_weight`.
       sequential: collect each weight's inputs with the earlier weights already quantized.
       progress: show a progress bar and one line per weight (error vs round-to-nearest).
-      return_errors: also return {path: LayerResult} (relative output errors on the calibration
-        inputs, GPTQ and RTN).
 
     Returns:
-      The tree with QArray leaves where a rule matched (as `quantize_params` returns), or
-      (tree, errors) with `return_errors=True`.
+      Result(params, errors): the tree with QArray leaves where a rule matched (as
+      `quantize_params` returns), and each weight's LayerError (GPTQ's and RTN's relative output
+      error on the calibration inputs).
 
     Raises:
       ValueError: naming the path of a matched weight `fn` never contracts, or an empty `batches`.
@@ -151,7 +160,6 @@ def gptq(fn, params, policy: Policy, batches: Iterable[tuple], *, damp: float = 
     def one(w, stats, target):
         return gptq_weight(w, stats.xtx, stats.rows, target.spec, target.order, damp=damp, act_order=act_order)
 
-    tree, errors = quantize_layerwise(fn, params, policy, batches, one, algorithm="GPTQ", sequential=sequential,
-                                      progress=progress)
-    return (tree, errors) if return_errors else tree
+    return quantize_layerwise(fn, params, policy, batches, one, algorithm="GPTQ", sequential=sequential,
+                              progress=progress)
 

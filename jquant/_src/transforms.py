@@ -5,26 +5,24 @@ Linen `params` dict, an NNX `State`, a plain dict or any other pytree, eagerly o
 
 Eagerly, each matched leaf is quantized by one compiled program per (shape, dtype, spec), one leaf
 at a time, so peak memory is about one leaf above the input and output trees and the work is a
-memory-bound pass, never a Python loop over elements. Eagerly, a NaN or Inf in a matched leaf
-raises a ValueError naming the path. Under `jit` values are unknown when the program is built, so
-`quantize_params` adds a `checkify.debug_check` per matched leaf instead: plain `jit` drops it (no
-cost; NaN then propagates into its group as documented in `jquant.numerics`), while a function
-run through `checked` (or `jax.experimental.checkify.checkify` with `checkify.user_checks`)
-raises the same message.
+memory-bound pass, never a Python loop over elements. Every matched leaf is checked for NaN/Inf
+by the policy walk (`jquant._src.policy.walk`): eagerly it raises a ValueError naming the path;
+under `jit` a `checkify.debug_check` that plain `jit` drops (no cost; NaN then propagates into
+its group as documented in `jquant._src.numerics`) and a function run through `checked` (or
+`jax.experimental.checkify.checkify` with `checkify.user_checks`) raises with the same message.
 """
 
 from __future__ import annotations
 
 import functools
-import warnings
 
 import jax
-import jax.numpy as jnp
 from jax.experimental import checkify
 
-from jquant.policy import Policy, is_float_array, is_qarray, path_to_str
-from jquant.qarray import quantize
-from jquant.ste import fake_quant
+from jquant._src.paths import is_qarray
+from jquant._src.policy import Policy, walk
+from jquant._src.qarray import quantize
+from jquant._src.ste import fake_quant
 
 _quantize_jit = jax.jit(quantize, static_argnums=1)
 
@@ -46,7 +44,12 @@ def quantize_params(params, policy: Policy, *, warn_unused: bool = True):
         of range, group size that does not divide its axis) or, eagerly, the leaf holds NaN/Inf
         (under `jit`: only through `checked`, see the module docstring).
     """
-    return _map_matched(params, policy, _quantize_leaf, warn_unused)
+    def quantize_leaf(match):
+        if isinstance(match.leaf, jax.core.Tracer):
+            return quantize(match.leaf, match.rule.spec)
+        return _quantize_jit(match.leaf, match.rule.spec)
+
+    return walk(params, policy, quantize_leaf, where="quantize_params", warn_unused=warn_unused)
 
 
 def fake_quant_params(params, policy: Policy, *, warn_unused: bool = True):
@@ -55,7 +58,8 @@ def fake_quant_params(params, policy: Policy, *, warn_unused: bool = True):
     Same numbers as `dequantize_params(quantize_params(params, policy))`; differentiable, so
     `jax.grad(lambda p: loss(fake_quant_params(p, policy)))` is weight QAT for any model.
     """
-    return _map_matched(params, policy, lambda x, spec, path: fake_quant(x, spec), warn_unused)
+    return walk(params, policy, lambda match: fake_quant(match.leaf, match.rule.spec), where="fake_quant_params",
+                warn_unused=warn_unused)
 
 
 def dequantize_params(tree):
@@ -92,49 +96,3 @@ def checked(fn):
         return out
 
     return checked_fn
-
-
-def _non_finite(path: str, count: str) -> str:
-    return f"{path}: {count} non-finite value(s) (NaN/Inf) in the weight; quantizing it would corrupt its whole group"
-
-
-def _quantize_leaf(x, spec, path):
-    if isinstance(x, jax.core.Tracer):
-        # Values are unknown while tracing: a check that only checkify (`checked`) turns into an error.
-        finite = jnp.isfinite(x)
-        message = _non_finite(path.replace("{", "{{").replace("}", "}}"), "{count}")
-        checkify.debug_check(jnp.all(finite), message, count=jnp.sum(~finite))
-        return quantize(x, spec)
-    if not bool(jnp.all(jnp.isfinite(x))):
-        raise ValueError(_non_finite(path, int(jnp.size(x) - jnp.sum(jnp.isfinite(x)))))
-    return _quantize_jit(x, spec)
-
-
-def _map_matched(params, policy: Policy, fn, warn_unused: bool):
-    if not isinstance(policy, Policy):
-        raise TypeError(f"policy must be a jquant.Policy, got {type(policy).__name__}")
-    used = set()
-
-    def visit(path, leaf):
-        if is_qarray(leaf) or not is_float_array(leaf):
-            return leaf
-        path = path_to_str(path)
-        hit = policy.rule_for(path)
-        if hit is None:
-            return leaf
-        index, rule = hit
-        used.add(index)
-        if rule.spec is None:
-            return leaf
-        try:
-            return fn(leaf, rule.spec, path)
-        except ValueError as err:
-            if str(err).startswith(path):
-                raise
-            raise ValueError(f"{path}: rule {index} {rule!r} does not fit shape {tuple(leaf.shape)}: {err}") from None
-
-    out = jax.tree_util.tree_map_with_path(visit, params, is_leaf=is_qarray)
-    unused = [rule for i, rule in enumerate(policy.rules) if i not in used]
-    if warn_unused and unused:
-        warnings.warn(f"jquant: {len(unused)} policy rule(s) matched no float leaf: {unused}", stacklevel=3)
-    return out

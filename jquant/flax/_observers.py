@@ -13,9 +13,10 @@ from __future__ import annotations
 
 import jax.numpy as jnp
 
-from jquant.calibration import MSE
-from jquant.numerics import calibrated_range, layout, scale_from_range
-from jquant.spec import QuantSpec
+from jquant._src.calibration import MSE
+from jquant._src.formats.uniform import calibrated_range, scale_from_range
+from jquant._src.numerics import layout
+from jquant._src.spec import QuantSpec
 
 
 def initial_stats():
@@ -30,7 +31,7 @@ def observe(stats, x, act: QuantSpec, momentum: float, where: str):
     Raises:
       ValueError: `act` is not a per-tensor uniform spec, or momentum is outside [0, 1).
     """
-    if act.channel_axes or act.group_size is not None or act.method != "uniform":
+    if act.channel_axes or act.group_size is not None or not act.method.ranged:
         raise ValueError(f"{where}: static activation ranges are per-tensor uniform; {act!r} has channels, groups "
                          "or a non-uniform method — use it dynamically (no calibration) instead")
     if not 0 <= momentum < 1:

@@ -5,13 +5,9 @@ from __future__ import annotations
 import dataclasses
 from typing import Optional, Tuple, Union
 
-from jquant.calibration import CALIBRATIONS, Calibration, MinMax
-
-METHODS = ("uniform", "sign", "kmeans", "nf4")
-"""Quantization methods: affine integer grid, 1-bit sign, and the non-uniform codebooks."""
-
-CODEBOOK_METHODS = ("kmeans", "nf4")
-MAX_CODEBOOK_BITS = 4
+from jquant._src import formats
+from jquant._src.calibration import CALIBRATIONS, Calibration, MinMax
+from jquant._src.formats import Format
 
 
 @dataclasses.dataclass(frozen=True)
@@ -36,15 +32,18 @@ class QuantSpec:
         contraction axis of a Dense kernel `(in, out)` with `channel_axes=(1,)`, of a conv kernel
         `HWIO` with `channel_axes=(3,)` (I is larger than H and W), of attention kernels
         `(in, heads, head_dim)`, and the feature axis of a per-token activation.
-      method: "uniform" (affine integer grid), "sign" (1-bit XNOR-Net: q ∈ {-1, +1},
+      method: the format, an object (`jquant.Uniform()`, `Sign()`, `KMeans()`, `NF4()`) or its
+        name: "uniform" (affine integer grid), "sign" (1-bit XNOR-Net: q ∈ {-1, +1},
         scale = mean|x| per group), "kmeans" (2^bits Lloyd levels per group, bits 1..4) or "nf4"
-        (the fixed NormalFloat-4 levels times the group's absmax; bits=4). See `jquant.codebook`.
+        (the fixed NormalFloat-4 levels times the group's absmax; bits=4). Stored as the object;
+        each format's module documents its numerics.
       calibration: how a uniform grid's range is chosen from the data when no fixed scale is
         given: `MinMax()` (default: absmax / min-max), `Percentile(p)` or `MSE()` (searched clip
         ratio). See `jquant.calibration`.
 
     Raises:
-      ValueError: naming the field, the value given and what is allowed.
+      TypeError: a field of the wrong type. ValueError: a value the format does not allow; both
+        name the field, the value given and what is allowed.
     """
 
     bits: int = 8
@@ -53,7 +52,7 @@ class QuantSpec:
     channel_axes: Union[int, Tuple[int, ...]] = ()
     group_size: Optional[int] = None
     group_axis: Optional[int] = None
-    method: str = "uniform"
+    method: Format = formats.FORMATS["uniform"]
     calibration: Calibration = MinMax()
 
     def __post_init__(self):
@@ -63,60 +62,35 @@ class QuantSpec:
         try:
             axes = tuple(axes)
         except TypeError:
-            raise ValueError(
+            raise TypeError(
                 f"QuantSpec.channel_axes must be an int or a tuple of ints, got {self.channel_axes!r}") from None
-        if not all(isinstance(a, int) and not isinstance(a, bool) for a in axes):
-            raise ValueError(f"QuantSpec.channel_axes must hold ints, got {self.channel_axes!r}")
+        if not all(_is_int(a) for a in axes):
+            raise TypeError(f"QuantSpec.channel_axes must hold ints, got {self.channel_axes!r}")
         if len(set(axes)) != len(axes):
             raise ValueError(f"QuantSpec.channel_axes has a repeated axis: {axes}")
         object.__setattr__(self, "channel_axes", axes)
+        object.__setattr__(self, "method", formats.resolve(self.method))
 
-        if self.method not in METHODS:
-            raise ValueError(f"QuantSpec.method={self.method!r} is unknown; allowed: {', '.join(METHODS)}")
-        if not isinstance(self.bits, int) or isinstance(self.bits, bool):
-            raise ValueError(f"QuantSpec.bits must be an int, got {self.bits!r}")
+        if not _is_int(self.bits):
+            raise TypeError(f"QuantSpec.bits must be an int, got {self.bits!r}")
         for flag in ("symmetric", "midrise"):  # a truthy string like "False" must not pass
             if not isinstance(getattr(self, flag), bool):
-                raise ValueError(f"QuantSpec.{flag} must be True or False, got {getattr(self, flag)!r}")
-        if self.method == "sign":
-            if self.bits != 1:
-                raise ValueError(f"QuantSpec.bits={self.bits} with method='sign'; sign quantization is 1-bit (bits=1)")
-            if not self.symmetric:
-                raise ValueError("QuantSpec.symmetric=False with method='sign'; sign quantization is symmetric")
-        elif self.method in CODEBOOK_METHODS:
-            if self.method == "nf4" and self.bits != 4:
-                raise ValueError(f"QuantSpec.bits={self.bits} with method='nf4'; NormalFloat-4 is 4-bit (bits=4)")
-            if not 1 <= self.bits <= MAX_CODEBOOK_BITS:
-                problem = "too large" if self.bits > MAX_CODEBOOK_BITS else "out of range"
-                raise ValueError(f"QuantSpec.bits={self.bits} is {problem} for method='kmeans' "
-                                 f"(2^bits levels per group); allowed: 1..{MAX_CODEBOOK_BITS} — use method='uniform' "
-                                 "for more bits")
-            if not self.symmetric:
-                raise ValueError(f"QuantSpec.symmetric=False with method={self.method!r}; codebooks have no zero-point "
-                                 "(leave symmetric=True)")
-        elif not 2 <= self.bits <= 8:
-            hint = " (for 1-bit use method='sign')" if self.bits == 1 else ""
-            raise ValueError(f"QuantSpec.bits={self.bits} is out of range for method='uniform'; allowed: 2..8{hint}")
-
+                raise TypeError(f"QuantSpec.{flag} must be True or False, got {getattr(self, flag)!r}")
         if not isinstance(self.calibration, CALIBRATIONS):
-            raise ValueError(f"QuantSpec.calibration={self.calibration!r} is not a calibration; allowed: "
-                             "jquant.calibration.MinMax(), Percentile(p), MSE(...)")
-        if self.method != "uniform" and not isinstance(self.calibration, MinMax):
-            raise ValueError(f"QuantSpec.calibration={self.calibration!r} with method={self.method!r}; "
-                             "calibration chooses a uniform grid's range (method='uniform')")
-
-        if self.midrise and (self.method != "uniform" or not self.symmetric):
-            raise ValueError(f"QuantSpec.midrise=True with method={self.method!r}, symmetric={self.symmetric}; "
-                             "a mid-rise grid is symmetric uniform (method='uniform', symmetric=True)")
+            raise TypeError(f"QuantSpec.calibration={self.calibration!r} is not a calibration; allowed: "
+                            "jquant.MinMax(), Percentile(p), MSE(...)")
+        self.method.validate(self)
 
         if self.group_size is not None:
-            if not isinstance(self.group_size, int) or isinstance(self.group_size, bool) or self.group_size < 1:
+            if not _is_int(self.group_size):
+                raise TypeError(f"QuantSpec.group_size must be a positive int or None, got {self.group_size!r}")
+            if self.group_size < 1:
                 raise ValueError(f"QuantSpec.group_size must be a positive int or None, got {self.group_size!r}")
         if self.group_axis is not None:
             if self.group_size is None:
                 raise ValueError(f"QuantSpec.group_axis={self.group_axis} needs a group_size")
-            if not isinstance(self.group_axis, int) or isinstance(self.group_axis, bool):
-                raise ValueError(f"QuantSpec.group_axis must be an int or None, got {self.group_axis!r}")
+            if not _is_int(self.group_axis):
+                raise TypeError(f"QuantSpec.group_axis must be an int or None, got {self.group_axis!r}")
             if self.group_axis in axes:
                 raise ValueError(f"QuantSpec.group_axis={self.group_axis} is also a channel axis {axes}; "
                                  "groups split an axis that is otherwise shared")
@@ -124,33 +98,25 @@ class QuantSpec:
     @property
     def qmin(self) -> int:
         """Smallest stored integer: -(2^(b-1)-1) symmetric, -2^(b-1) asymmetric or mid-rise, -1 for
-        sign, 0 for codebook indices."""
-        if self.method == "sign":
-            return -1
-        if self.method in CODEBOOK_METHODS:
-            return 0
-        return -(2 ** (self.bits - 1)) + (1 if self.symmetric and not self.midrise else 0)
+        sign, 0 for codebook indices (the format's `qrange`)."""
+        return self.method.qrange(self)[0]
 
     @property
     def qmax(self) -> int:
         """Largest stored integer: 2^(b-1) - 1 (1 for sign, 2^b - 1 for codebook indices)."""
-        if self.method in CODEBOOK_METHODS:
-            return 2 ** self.bits - 1
-        return 1 if self.method == "sign" else 2 ** (self.bits - 1) - 1
+        return self.method.qrange(self)[1]
 
     @property
     def offset(self) -> float:
         """The grid's half-step shift: x̂ = s·(q - z + offset); 1/2 for mid-rise, else 0."""
-        return 0.5 if self.midrise else 0.0
+        return self.method.offset(self)
 
     @property
     def integer_magnitude(self) -> int:
         """Bound on the integer an integer dot multiplies: |q - z| (Qmax symmetric, Qmax - Qmin
         asymmetric), or |2q + 1| = 2^b - 1 for mid-rise (s·(q + 1/2) = (s/2)·(2q + 1)). Used for
         int32 overflow checks."""
-        if self.midrise:
-            return 2 ** self.bits - 1
-        return self.qmax if self.symmetric else self.qmax - self.qmin
+        return self.method.integer_magnitude(self)
 
     def __repr__(self) -> str:
         parts = [f"bits={self.bits}"]
@@ -164,8 +130,13 @@ class QuantSpec:
             parts.append(f"group_size={self.group_size}")
         if self.group_axis is not None:
             parts.append(f"group_axis={self.group_axis}")
-        if self.method != "uniform":
-            parts.append(f"method={self.method!r}")
+        if self.method != formats.FORMATS["uniform"]:
+            parts.append(f"method={self.method.name!r}" if self.method == formats.FORMATS.get(self.method.name)
+                         else f"method={self.method!r}")
         if not isinstance(self.calibration, MinMax):
             parts.append(f"calibration={self.calibration!r}")
         return f"QuantSpec({', '.join(parts)})"
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)

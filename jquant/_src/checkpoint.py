@@ -46,10 +46,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jquant import calibration
-from jquant.policy import is_qarray, path_to_str
-from jquant.qarray import QArray
-from jquant.spec import QuantSpec
+from jquant._src import calibration
+from jquant._src.paths import boxed_leaves, is_qarray, path_to_str
+from jquant._src.qarray import QArray
+from jquant._src.spec import QuantSpec
 
 FORMAT = "jquant-checkpoint"
 VERSION = 1
@@ -123,8 +123,8 @@ def load(path, target=None):
       target: optional pytree with the checkpoint's structure (an NNX State, a FrozenDict, a
         custom pytree node, abstract `jax.ShapeDtypeStruct` leaves, …): the result takes its tree
         structure (`jax.tree_util.tree_structure(target, is_leaf=is_qarray)`, so a QArray is one
-        leaf). Leaf paths are compared as "a/b/0" strings (a trailing NNX `value` attribute
-        dropped, as in `jquant.policy`), so a dict checkpoint loads into an NNX State. Where a
+        leaf). Leaf paths are compared as "a/b/0" strings, with or without a box's inner key (the
+        `value` of an NNX Variable: `jquant._src.paths`), so a dict checkpoint loads into an NNX State. Where a
         target leaf — a `jax.Array` or `jax.ShapeDtypeStruct`, or an array of a target QArray —
         has a `NamedSharding`, the loaded array is placed with it (`jax.device_put`), so a tree
         saved from sharded arrays comes back sharded the same way given the same tree (or its
@@ -348,14 +348,15 @@ def _read_manifest(zf: zipfile.ZipFile, path: str) -> dict:
 
 def _match_target(leaves, target, path):
     """The target's treedef, after checking that its leaves line up with the checkpoint's."""
-    flat, treedef = jax.tree_util.tree_flatten_with_path(target, is_leaf=is_qarray)
+    treedef = jax.tree_util.tree_structure(target, is_leaf=is_qarray)
+    flat = boxed_leaves(target)
     have = [path_to_str(p) for p, _ in leaves]
-    want = [path_to_str(p) for p, _ in flat]
-    for i, (h, w) in enumerate(zip(have, want)):
-        if h != w:
+    want = [full for _, full, _ in flat]
+    for i, (h, (boxed, w, leaf)) in enumerate(zip(have, flat)):
+        if h not in (w, boxed):  # a leaf may be named with or without its box's inner key
             raise ValueError(f"target does not match checkpoint {path}: leaf {i} is {h!r} in the checkpoint "
                              f"but {w!r} in target")
-        if isinstance(leaves[i][1], QArray) != is_qarray(flat[i][1]):
+        if isinstance(leaves[i][1], QArray) != is_qarray(leaf):
             which = "the checkpoint" if isinstance(leaves[i][1], QArray) else "target"
             raise ValueError(f"target does not match checkpoint {path}: {h!r} is a QArray only in {which}")
     if len(have) != len(want):
@@ -387,6 +388,7 @@ def _spec_to_json(spec: QuantSpec) -> dict:
     # Every dataclass field, so a field added to QuantSpec is saved without touching this module.
     fields = {f.name: getattr(spec, f.name) for f in dataclasses.fields(spec)}
     fields["calibration"] = {"type": type(spec.calibration).__name__, **dataclasses.asdict(spec.calibration)}
+    fields["method"] = spec.method.name  # the format's registered name, which QuantSpec resolves back
     return {name: list(v) if isinstance(v, tuple) else v for name, v in fields.items()}
 
 

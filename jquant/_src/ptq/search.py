@@ -24,9 +24,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jquant.policy import Policy, Rule, is_float_array, path_to_str
-from jquant.qarray import quantize
-from jquant.spec import QuantSpec
+from jquant._src.policy import Policy, Rule, matches
+from jquant._src.ptq.layerwise import calibration_batches
+from jquant._src.qarray import quantize
+from jquant._src.spec import QuantSpec
 
 _MAX_UNITS = 1 << 22
 
@@ -105,16 +106,12 @@ def search_policy(fn, params, batches: Sequence[tuple], budget_bits_per_weight: 
         candidates or batches, or the budget is below the smallest possible size.
     """
     candidates = tuple(candidates)
-    batches = [tuple(b) for b in batches]
     if not candidates or not all(isinstance(c, QuantSpec) for c in candidates):
         raise ValueError(f"search_policy candidates must be a non-empty sequence of QuantSpec, got {candidates!r}")
-    if not batches:
-        raise ValueError("search_policy: batches is empty; pass at least one calibration batch")
-    selector = Policy([Rule(include, candidates[0])])
-    flat, treedef = jax.tree_util.tree_flatten_with_path(params)
-    leaves = [leaf for _, leaf in flat]
-    searched = [(i, path_to_str(p)) for i, (p, leaf) in enumerate(flat)
-                if is_float_array(leaf) and selector.rule_for(path_to_str(p)) is not None]
+    batches = calibration_batches(batches, "search_policy")
+    leaves, treedef = jax.tree_util.tree_flatten(params)
+    searched = [(m.position, m.path) for m in matches(params, Policy([Rule(include, candidates[0])]),
+                                                      where="search_policy", warn_unused=False)]
     if not searched:
         raise ValueError(f"search_policy include={include!r} matches no float leaf of params")
 

@@ -10,7 +10,7 @@ this is done in place and the same model is returned.
 * Float kernels → QAT (fake quantization, straight-through gradients).
 * `nnx.update(model, quantize_params(nnx.state(model, nnx.Param), policy))` → serving with QArray
   kernels (integer path with `rule.act`, dequantize-on-the-fly without).
-* `calibrate_nnx(model, batches)` → static activation ranges: each quantized activation gets an
+* `jquant.flax.calibrate(model, batches)` → static activation ranges: each quantized activation gets an
   observer (`QuantStat` variables: EMA of the per-tensor min/max), then keeps those ranges.
 """
 
@@ -20,16 +20,15 @@ import dataclasses
 
 from flax import nnx
 
-from jquant.flax import observers
-from jquant.flax.dtypes import promote_dtype_nnx
-from jquant.ops import QuantConv, QuantDot, QuantEinsum, _QuantOp
-from jquant.policy import Policy
+from jquant.flax import _observers as observers
+from jquant.flax._dtypes import promote_dtype_nnx
+from jquant._src.ops import QuantConv, QuantDot, QuantEinsum, _QuantOp
+from jquant._src.policy import Policy, check_policy
 
 
 def quantize_nnx(model, policy: Policy):
     """Switch `model`'s matched layers to quantized ops, in place; returns `model`."""
-    if not isinstance(policy, Policy):
-        raise TypeError(f"policy must be a jquant.Policy, got {type(policy).__name__}")
+    check_policy(policy, "jquant.flax.quantize")
     for path, node in nnx.iter_graph(model):
         if not isinstance(node, (nnx.Linear, nnx.LinearGeneral, nnx.Einsum, nnx.Conv)):
             continue
@@ -83,7 +82,7 @@ def calibrate_nnx(model, batches, momentum: float = 0.9):
     """Observe the activations of every quantized op with an activation spec over `batches`
     (iterable of argument tuples for `model(*batch)`), then freeze them as static ranges.
 
-    Run it on a model already passed through `quantize_nnx`. Calibrating again continues the EMA.
+    Run it on a model already passed through `quantize`. Calibrating again continues the EMA.
     Returns `model` (changed in place).
     """
     targets = []

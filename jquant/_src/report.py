@@ -10,7 +10,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jquant.policy import Policy, is_qarray, leaves_with_paths
+from jquant._src.paths import is_qarray, leaves_with_paths
+from jquant._src.policy import Policy
 
 
 @dataclasses.dataclass(frozen=True)
@@ -91,9 +92,8 @@ def report(params, qtree, policy: Optional[Policy] = None, errors: Optional[Mapp
       params: the original float tree.
       qtree: `quantize_params(params, policy)`.
       policy: if given, the "rule" column names the rule each leaf got; otherwise the spec.
-      errors: {path: relative output error on calibration data}, e.g.
-        `{p: r.error for p, r in errors.items()}` from `jquant.ptq.gptq(..., return_errors=True)`;
-        shown as an "output error" column.
+      errors: {path: relative output error on calibration data}: floats, or the `LayerError`s of
+        a `jquant.ptq` Result (their `.error`); shown as an "output error" column.
 
     Returns:
       Report with one row per array leaf (kept leaves too, so totals are the whole tree's bytes).
@@ -116,8 +116,12 @@ def report(params, qtree, policy: Optional[Policy] = None, errors: Optional[Mapp
             rule = f"{hit[0]}: {hit[1].pattern}" if hit else repr(q.spec)
             rows.append(ReportRow(path, tuple(x.shape), rule, q.bits_per_weight,
                                   float(_sqnr_db(x, q.dequantize())), nbytes_before, q.nbytes,
-                                  None if errors is None or path not in errors else float(errors[path])))
+                                  None if errors is None or path not in errors else _error(errors[path])))
         else:
             bits = 8 * jnp.dtype(x.dtype).itemsize
             rows.append(ReportRow(path, tuple(x.shape), "kept", float(bits), None, nbytes_before, nbytes_before))
     return Report(tuple(rows))
+
+
+def _error(value) -> float:
+    return float(getattr(value, "error", value))  # a LayerError, or a number

@@ -13,11 +13,12 @@ variables. Nothing in JAX or Flax is patched.
   call), straight-through gradients; optax trains the float params as usual.
 * `quantize_params(params, policy)` → serving: QArray kernels; with `rule.act` the integer
   int8×int8→int32 path runs, without it the kernel is dequantized on the fly.
-* Static activation ranges: `QuantizedLinen.calibrate(variables, batch)` updates observers (EMA of
-  the per-tensor min/max) in a `quant_stats` collection; layers that have them use those ranges.
+* Static activation ranges: `jquant.flax.calibrate(qmodel, batches, variables=...)` updates
+  observers (EMA of the per-tensor range) in a `quant_stats` collection; layers that have them
+  use those ranges.
 * Learned quantizers (`jquant.learned`): `apply({"params": params, **learned}, x)` with the
-  `lsq_step` / `pact_clip` collections from `init_learned` trains LSQ steps and PACT clips;
-  serve with `export_params` and `export_stats` (static ranges in `quant_stats`).
+  `lsq_step` / `pact_clip` collections from `jquant.learned.init` trains LSQ steps and PACT clips;
+  serve with `jquant.learned.quantize_params` and `learned_stats` (static ranges in `quant_stats`).
 `init` always runs the float layers (it only creates the params).
 """
 
@@ -30,11 +31,11 @@ import functools
 import jax.numpy as jnp
 from flax import linen as nn
 
-from jquant import learned
-from jquant.flax import observers
-from jquant.ops import QuantConv, QuantDot
-from jquant.policy import Policy
-from jquant.qarray import QArray
+from jquant._src import learned
+from jquant.flax import _observers as observers
+from jquant._src.ops import QuantConv, QuantDot
+from jquant._src.policy import Policy, check_policy
+from jquant._src.qarray import QArray
 
 STATS = "quant_stats"
 """The Linen collection holding activation observers (`act_lo`, `act_hi`, `count` per layer)."""
@@ -58,14 +59,10 @@ class QuantizedLinen:
         with self._intercepting():
             return self.model.apply(variables, *args, **kwargs)
 
-    def calibrate(self, variables, *args, momentum: float = 0.9, **kwargs):
-        """One calibration step: run the model on a batch and update every activation observer
-        (EMA of the per-tensor min/max, kept in the `quant_stats` collection).
-
-        Returns `variables` with `quant_stats` updated. From then on `apply` quantizes those
-        activations with the static ranges (frozen: only `calibrate` changes them) instead of
-        per-batch ranges; serving from `quantize_params(variables, policy)` keeps them. Jit-able.
-        """
+    def calibration_step(self, variables, *args, momentum: float = 0.9, **kwargs):
+        """One calibration step (`jquant.flax.calibrate` runs it per batch): run the model on a
+        batch and update every activation observer (EMA of the per-tensor range, kept in the
+        `quant_stats` collection). Returns `variables` with `quant_stats` updated. Jit-able."""
         token = _CALIBRATION.set(momentum)
         try:
             with self._intercepting():
@@ -78,10 +75,41 @@ class QuantizedLinen:
         return nn.intercept_methods(functools.partial(_intercept, self.policy))
 
 
+def act_ranges(variables) -> dict:
+    """{kernel path: (act_lo, act_hi)} of the calibrated observers in `variables["quant_stats"]`
+    (what `jquant.learned.init(..., act_ranges=...)` starts PACT clips from)."""
+    out = {}
+    for path, stats in _modules_with(variables.get(STATS, {}), "act_hi"):
+        out[f"{path}/kernel"] = (stats["act_lo"], stats["act_hi"])
+    return out
+
+
+def learned_stats(learned_tree, policy: Policy) -> dict:
+    """The learned PACT clips as static activation ranges in the `quant_stats` layout:
+    {module path: {"act_lo": 0 or −α, "act_hi": α, "count": 1}} — serve a wrapped Linen model with
+    `apply({"params": learned.quantize_params(...), "quant_stats": learned_stats(...)}, x)`."""
+    out = {}
+    for key, (act, alpha) in learned.learned_clips(learned_tree, policy).items():
+        node = out
+        for part in key.rsplit("/", 1)[0].split("/"):
+            node = node.setdefault(part, {})
+        node.update(act_lo=-alpha if act.symmetric else jnp.zeros_like(alpha), act_hi=alpha,
+                    count=jnp.ones((), jnp.int32))
+    return out
+
+
+def _modules_with(tree, name, prefix=""):
+    """(module path, its dict) of every nested dict that holds `name`."""
+    if name in tree:
+        yield prefix, tree
+    for key, child in tree.items():
+        if isinstance(child, dict) or hasattr(child, "items"):
+            yield from _modules_with(child, name, f"{prefix}/{key}" if prefix else str(key))
+
+
 def quantize_linen(model: nn.Module, policy: Policy) -> QuantizedLinen:
     """Wrap `model` so that its Dense/DenseGeneral/Conv/Einsum layers follow `policy`."""
-    if not isinstance(policy, Policy):
-        raise TypeError(f"policy must be a jquant.Policy, got {type(policy).__name__}")
+    check_policy(policy, "jquant.flax.quantize")
     return QuantizedLinen(model, policy)
 
 
