@@ -33,12 +33,13 @@ Path choice, measured on XLA:CPU (jax 0.10.2, 2 cores; see benchmarks/ for the s
 from __future__ import annotations
 
 import math
-from typing import Optional, Sequence, Tuple
+from typing import NamedTuple, Optional, Tuple
 
 import jax
 import jax.numpy as jnp
 from jax import lax
 
+from jquant._src import numerics
 from jquant._src.qarray import QArray, quantize
 from jquant._src.spec import QuantSpec
 
@@ -137,41 +138,18 @@ def int_dot_general(lhs: QArray, rhs: QArray, dimension_numbers) -> Accumulator:
     """The exact integer dot of two QArrays: int32 bracket (see module docstring) and s_l·s_r.
 
     Raises:
-      ValueError: a method without an integer grid, a scale that varies along a contracted
-        axis, groups along a non-contracted axis or on two different contracted axes, mismatched
-        group sizes, mismatched dimensions, or an int32 overflow risk.
+      TypeError: an operand is not a QArray.
+      ValueError: what `integer_dot_problem` says.
     """
     for name, op in (("lhs", lhs), ("rhs", rhs)):
         if not isinstance(op, QArray):
             raise TypeError(f"int_dot_general: {name} must be a QArray, got {type(op).__name__}")
-        if not op.spec.method.integer_grid:
-            raise ValueError(f"int_dot_general: {name} uses method={op.spec.method.name!r}, which has no integer "
-                             "grid; integer formats: uniform, sign")
-    (lc, rc), (lb, rb) = dimension_numbers
-    lc, lb = _axes(lc, lhs.ndim, "lhs"), _axes(lb, lhs.ndim, "lhs")
-    rc, rb = _axes(rc, rhs.ndim, "rhs"), _axes(rb, rhs.ndim, "rhs")
-    if len(lc) != len(rc) or len(lb) != len(rb):
-        raise ValueError(f"dimension_numbers {dimension_numbers}: lhs and rhs name different numbers of axes")
-    for name, axes in (("lhs", lc + lb), ("rhs", rc + rb)):
-        if len(set(axes)) != len(axes):
-            raise ValueError(f"dimension_numbers {dimension_numbers}: {name} names an axis twice (contracting and "
-                             "batch axes must be distinct)")
-    for a, b in zip(lc + lb, rc + rb):
-        if lhs.shape[a] != rhs.shape[b]:
-            raise ValueError(f"lhs axis {a} (size {lhs.shape[a]}) and rhs axis {b} (size {rhs.shape[b]}) "
-                             f"are paired by dimension_numbers but differ in size; shapes {lhs.shape} × {rhs.shape}")
-
-    split = _group_split(lhs, rhs, lc, rc)
+    problem, plan = _plan(lhs, rhs, dimension_numbers)
+    if problem is not None:
+        raise ValueError(problem)
+    (lc, lb), (rc, rb), split, k = plan
     left = _Operand(lhs, lc, lb, split[0] if split else None, split[2] if split else None, "lhs")
     right = _Operand(rhs, rc, rb, split[1] if split else None, split[2] if split else None, "rhs")
-
-    k = math.prod(left.q.shape[a] for a in left.contract)
-    bound = k * lhs.spec.integer_magnitude * rhs.spec.integer_magnitude
-    if bound >= _INT32_LIMIT:
-        most = (_INT32_LIMIT - 1) // (lhs.spec.integer_magnitude * rhs.spec.integer_magnitude)
-        raise ValueError(f"int32 accumulator could overflow: K={k} × {lhs.spec.integer_magnitude} × "
-                         f"{rhs.spec.integer_magnitude} = {bound} ≥ 2^31; allowed: K ≤ {most} for these specs — "
-                         "split the contraction with group_size or use fewer bits")
 
     acc = _canonical_int_dot(left, right)
     n_free_r = len(right.free)
@@ -187,33 +165,77 @@ def int_dot_general(lhs: QArray, rhs: QArray, dimension_numbers) -> Accumulator:
     return Accumulator(acc, scale.astype(jnp.float32), len(lb) if split else None)
 
 
-def _axes(axes: Sequence[int], ndim: int, name: str) -> Tuple[int, ...]:
-    out = []
-    for a in axes:
-        if not -ndim <= a < ndim:
-            raise ValueError(f"dimension_numbers: {name} axis {a} out of range for rank {ndim}; "
-                             f"allowed: {-ndim}..{ndim - 1}")
-        out.append(a % ndim)
-    return tuple(out)
+def integer_dot_problem(lhs, rhs, dimension_numbers) -> Optional[str]:
+    """Why `int_dot_general` cannot multiply these operands (None: it can), from their shapes and
+    specs alone (`lhs`, `rhs`: anything with `.shape` and `.spec`, e.g. QArrays or `Operand`s of
+    float operands about to be quantized): a format without an integer grid, axes out of range or
+    unpaired, a scale that varies along a contracted axis, groups along a non-contracted axis or
+    on two different contracted axes, mismatched group sizes, or an int32 overflow risk."""
+    return _plan(lhs, rhs, dimension_numbers)[0]
 
 
-def _group_split(lhs: QArray, rhs: QArray, lc, rc):
-    """(lhs_axis, rhs_axis, group_size) of the one contracted axis pair split into groups, or None."""
+class Operand(NamedTuple):
+    """The shape and spec of an operand that is not quantized yet (for `integer_dot_problem`)."""
+    shape: Tuple[int, ...]
+    spec: QuantSpec
+
+
+def _plan(lhs, rhs, dimension_numbers):
+    """(problem, None), or (None, ((lc, lb), (rc, rb), group split or None, K)) in normalized axes."""
+    for name, op in (("lhs", lhs), ("rhs", rhs)):
+        problem = op.spec.method.integer_problem(op.spec)
+        if problem is not None:
+            return f"int_dot_general: {name} {problem}", None
+    (lc, rc), (lb, rb) = dimension_numbers
+    axes = {}
+    for name, key, given, ndim in (("lhs", "lc", lc, len(lhs.shape)), ("lhs", "lb", lb, len(lhs.shape)),
+                                   ("rhs", "rc", rc, len(rhs.shape)), ("rhs", "rb", rb, len(rhs.shape))):
+        bad = [a for a in given if not -ndim <= a < ndim]
+        if bad:
+            return (f"dimension_numbers: {name} axis {bad[0]} out of range for rank {ndim}; "
+                    f"allowed: {-ndim}..{ndim - 1}"), None
+        axes[key] = tuple(a % ndim for a in given)
+    lc, lb, rc, rb = axes["lc"], axes["lb"], axes["rc"], axes["rb"]
+    if len(lc) != len(rc) or len(lb) != len(rb):
+        return f"dimension_numbers {dimension_numbers}: lhs and rhs name different numbers of axes", None
+    for name, named in (("lhs", lc + lb), ("rhs", rc + rb)):
+        if len(set(named)) != len(named):
+            return (f"dimension_numbers {dimension_numbers}: {name} names an axis twice (contracting and batch "
+                    "axes must be distinct)"), None
+    for a, b in zip(lc + lb, rc + rb):
+        if lhs.shape[a] != rhs.shape[b]:
+            return (f"lhs axis {a} (size {lhs.shape[a]}) and rhs axis {b} (size {rhs.shape[b]}) are paired by "
+                    f"dimension_numbers but differ in size; shapes {lhs.shape} × {rhs.shape}"), None
+
     splits = set()
     for name, op, mine, theirs in (("lhs", lhs, lc, rc), ("rhs", rhs, rc, lc)):
-        axis = op.layout.group_axis
-        if axis is None:
+        lay = numerics.layout(op.shape, op.spec)
+        varying = [a for a in mine if a in lay.channel_axes]
+        if varying:
+            return (f"int_dot_general: {name} scale varies along a contracted axis ({op.spec!r} on shape "
+                    f"{tuple(op.shape)}); an integer dot needs scales constant along contracted axes (per-channel "
+                    "on a free axis, or groups along the contraction)"), None
+        if lay.group_axis is None:
             continue
-        if axis not in mine:
-            raise ValueError(f"int_dot_general: {name} is grouped along axis {axis}, which is not contracted "
-                             f"(contracting axes {mine}); integer dots support groups along a contracting axis")
-        i = mine.index(axis)
-        pair = (axis, theirs[i]) if name == "lhs" else (theirs[i], axis)
+        if lay.group_axis not in mine:
+            return (f"int_dot_general: {name} is grouped along axis {lay.group_axis}, which is not contracted "
+                    f"(contracting axes {mine}); integer dots support groups along a contracting axis"), None
+        i = mine.index(lay.group_axis)
+        pair = (lay.group_axis, theirs[i]) if name == "lhs" else (theirs[i], lay.group_axis)
         splits.add(pair + (op.spec.group_size,))
     if len(splits) > 1:
-        raise ValueError(f"int_dot_general: lhs and rhs groups do not line up ({sorted(splits)} as "
-                         "(lhs axis, rhs axis, group size)); use the same group size on the same contracted axis pair")
-    return splits.pop() if splits else None
+        return (f"int_dot_general: lhs and rhs groups do not line up ({sorted(splits)} as (lhs axis, rhs axis, "
+                "group size)); use the same group size on the same contracted axis pair"), None
+    split = splits.pop() if splits else None
+
+    k = math.prod(lhs.shape[a] for a in lc) // (lhs.shape[split[0]] // split[2] if split else 1)
+    magnitude = lhs.spec.integer_magnitude * rhs.spec.integer_magnitude
+    if k * magnitude >= _INT32_LIMIT:
+        return (f"int32 accumulator could overflow: K={k} × {lhs.spec.integer_magnitude} × "
+                f"{rhs.spec.integer_magnitude} = {k * magnitude} ≥ 2^31; allowed: K ≤ "
+                f"{(_INT32_LIMIT - 1) // magnitude} for these specs — split the contraction with group_size or use "
+                "fewer bits"), None
+    return None, ((lc, lb), (rc, rb), split, k)
 
 
 class _Operand:
@@ -223,7 +245,7 @@ class _Operand:
     def __init__(self, qa: QArray, contract, batch, split_axis, group_size, name):
         shape = qa.shape
         q, scale, zero_point = qa.q, qa.scale, qa.zero_point
-        q, scale = qa.spec.method.integer_operand(q, scale, qa.spec, f"int_dot_general: {name}")
+        q, scale = qa.spec.method.integer_operand(q, scale, qa.spec)
         if split_axis is not None:
             own_split = qa.layout.group_axis == split_axis
 
@@ -241,11 +263,6 @@ class _Operand:
             contract = tuple(split_axis + 1 if a == split_axis else mapped(a) for a in contract)
             batch = tuple(mapped(a) for a in batch) + (split_axis,)
         free = tuple(a for a in range(q.ndim) if a not in contract and a not in batch)
-        for a in contract:
-            if scale.shape[a] != 1:
-                raise ValueError(f"int_dot_general: {name} scale varies along a contracted axis "
-                                 f"({qa.spec!r} on shape {shape}); an integer dot needs scales constant along "
-                                 "contracted axes (per-channel on a free axis, or groups along the contraction)")
         self.q, self.scale, self.zero_point = q, scale, zero_point
         self.contract, self.batch, self.free = contract, batch, free
         self.is_lhs = name == "lhs"

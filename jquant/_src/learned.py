@@ -45,6 +45,7 @@ import optax
 
 from jquant._src import numerics
 from jquant._src.formats import uniform
+from jquant._src.formats.base import broadcast_fixed
 from jquant._src.paths import leaves_with_paths
 from jquant._src.policy import Policy, matches, walk
 from jquant._src.qarray import quantize
@@ -84,14 +85,9 @@ def lsq_fake_quant(x, step, spec: QuantSpec, *, grad_scale: Optional[float] = No
     step = jnp.asarray(step)
     _check_lsq_spec(spec)
     lay = numerics.layout(x.shape, spec)
-    try:
-        jnp.broadcast_shapes(step.shape, lay.scale_shape)
-    except ValueError:
-        raise ValueError(f"step of shape {step.shape} does not broadcast to the scale shape {lay.scale_shape} of "
-                         f"{spec!r} on shape {x.shape}") from None
     if grad_scale is None:
         grad_scale = lsq_grad_scale(x.size, step.size, spec)
-    step = jnp.broadcast_to(step.astype(numerics.compute_dtype(x.dtype)), lay.scale_shape)
+    step = broadcast_fixed("step", step.astype(numerics.compute_dtype(x.dtype)), spec, lay)
     return _lsq(spec, lay, float(grad_scale), x, step)
 
 

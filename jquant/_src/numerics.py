@@ -69,44 +69,62 @@ class Layout:
         return jnp.reshape(x, self.shape)
 
 
-def _normalize_axis(axis: int, ndim: int, what: str) -> int:
-    if not -ndim <= axis < ndim:
-        raise ValueError(f"QuantSpec.{what}={axis} is out of range for a tensor of rank {ndim}; "
-                         f"allowed: {-ndim}..{ndim - 1}" if ndim else
-                         f"QuantSpec.{what}={axis} given for a 0-d tensor, which has no axes")
-    return axis % ndim
+def _axis_problem(axis: int, ndim: int, what: str) -> Optional[str]:
+    if -ndim <= axis < ndim:
+        return None
+    if not ndim:
+        return f"QuantSpec.{what}={axis} given for a 0-d tensor, which has no axes"
+    return f"QuantSpec.{what}={axis} is out of range for a tensor of rank {ndim}; allowed: {-ndim}..{ndim - 1}"
 
 
 def layout(shape: Tuple[int, ...], spec) -> Layout:
     """Resolve `spec`'s granularity against `shape`.
 
     Raises:
-      ValueError: a channel/group axis out of range, a group size that does not divide its axis,
-        or a group size without any non-channel axis to split.
+      ValueError: what `layout_problem` says.
     """
+    problem, lay = _resolve(shape, spec)
+    if problem is not None:
+        raise ValueError(problem)
+    return lay
+
+
+def layout_problem(shape: Tuple[int, ...], spec) -> Optional[str]:
+    """Why `spec` does not fit a tensor of `shape` (None: it fits): a channel/group axis out of
+    range, a group size that does not divide its axis, or a group size without any non-channel
+    axis to split."""
+    return _resolve(shape, spec)[0]
+
+
+def _resolve(shape, spec):
     shape = tuple(int(d) for d in shape)
     ndim = len(shape)
-    channel = tuple(sorted(_normalize_axis(a, ndim, "channel_axes") for a in spec.channel_axes))
+    for a in spec.channel_axes:
+        if _axis_problem(a, ndim, "channel_axes"):
+            return _axis_problem(a, ndim, "channel_axes"), None
+    channel = tuple(sorted(a % ndim for a in spec.channel_axes))
     if len(set(channel)) != len(channel):
-        raise ValueError(f"QuantSpec.channel_axes={spec.channel_axes} name the same axis twice for rank {ndim}")
+        return f"QuantSpec.channel_axes={spec.channel_axes} name the same axis twice for rank {ndim}", None
     group_axis = None
     if spec.group_size is not None:
         if spec.group_axis is None:
             candidates = [a for a in range(ndim) if a not in channel]
             if not candidates:
-                raise ValueError(f"QuantSpec.group_size={spec.group_size} needs an axis to split, but every axis of "
-                                 f"shape {shape} is a channel axis {channel}")
+                return (f"QuantSpec.group_size={spec.group_size} needs an axis to split, but every axis of shape "
+                        f"{shape} is a channel axis {channel}"), None
             # The largest shared axis (the last of equals): the contraction axis of Dense (in, out),
             # Conv HWIO and DenseGeneral kernels alike, and the axis where one scale covers most values.
             group_axis = max(reversed(candidates), key=lambda a: shape[a])
         else:
-            group_axis = _normalize_axis(spec.group_axis, ndim, "group_axis")
+            if _axis_problem(spec.group_axis, ndim, "group_axis"):
+                return _axis_problem(spec.group_axis, ndim, "group_axis"), None
+            group_axis = spec.group_axis % ndim
             if group_axis in channel:
-                raise ValueError(f"QuantSpec.group_axis={spec.group_axis} is a channel axis {channel} for rank {ndim}")
+                return f"QuantSpec.group_axis={spec.group_axis} is a channel axis {channel} for rank {ndim}", None
         n = shape[group_axis]
         if n % spec.group_size:
-            raise ValueError(f"QuantSpec.group_size={spec.group_size} does not divide axis {group_axis} of size {n} "
-                             f"(shape {shape}); choose a divisor of {n}")
+            return (f"QuantSpec.group_size={spec.group_size} does not divide axis {group_axis} of size {n} (shape "
+                    f"{shape}); choose a divisor of {n}"), None
     if group_axis is None:
         grouped = shape
         reduce_axes = tuple(a for a in range(ndim) if a not in channel)
@@ -115,7 +133,7 @@ def layout(shape: Tuple[int, ...], spec) -> Layout:
         grouped = shape[:group_axis] + (shape[group_axis] // g, g) + shape[group_axis + 1:]
         reduce_axes = tuple(sorted(
             [a + (a > group_axis) for a in range(ndim) if a not in channel and a != group_axis] + [group_axis + 1]))
-    return Layout(shape, grouped, channel, group_axis, reduce_axes)
+    return None, Layout(shape, grouped, channel, group_axis, reduce_axes)
 
 
 def compute_dtype(dtype) -> jnp.dtype:

@@ -32,7 +32,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from jquant._src.dot import dot_general, int_dot_general
+from jquant._src.dot import Operand, dot_general, integer_dot_problem
 from jquant._src.packing import is_packed
 from jquant._src.qarray import QArray, quantize
 from jquant._src.spec import QuantSpec
@@ -70,7 +70,7 @@ class _QuantOp:
         the activation is fake-quantized and the weight dequantized (the same numbers as QAT)."""
         if self.act is None:
             return lhs, rhs
-        if not rhs.spec.method.integer_grid:
+        if rhs.spec.method.integer_problem(rhs.spec) is not None:
             return self.fake_quant_inputs(lhs, rhs)[0], rhs.dequantize()
         return quantize(lhs, self.act, scale=self.act_scale, zero_point=self.act_zero_point), rhs
 
@@ -107,18 +107,13 @@ class QuantDot(_QuantOp):
         and `int_dot_general` accepts the operands (checked on shapes only, at trace time)."""
         if self.act is None or self.weight is None:
             return False
-        if not (self.act.method.integer_grid and self.weight.method.integer_grid):
-            return False
         contracted = math.prod(jnp.shape(rhs)[a] for a in dimension_numbers[0][1])
         smallest = INTEGER_QAT_MIN_MACS * (PACKED_WEIGHT_MACS_FACTOR if is_packed(self.weight.bits) else 1)
         if jnp.size(lhs) * jnp.size(rhs) // max(contracted, 1) < smallest:
             return False
-        try:
-            jax.eval_shape(lambda a, b: int_dot_general(quantize(a, self.act), quantize(b, self.weight),
-                                                        dimension_numbers).value, lhs, rhs)
-        except ValueError:
-            return False  # e.g. scales varying along the contraction: the float STE path computes it
-        return True
+        # Otherwise (e.g. scales varying along the contraction) the float STE path computes it.
+        return integer_dot_problem(Operand(jnp.shape(lhs), self.act), Operand(jnp.shape(rhs), self.weight),
+                                   dimension_numbers) is None
 
 
 @functools.partial(jax.custom_jvp, nondiff_argnums=(0, 1, 2, 3))

@@ -87,10 +87,15 @@ class Format:
         return None
 
     # --- the integer dot -----------------------------------------------------------------
-    def integer_operand(self, q, scale, spec, where: str):
+    def integer_problem(self, spec) -> Optional[str]:
+        """Why an int8 × int8 → int32 dot cannot multiply this spec's integers, or None."""
+        if self.integer_grid:
+            return None
+        return f"uses method={self.name!r}, which has no integer grid; integer formats: uniform, sign"
+
+    def integer_operand(self, q, scale, spec):
         """(integers, scale) that an integer dot multiplies for stored `q`: x̂ = scale·integers
-        (after the zero-point); only called for formats with `integer_grid`. `where` names the
-        operand in errors."""
+        (after the zero-point); only called where `integer_problem` is None."""
         return q, scale
 
     # --- GPTQ ----------------------------------------------------------------------------
@@ -126,11 +131,10 @@ def no_zero_point(zero_point, spec) -> None:
         raise ValueError(f"{spec!r} has no zero-point; zero_point= is not accepted")
 
 
-def broadcast_fixed(name: str, value, spec, lay: numerics.Layout, shape=None):
-    """A given scale/zero-point broadcast to `shape` (default the scale shape), or a ValueError."""
-    shape = lay.scale_shape if shape is None else shape
+def broadcast_fixed(name: str, value, spec, lay: numerics.Layout):
+    """A given scale/zero-point/step broadcast to the scale shape, or a ValueError saying so."""
     try:
-        return jnp.broadcast_to(value, shape)
+        return jnp.broadcast_to(value, lay.scale_shape)
     except ValueError:
         raise ValueError(f"{name} of shape {tuple(jnp.shape(value))} does not broadcast to the scale shape "
-                         f"{shape} of {spec!r} on a tensor of shape {lay.shape}") from None
+                         f"{lay.scale_shape} of {spec!r} on a tensor of shape {lay.shape}") from None

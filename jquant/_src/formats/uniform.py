@@ -107,11 +107,13 @@ class Uniform(Format):
         q = unclipped_integers(lay.to_grouped(x), scale, zero_point, spec, bounded=bounded)
         return lay.from_grouped((q >= spec.qmin) & (q <= spec.qmax))
 
-    def integer_operand(self, q, scale, spec, where: str):
+    def integer_problem(self, spec):
+        if spec.midrise and spec.bits > 7:
+            return f"is {spec!r}; a mid-rise grid multiplies 2q + 1, which fits int8 only for bits <= 7"
+        return None
+
+    def integer_operand(self, q, scale, spec):
         if spec.midrise:  # s·(q + 1/2) = (s/2)·(2q + 1): odd integers on a half-size scale
-            if spec.bits > 7:
-                raise ValueError(f"{where} is {spec!r}; a mid-rise grid multiplies 2q + 1, which fits int8 only "
-                                 "for bits <= 7")
             return 2 * q + 1, scale / 2
         return q, scale
 

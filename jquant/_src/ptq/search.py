@@ -24,6 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jquant._src import numerics
 from jquant._src.policy import Policy, Rule, matches
 from jquant._src.ptq.layerwise import calibration_batches
 from jquant._src.qarray import quantize
@@ -125,11 +126,10 @@ def search_policy(fn, params, batches: Sequence[tuple], budget_bits_per_weight: 
     for index, path in searched:
         options = []
         for spec in candidates:
-            try:
-                qa = quantize(leaves[index], spec)
-            except ValueError:
+            if numerics.layout_problem(jnp.shape(leaves[index]), spec) is not None:
                 options.append(None)  # this spec does not fit this shape (e.g. group size)
                 continue
+            qa = quantize(leaves[index], spec)
             trial = list(leaves)
             trial[index] = qa.dequantize()
             options.append((qa.nbytes, float(distortion(trial, batches, references))))
