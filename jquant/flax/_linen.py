@@ -129,8 +129,13 @@ def _hook(module):
 
 
 def _rule_for(policy: Policy, module):
-    hit = policy.rule_for("params/" + "/".join(str(p) for p in module.path) + "/kernel")
+    hit = policy.rule_for(_kernel_path(module))
     return None if hit is None else hit[1]
+
+
+def _kernel_path(module) -> str:
+    """The layer's kernel in the Linen variables: `params/<module path>/kernel`."""
+    return "/".join(["params", *(str(p) for p in module.path), "kernel"])
 
 
 def _intercept(policy, next_fun, args, kwargs, context):
@@ -158,7 +163,7 @@ def _intercept(policy, next_fun, args, kwargs, context):
     try:
         return variant.apply(variables, *args, **kwargs)
     except ValueError as err:
-        where = "params/" + "/".join(module.path) + "/kernel"
+        where = _kernel_path(module)
         if str(err).startswith(where):
             raise
         raise ValueError(f"{where}: rule {rule!r}: {err}") from None

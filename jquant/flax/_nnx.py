@@ -23,19 +23,23 @@ from flax import nnx
 from jquant.flax import _observers as observers
 from jquant.flax._dtypes import promote_dtype_nnx
 from jquant._src.ops import QuantConv, QuantDot, QuantEinsum, _QuantOp
-from jquant._src.policy import Policy, check_policy
+from jquant._src.policy import Policy, matches
 
 
 def quantize_nnx(model, policy: Policy):
-    """Switch `model`'s matched layers to quantized ops, in place; returns `model`."""
-    check_policy(policy, "jquant.flax.quantize")
+    """Switch `model`'s matched layers to quantized ops, in place; returns `model`.
+
+    The rules are matched by the policy walk over `nnx.state(model, nnx.Param)` (the paths that
+    `nnx.state` and `Policy.explain` show, e.g. `kernel` for a top-level layer), so a rule that
+    matches no parameter is reported and a NaN/Inf kernel raises, as for `jquant.quantize_params`.
+    """
+    rules = {match.path: match.rule for match in matches(
+        nnx.state(model, nnx.Param), policy, where="jquant.flax.quantize",
+        selects=lambda rule: rule.spec is not None or rule.act is not None)}
     for path, node in nnx.iter_graph(model):
-        if not isinstance(node, (nnx.Linear, nnx.LinearGeneral, nnx.Einsum, nnx.Conv)):
+        rule = rules.get(kernel_path(path))
+        if rule is None or not isinstance(node, (nnx.Linear, nnx.LinearGeneral, nnx.Einsum, nnx.Conv)):
             continue
-        hit = policy.rule_for("/".join(str(p) for p in path) + "/kernel")
-        if hit is None or (hit[1].spec is None and hit[1].act is None):
-            continue
-        rule = hit[1]
         node.promote_dtype = promote_dtype_nnx
         if isinstance(node, nnx.Conv):
             node.conv_general_dilated = QuantConv(rule.spec, rule.act)
@@ -90,7 +94,7 @@ def calibrate_nnx(model, batches, momentum: float = 0.9):
         for attribute, position in _OP_ATTRIBUTES:
             op = getattr(node, attribute, None) if isinstance(node, nnx.Module) else None
             if isinstance(op, _QuantOp) and op.act is not None:
-                where = "/".join(str(p) for p in path) + "/kernel"
+                where = kernel_path(path)
                 targets.append((node, attribute, ObservedOp(op, position, where)))
             elif isinstance(op, ObservedOp):
                 targets.append((node, attribute, op))
@@ -102,3 +106,8 @@ def calibrate_nnx(model, batches, momentum: float = 0.9):
     for _, _, observed in targets:
         observed.observing = False
     return model
+
+
+def kernel_path(module_path) -> str:
+    """The path of a layer's kernel in `nnx.state(model)`: its graph path, then `kernel`."""
+    return "/".join([str(p) for p in module_path] + ["kernel"])
