@@ -34,6 +34,7 @@ from flax import linen as nn
 from jquant._src import learned
 from jquant.flax import _observers as observers
 from jquant._src.ops import QuantConv, QuantDot
+from jquant._src.paths import at_path
 from jquant._src.policy import Policy, check_policy
 from jquant._src.qarray import QArray
 
@@ -162,11 +163,8 @@ def _intercept(policy, next_fun, args, kwargs, context):
     token = _INSIDE.set(True)
     try:
         return variant.apply(variables, *args, **kwargs)
-    except ValueError as err:
-        where = _kernel_path(module)
-        if str(err).startswith(where):
-            raise
-        raise ValueError(f"{where}: rule {rule!r}: {err}") from None
+    except (TypeError, ValueError) as err:
+        raise at_path(_kernel_path(module), err, f"rule {rule!r}: ") from None
     finally:
         _INSIDE.reset(token)
 

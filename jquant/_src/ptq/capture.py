@@ -25,7 +25,9 @@ import jax.numpy as jnp
 import numpy as np
 from jax.extend import core as jcore
 
-_LAYOUT_ONLY = frozenset({"convert_element_type", "copy", "copy_p", "reduce_precision"})
+LAYOUT_ONLY = frozenset({"convert_element_type", "copy", "copy_p", "reduce_precision"})
+"""Primitives that change a value's precision or copy it, nothing else: a weight (or a per-channel
+vector) is followed through them (`transpose` is followed too, with its permutation)."""
 _CALLS = frozenset({"pjit", "jit", "closed_call", "core_call", "custom_jvp_call", "custom_vjp_call",
                     "custom_vjp_call_jaxpr", "checkpoint", "remat"})
 
@@ -87,7 +89,7 @@ def _interpret(jaxpr, consts, args, followed, on_site, on_other_use):
         else:
             out_tags = [None] * len(eqn.outvars)
             if any(tags):
-                if name in _LAYOUT_ONLY:
+                if name in LAYOUT_ONLY:
                     out_tags = [tags[0]]
                 elif name == "transpose":
                     leaf, perm = tags[0]

@@ -12,7 +12,7 @@ per channel:
 * `add`/`sub` of a parameter vector (a bias β) — fold into β and continue on the other operand;
 * `dot_general` with a weight whose free axis is the channel (the previous Linear) — fold into
   that axis of the weight and stop;
-* `convert_element_type`, `copy`, `transpose` — follow.
+* `capture.LAYOUT_ONLY` (precision changes, copies) and `transpose` — follow.
 
 Every value on the path must be used only by the path (otherwise scaling it would change
 something else) and every folded parameter only once. Anything else (a nonlinearity, a reshape,
@@ -30,9 +30,8 @@ import jax
 import jax.numpy as jnp
 from jax.extend import core as jcore
 
-from jquant._src.ptq.capture import flat_program
+from jquant._src.ptq.capture import LAYOUT_ONLY, flat_program
 
-_FOLLOW = frozenset({"convert_element_type", "copy", "copy_p"})
 
 
 class FoldGroup(NamedTuple):
@@ -81,7 +80,7 @@ class _Analysis:
         if isinstance(src, jcore.Literal) or len(eqn.outvars) != 1:
             return
         out = eqn.outvars[0]
-        if name in _FOLLOW:
+        if name in LAYOUT_ONLY:
             if src in self.weight:
                 self.weight[out] = self.weight[src]
             if src in self.vector:
@@ -149,7 +148,7 @@ class _Analysis:
         name, ins = eqn.primitive.name, eqn.invars
         if any(isinstance(v, jcore.Literal) for v in ins) and name not in ("mul",):
             return f"a constant in {name}"
-        if name in _FOLLOW or name == "transpose":
+        if name in LAYOUT_ONLY or name == "transpose":
             if not self._only_here(ins[0]):
                 return f"the value before {name} is used elsewhere"
             return self._walk(ins[0], eqn.params["permutation"][axis] if name == "transpose" else axis)
