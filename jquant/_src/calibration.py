@@ -13,7 +13,7 @@ Each method is a small frozen (hashable) object set on `QuantSpec(calibration=..
   the larger ratio).
 
 Every method works per tensor, per channel and per group (the reduction runs over the grouped
-view's shared axes, see `jquant.numerics.layout`). Calibration applies to `method="uniform"`;
+view's shared axes, see `numerics.layout`). Calibration applies to `method="uniform"`;
 sign and codebook methods have their own statistics.
 """
 
@@ -94,7 +94,7 @@ class MSE:
             raise ValueError(f"MSE.norm={self.norm!r} must be > 0")
 
     def group_range(self, xg, axes: Tuple[int, ...], symmetric: bool):
-        """The min/max range that the search shrinks (see `jquant.numerics.compute_scale`)."""
+        """The min/max range that the search shrinks (see the uniform format's `calibrated_range`)."""
         return MinMax().group_range(xg, axes, symmetric)
 
     def ratios(self):

@@ -19,7 +19,7 @@ Both are ordinary float parameters in a pytree that optax trains next to the mod
   Backward: ∂y/∂x = 1 inside the clip, 0 outside; ∂y/∂α = 1 where x ≥ α (and −1 where x ≤ −α,
   signed), 0 inside (the rounding is straight-through).
 
-Both estimators are `jax.custom_jvp` (as `jquant.ste`), so `grad`, `jvp` and Hessian-vector
+Both estimators are `jax.custom_jvp` (as `fake_quant`), so `grad`, `jvp` and Hessian-vector
 products all use them. In forward mode the g factor scales the step's tangent as it scales its
 gradient in reverse mode: it is part of the estimator, not of the function.
 

@@ -127,7 +127,7 @@ def _shape_of_storage(spec: QuantSpec, shape, value):
 
 
 def quantize(x, spec: QuantSpec, *, scale=None, zero_point=None) -> QArray:
-    """Quantize a float array to a QArray (numerics in `jquant.numerics`).
+    """Quantize a float array to a QArray (the numerics are the format's: `jquant._src.formats`).
 
     Args:
       x: float array (f32, bf16, f16, f64) of any shape.

@@ -39,7 +39,7 @@ class QuantSpec:
         each format's module documents its numerics.
       calibration: how a uniform grid's range is chosen from the data when no fixed scale is
         given: `MinMax()` (default: absmax / min-max), `Percentile(p)` or `MSE()` (searched clip
-        ratio). See `jquant.calibration`.
+        ratio). See `jquant._src.calibration`.
 
     Raises:
       TypeError: a field of the wrong type. ValueError: a value the format does not allow; both

@@ -5,7 +5,7 @@ Conventions (tested against a NumPy float64 reference):
 * Integer ranges: symmetric b-bit → [-(2^(b-1)-1), 2^(b-1)-1] (int8: [-127, 127]); asymmetric →
   [-2^(b-1), 2^(b-1)-1] (int8: [-128, 127]); mid-rise → [-2^(b-1), 2^(b-1)-1].
 * Clip range [lo, hi] per group: the data's range by default; `QuantSpec.calibration` may
-  clip it (percentile, MSE-searched ratio — `jquant.calibration`). The formulas below use it.
+  clip it (percentile, MSE-searched ratio — `calibration`). The formulas below use it.
 * Symmetric scale: z = 0, s = absmax / Qmax.
 * Mid-rise (symmetric, `QuantSpec.midrise`): q in [-2^(b-1), 2^(b-1)-1], s = absmax / 2^(b-1),
   q = clip(floor(x / s), Qmin, Qmax) (a value on a decision boundary goes up), x̂ = s·(q + 1/2).
@@ -156,7 +156,7 @@ def calibrated_range(xg, spec, lay: numerics.Layout):
     """(lo, hi) of each group of the grouped view `xg` per `spec.calibration` (scale shape).
 
     `MinMax`/`Percentile` reduce the group directly; `MSE` then searches the clip ratio (see
-    `jquant.calibration`). An empty tensor has range [0, 0] (a reduction over nothing has no
+    `calibration`). An empty tensor has range [0, 0] (a reduction over nothing has no
     identity).
     """
     if xg.size == 0:

@@ -1,7 +1,7 @@
 """Post-training quantization of a whole parameter tree, weight by weight, from calibration data.
 
 The driver shared by the data-driven algorithms: match the policy's rules to the float leaves,
-find where `fn` contracts each matched weight with its input (`jquant.ptq.capture`), then, in the
+find where `fn` contracts each matched weight with its input (`capture`), then, in the
 order the computation meets the weights, collect the weight's input statistics over the
 calibration batches and quantize it. With `sequential=True` (default) the statistics of each
 weight are collected with every earlier weight already replaced by its quantized values, so a
