@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import checkify
 
-from jquant._src.paths import at_path, is_float_array, leaves_with_paths, map_with_paths
+from jquant._src.paths import at_path, is_float_array, is_qarray, leaves_with_paths, map_with_paths
 from jquant._src.spec import QuantSpec
 
 
@@ -72,13 +72,17 @@ class Policy:
     """Ordered rules; the first rule whose pattern matches a leaf's path wins; unmatched leaves stay.
 
     Frozen and hashable (a valid `jit` static argument). Non-float leaves are never quantized,
-    whatever the rules say.
+    whatever the rules say. `rules`: a list (or tuple) of Rules, or one Rule.
     """
 
     rules: Tuple[Rule, ...]
 
     def __post_init__(self):
-        rules = tuple(self.rules)
+        rules = (self.rules,) if isinstance(self.rules, Rule) else self.rules
+        try:
+            rules = tuple(rules)
+        except TypeError:
+            raise TypeError(f"Policy takes a Rule or a list of Rules, got {type(rules).__name__}: {rules!r}") from None
         for i, rule in enumerate(rules):
             if not isinstance(rule, Rule):
                 raise TypeError(f"Policy rule {i} must be a jquant.Rule, got {type(rule).__name__}: {rule!r}")
@@ -160,11 +164,16 @@ def walk(tree, policy: Policy, fn: Callable[[Match], object], *, where: str,
       TypeError: `policy` is not a Policy; ValueError/TypeError from `fn`, with the path.
     """
     check_policy(policy, where)
-    used = set()
+    used, quantized = set(), {}
     position = iter(range(1 << 62))
 
     def visit(path, leaf):
         at = next(position)
+        if is_qarray(leaf):
+            hit = policy.rule_for(path)
+            if hit is not None:
+                quantized.setdefault(hit[0], path)
+            return leaf
         if not is_float_array(leaf):
             return leaf
         hit = policy.rule_for(path)
@@ -181,9 +190,12 @@ def walk(tree, policy: Policy, fn: Callable[[Match], object], *, where: str,
             raise at_path(path, err, f"rule {index} {rule!r} does not fit shape {tuple(leaf.shape)}: ") from None
 
     out = map_with_paths(visit, tree)
-    unused = [rule for i, rule in enumerate(policy.rules) if i not in used]
+    unused = [(i, rule) for i, rule in enumerate(policy.rules) if i not in used]
     if warn_unused and unused:
-        warnings.warn(f"jquant {where}: {len(unused)} policy rule(s) matched no float leaf: {unused}", stacklevel=3)
+        notes = [f"{rule!r}" + (f" (it matches {quantized[i]!r}, already a QArray: the tree is quantized already)"
+                                if i in quantized else "") for i, rule in unused]
+        warnings.warn(f"jquant {where}: {len(unused)} policy rule(s) matched no float leaf: {', '.join(notes)}",
+                      stacklevel=3)
     return out
 
 

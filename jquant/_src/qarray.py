@@ -160,6 +160,9 @@ def check_float_input(x, spec, where: str):
     would fail deep inside) and `x` is a float array."""
     if not isinstance(spec, QuantSpec):
         raise TypeError(f"{where}: spec must be a jquant.QuantSpec, got {type(spec).__name__} {spec!r}")
+    if isinstance(x, QArray):
+        raise TypeError(f"{where} expects a float array, got a QArray ({x!r}), which is quantized already: use it "
+                        "as it is, or dequantize it first (qa.dequantize())")
     x = jnp.asarray(x)
     if not jnp.issubdtype(x.dtype, jnp.floating):
         raise TypeError(f"{where} expects a float array (float16, bfloat16, float32 or float64), got dtype {x.dtype}")
