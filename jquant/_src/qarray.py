@@ -80,6 +80,11 @@ class QArray:
             return self.value
         return self.spec.method.from_codes(packing.unpack(self.value, self.spec.bits, self.shape), self.spec)
 
+    def astype(self, dtype) -> "QArray":
+        """The same storage dequantizing to `dtype` (a layer's compute dtype): what a float layer
+        that casts its kernel to `dtype` before the dot gets from a quantized kernel."""
+        return QArray(self.value, self.scale, self.zero_point, spec=self.spec, shape=self.shape, dtype=dtype)
+
     def __getitem__(self, index):
         """`qa[...]` is `qa` (how NNX reads a Variable's value); other indexing is not defined on
         packed storage — dequantize first."""

@@ -226,4 +226,4 @@ class _WithWeight:
         if isinstance(self.op, _QuantizedPromote):  # (inputs, kernel, bias): serve the dequantized weight
             inputs, _, bias = self.op(lhs, stand_in, *args, **kwargs)
             return inputs, self.weight.dequantize().astype(stand_in.dtype), bias
-        return self.op(lhs, self.weight, *args, **kwargs)
+        return self.op(lhs, self.weight.astype(stand_in.dtype), *args, **kwargs)  # the layer's compute dtype
