@@ -27,6 +27,7 @@ from __future__ import annotations
 import contextvars
 import dataclasses
 import functools
+import warnings
 
 import jax.numpy as jnp
 from flax import linen as nn
@@ -35,7 +36,7 @@ from jquant._src import learned
 from jquant.flax import _observers as observers
 from jquant._src.ops import QuantConv, QuantDot
 from jquant._src.paths import at_path
-from jquant._src.policy import Policy, check_policy
+from jquant._src.policy import Policy, check_policy, matches
 from jquant._src.qarray import QArray
 
 STATS = "quant_stats"
@@ -43,6 +44,7 @@ STATS = "quant_stats"
 
 _INSIDE = contextvars.ContextVar("jquant_linen_inside", default=False)
 _CALIBRATION = contextvars.ContextVar("jquant_linen_calibration", default=None)  # momentum while calibrating
+_LAYERS = contextvars.ContextVar("jquant_linen_layers", default=None)  # kernel paths of supported layers, in init
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,8 +55,24 @@ class QuantizedLinen:
     policy: Policy
 
     def init(self, *args, **kwargs):
-        with self._intercepting():
-            return self.model.init(*args, **kwargs)
+        """The model's `init`. Afterwards the policy is checked against the new variables by the
+        policy walk: a rule that matches no parameter, or a kernel that no supported layer
+        (Dense, DenseGeneral, Conv, Einsum) uses — it would stay float — is reported in a warning."""
+        layers = set()
+        token = _LAYERS.set(layers)
+        try:
+            with self._intercepting():
+                variables = self.model.init(*args, **kwargs)
+        finally:
+            _LAYERS.reset(token)
+        left = [m for m in matches(variables, self.policy, where="jquant.flax.quantize (Linen init)",
+                                   selects=lambda rule: rule.spec is not None or rule.act is not None)
+                if m.path not in layers]
+        if left:
+            warnings.warn(f"jquant.flax.quantize: {len(left)} parameter(s) matched by the policy are not the kernel "
+                          f"of a Dense, DenseGeneral, Conv or Einsum layer, so QAT leaves them float: "
+                          + ", ".join(f"{m.path} (rule {m.index})" for m in left), stacklevel=2)
+        return variables
 
     def apply(self, variables, *args, **kwargs):
         with self._intercepting():
@@ -144,6 +162,8 @@ def _intercept(policy, next_fun, args, kwargs, context):
     if context.method_name != "__call__" or _INSIDE.get():
         return next_fun(*args, **kwargs)
     hook = _hook(module)
+    if hook is not None and _LAYERS.get() is not None:
+        _LAYERS.get().add(_kernel_path(module))
     rule = _rule_for(policy, module) if hook is not None else None
     if rule is None or (rule.spec is None and rule.act is None) or module.is_initializing():
         return next_fun(*args, **kwargs)
