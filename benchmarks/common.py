@@ -1,7 +1,12 @@
-"""What every benchmark table shares: timing, the optional peers, the environment, markdown tables.
+"""What every benchmark table shares: timing, data, the optional peers, the environment, tables.
 
-A table module exposes `run(quick: bool) -> Table`; `benchmarks/run.py` runs them all and writes
-`benchmarks/RESULTS.md`; each module also runs alone (`python benchmarks/<module>.py [--quick]`).
+A table module exposes `run(quick: bool) -> Table`; `benchmarks/run.py` runs them all and prints
+them (a full run also writes `benchmarks/RESULTS.md`); each module also runs alone
+(`python benchmarks/<module>.py [--quick]`) and only prints.
+
+The alternating timer (`interleaved_ms`), the digits data and the training loop live in
+`examples/_common.py`, shared with the examples (one copy of each); this module puts `examples/`
+on `sys.path` and re-exports what the tables use.
 """
 
 from __future__ import annotations
@@ -13,11 +18,15 @@ import importlib
 import importlib.metadata
 import os
 import platform
-import time
-from typing import Callable, List, Optional, Sequence
+import sys
+from pathlib import Path
+from typing import Callable, List, Optional
 
 import jax
-import numpy as np
+
+sys.path.insert(1, str(Path(__file__).resolve().parent.parent / "examples"))  # after benchmarks/ itself
+from _common import (classifier_loss as classifier_loss, digits as digits, fit as fit,  # noqa: E402
+                     interleaved_ms as interleaved_ms, minibatches as minibatches, optimizer_step as optimizer_step)
 
 NOT_INSTALLED = "not installed"
 PEERS = {"qwix": "qwix", "aqt": "aqtp"}  # import name: distribution name
@@ -29,36 +38,6 @@ def peer(name: str):
         return importlib.import_module(name)
     except Exception:  # noqa: BLE001 - any import failure means "not installed" for the tables
         return None
-
-
-def median_s(fn: Callable, *args, repeats: int, warmup: int = 1) -> float:
-    """Median wall time in seconds of `fn(*args)` (outputs blocked on) after `warmup` calls."""
-    for _ in range(warmup):
-        jax.block_until_ready(fn(*args))
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - start)
-    return float(np.median(times))
-
-
-def interleaved_ms(fns: Sequence[Callable], args_per_fn: Sequence[tuple], *, rounds: int, repeats: int) -> List[float]:
-    """Median milliseconds of each `fns[i](*args_per_fn[i])`, measured in `rounds` alternating rounds.
-
-    Alternating the candidates spreads slow phases of a shared machine over all of them, so the
-    ratios between columns are fairer than timing each candidate in one block.
-    """
-    for fn, args in zip(fns, args_per_fn):
-        jax.block_until_ready(fn(*args))
-    samples = [[] for _ in fns]
-    for _ in range(rounds):
-        for i, (fn, args) in enumerate(zip(fns, args_per_fn)):
-            for _ in range(repeats):
-                start = time.perf_counter()
-                jax.block_until_ready(fn(*args))
-                samples[i].append(time.perf_counter() - start)
-    return [1e3 * float(np.median(s)) for s in samples]
 
 
 def ratio(value: Optional[float], base: float, fmt: str = "{:.2f}") -> str:
@@ -133,7 +112,7 @@ def environment() -> str:
 
 
 def standalone(run: Callable[[bool], Table], doc: str) -> None:
-    """`main()` of a table module: parse `--quick`, run, print the finished table."""
+    """`main()` of a table module: parse `--quick`, run, print the finished table (it writes no file)."""
     parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="fewer sizes and repeats")
     args = parser.parse_args()

@@ -42,7 +42,7 @@ class Scheme:
     def jquant_policy(self) -> jquant.Policy:
         weight = jquant.QuantSpec(self.bits, symmetric=self.symmetric, channel_axes=(-1,), group_size=self.group)
         act = jquant.QuantSpec(8) if self.act else None
-        return jquant.Policy([jquant.Rule(jquant.policy.KERNEL, weight, act=act)])
+        return jquant.Policy([jquant.Rule(r"(.*/)?kernel", weight, act=act)])
 
     def qwix_rule(self, qt: bool):
         qwix = peer("qwix")

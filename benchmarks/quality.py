@@ -6,11 +6,12 @@ Run: python benchmarks/quality.py [--quick]
   dB. int8: one scale per output channel; int4: per output channel and group of 128 inputs
   (symmetric in all three; jquant's asymmetric `int4_weights()` preset in its own row). AQT's
   `Quantizer` calibrates over the group axis of the kernel reshaped to (K/128, 128, N).
-* Accuracy on scikit-learn digits (360 held-out images): an MLP 64-256-256-10 trained in float
-  (adam, 15 epochs, batch 64), then PTQ without retraining: W8A8 (int8 weights and dynamic int8
-  activations) and W4 weight-only (int4 per output channel; the 64-input first layer has no room
-  for groups of 128). jquant serves the quantized tree (integer path for W8A8), Qwix its PTQ model
-  on `qwix.quantize_params`, AQT its `AqtDotGeneral` forward with the float weights.
+* Accuracy on scikit-learn digits (360 held-out images; the examples' split and training loop,
+  `examples/_common.py`): an MLP 64-256-256-10 trained in float (adam, 15 epochs, batch 64), then
+  PTQ without retraining: W8A8 (int8 weights and dynamic int8 activations) and W4 weight-only
+  (int4 per output channel; the 64-input first layer has no room for groups of 128). jquant
+  serves the quantized tree (integer path for W8A8), Qwix its PTQ model on
+  `qwix.quantize_params`, AQT its `AqtDotGeneral` forward with the float weights.
 """
 
 import jax
@@ -19,7 +20,8 @@ import numpy as np
 import optax
 
 import jquant
-from common import NOT_INSTALLED, Table, peer, standalone
+from common import (NOT_INSTALLED, Table, classifier_loss, digits, fit, minibatches, optimizer_step, peer,
+                    standalone)
 from models import Mlp
 from peers import Scheme, aqt_model, qwix_ptq
 
@@ -77,34 +79,12 @@ def _aqt_round_trip(tree, scheme: Scheme):
     return jax.tree_util.tree_map(round_trip, tree)
 
 
-def _digits():
-    from sklearn.datasets import load_digits
-    data = load_digits()
-    x = (data.data / 16.0).astype(np.float32)
-    order = np.random.default_rng(0).permutation(len(x))
-    cut = len(x) - 360
-    return (x[order[:cut]], data.target[order[:cut]]), (x[order[cut:]], data.target[order[cut:]])
-
-
 def _train(model, x, y, epochs=15, batch=64):
+    """Adam (1e-3) on the cross-entropy from `model.init(key 0)`; the trained variables."""
     params = model.init(jax.random.key(0), x[:1])
     optimizer = optax.adam(1e-3)
-
-    @jax.jit
-    def step(params, opt_state, xb, yb):
-        def loss(p):
-            return optax.softmax_cross_entropy_with_integer_labels(model.apply(p, xb), yb).mean()
-        grads = jax.grad(loss)(params)
-        updates, opt_state = optimizer.update(grads, opt_state, params)
-        return optax.apply_updates(params, updates), opt_state
-
-    opt_state = optimizer.init(params)
-    rng = np.random.default_rng(0)
-    for _ in range(epochs):
-        order = rng.permutation(len(x))
-        for i in range(0, len(x) - batch + 1, batch):
-            params, opt_state = step(params, opt_state, x[order[i:i + batch]], y[order[i:i + batch]])
-    return params
+    step = optimizer_step(classifier_loss(model.apply), optimizer)
+    return fit(step, params, optimizer.init(params), minibatches(x, y, batch, epochs, seed=0))[0]
 
 
 def _accuracy(logits, y) -> str:
@@ -122,7 +102,7 @@ def run(quick: bool) -> Table:
                  for t in (ours, _qwix_round_trip(tree, scheme), _aqt_round_trip(tree, scheme))]
         table.add("weight tree SQNR", scheme.name, "-", *cells)
 
-    (xtr, ytr), (xte, yte) = _digits()
+    (xtr, ytr), (xte, yte) = digits()
     model = Mlp(width=256, depth=2)
     params = _train(model, xtr, ytr)
     float_acc = _accuracy(model.apply(params, xte), yte)

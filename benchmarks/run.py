@@ -1,10 +1,12 @@
-"""Run every benchmark table, print it, and write benchmarks/RESULTS.md.
+"""Run every benchmark table, print it, and (a full run) write benchmarks/RESULTS.md.
 
 Run: python benchmarks/run.py [--quick] [--only NAME ...] [--output PATH]
 Tables (one module each, in this order): quantize_throughput, qat_step, dot_paths, weight_only,
 quality. `--quick` uses fewer sizes and repeats (a few minutes on 2 CPU cores; the full run takes
-longer). Peers (Qwix, AQT) come from the `bench` extra (`pip install -e .[bench]`); a peer that
-cannot be imported shows as "not installed". Every figure in the file comes from this run.
+longer) and only prints: the committed RESULTS.md holds full runs, so a quick run writes a file
+only where `--output` names one. Peers (Qwix, AQT) come from the `bench` extra
+(`pip install -e .[bench]`); a peer that cannot be imported shows as "not installed". Every
+figure in the file comes from this run.
 """
 
 import argparse
@@ -16,7 +18,7 @@ from pathlib import Path
 
 from common import environment
 
-HERE = Path(__file__).resolve().parent
+RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
 TABLES = ("quantize_throughput", "qat_step", "dot_paths", "weight_only", "quality")
 
 
@@ -24,8 +26,10 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="fewer sizes and repeats")
     parser.add_argument("--only", nargs="+", choices=TABLES, default=TABLES, help="tables to run")
-    parser.add_argument("--output", type=Path, default=HERE / "RESULTS.md", help="markdown file to write")
+    parser.add_argument("--output", type=Path, default=None,
+                        help="markdown file to write (default: RESULTS.md for a full run, none for --quick)")
     args = parser.parse_args(argv)
+    output = args.output or (None if args.quick else RESULTS)
     env = environment()
     print(env, flush=True)
     load_before = _load()
@@ -36,6 +40,9 @@ def main(argv=None) -> int:
         print(f"\n{table.markdown()}", flush=True)
         sections.append(table.markdown())
     minutes = (time.perf_counter() - start) / 60
+    if output is None:
+        print(f"\n--quick: {RESULTS} left as it is (a quick run writes only to a file named by --output)")
+        return 0
     command = "python benchmarks/run.py" + (" --quick" if args.quick else "") + (
         "" if tuple(args.only) == TABLES else " --only " + " ".join(args.only))
     header = [
@@ -47,8 +54,8 @@ def main(argv=None) -> int:
         "candidates of a row are timed in alternating rounds) rather than absolute milliseconds.",
         "",
     ]
-    args.output.write_text("\n".join(header) + "\n" + "\n".join(sections), encoding="utf-8")
-    print(f"wrote {args.output}")
+    output.write_text("\n".join(header) + "\n" + "\n".join(sections), encoding="utf-8")
+    print(f"wrote {output}")
     return 0
 
 

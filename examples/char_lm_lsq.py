@@ -8,10 +8,10 @@ Starting from the cached float model, every block kernel gets weight-only b-bit 
 and is fine-tuned for the same steps on the same batches in two ways:
   STE QAT  loss(fake_quant_params(params, policy)): scales from each kernel's min/max every step,
            straight-through gradients;
-  LSQ      loss(lsq_params(params, learned, policy)): one trained step size per channel and group
+  LSQ      loss(learned.fake_quant_params(params, learned, policy)): one trained step size per channel and group
            (LSQ gradient with g = 1/√(N·Qmax)), its own learning rate through
-           `jquant.learned.learned_optimizer`.
-Both are then served the same way — QArrays (`quantize_params` / `export_params`) dequantized
+           `jquant.learned.optimizer`.
+Both are then served the same way — QArrays (`quantize_params` / `learned.quantize_params`) dequantized
 through the plain forward — and evaluated on held-out files; PTQ (round to nearest) is the
 starting point of both.
 """
@@ -19,20 +19,15 @@ starting point of both.
 from __future__ import annotations
 
 import argparse
-import sys
 import time
-from pathlib import Path
 
-import numpy as np
 import optax
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import char_lm
-import char_lm_model as lm
-
 import jquant
-from jquant import QuantSpec
-from jquant.learned import LSQ_STEP, export_params, init_learned, learned_optimizer, lsq_params
+from _common import (Training, add_lm_arguments, fit, g128, kernel_policy, lm_config, lm_loss, optimizer_step,
+                     perplexity, random_windows, stdlib_splits, trained_params, windows)
+from jquant import learned as jl
+from jquant.learned import LSQ_STEP
 
 
 def fine_tune(params, policy, data, config, steps, batch, lr, step_lr, method, seed=0):
@@ -47,27 +42,24 @@ def fine_tune(params, policy, data, config, steps, batch, lr, step_lr, method, s
         def loss(tree, tokens):
             p = tree["params"] if method == "float" else jquant.fake_quant_params(tree["params"], policy,
                                                                                  warn_unused=False)
-            return char_lm.loss_fn(p, tokens)
+            return lm_loss(p, tokens)
     else:
-        learned = init_learned(params, policy)
+        learned = jl.init(params, policy)
         tree = {"params": params, LSQ_STEP: learned[LSQ_STEP]}
-        tx = learned_optimizer(weights_tx, optax.adam(optax.cosine_decay_schedule(step_lr, steps)))
+        tx = jl.optimizer(weights_tx, optax.adam(optax.cosine_decay_schedule(step_lr, steps)))
 
         def loss(tree, tokens):
-            return char_lm.loss_fn(lsq_params(tree["params"], {LSQ_STEP: tree[LSQ_STEP]}, policy), tokens)
+            return lm_loss(jl.fake_quant_params(tree["params"], {LSQ_STEP: tree[LSQ_STEP]}, policy), tokens)
 
-    state = tx.init(tree)
-    step = char_lm.optimizer_step(loss, tx)
-    rng = np.random.default_rng(seed)
+    step = optimizer_step(loss, tx)
     start = time.perf_counter()
-    for _ in range(steps):
-        tree, state, _ = step(tree, state, char_lm.random_windows(rng, data, config.context, batch))
+    tree, _, _ = fit(step, tree, tx.init(tree), random_windows(data, config.context, batch, steps, seed))
     seconds = time.perf_counter() - start
     if method == "float":
         return tree["params"], seconds
     if method == "ste":
         return jquant.quantize_params(tree["params"], policy), seconds
-    return export_params(tree["params"], {LSQ_STEP: tree[LSQ_STEP]}, policy), seconds
+    return jl.quantize_params(tree["params"], {LSQ_STEP: tree[LSQ_STEP]}, policy), seconds
 
 
 def main(argv=None):
@@ -77,32 +69,27 @@ def main(argv=None):
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--lr", type=float, default=3e-4, help="weights' learning rate")
     parser.add_argument("--step-lr", type=float, default=1e-3, help="LSQ step sizes' learning rate")
-    parser.add_argument("--width", type=int, default=lm.Config.width)
-    parser.add_argument("--depth", type=int, default=lm.Config.depth)
-    parser.add_argument("--context", type=int, default=lm.Config.context)
-    parser.add_argument("--train-steps", type=int, default=char_lm.Training.steps, help="of the float model")
-    parser.add_argument("--eval-windows", type=int, default=1024)
-    parser.add_argument("--cache", type=Path, default=Path.home() / ".cache" / "jquant" / "char_lm")
+    add_lm_arguments(parser, steps_flag="--train-steps")
     args = parser.parse_args(argv)
 
-    config = lm.Config(args.width, args.depth, args.context)
-    splits = lm.stdlib_splits()
+    config = lm_config(args)
+    splits = stdlib_splits()
     train_data = splits["train"].data
-    params, _ = char_lm.trained_params(config, char_lm.Training(args.train_steps), train_data, args.cache, False)
-    eval_windows = lm.windows(splits["evaluation"].data, config.context, args.eval_windows)
-    float_ppl = char_lm.perplexity(params, eval_windows)
+    params, _ = trained_params(config, Training(args.train_steps), train_data, args.cache)
+    eval_windows = windows(splits["evaluation"].data, config.context, args.eval_windows)
+    float_ppl = perplexity(params, eval_windows)
     tuned, _ = fine_tune(params, None, train_data, config, args.steps, args.batch, args.lr, args.step_lr, "float")
-    tuned_ppl = char_lm.perplexity(tuned, eval_windows)
+    tuned_ppl = perplexity(tuned, eval_windows)
 
     lines = ["| weights (block kernels, g128) | bits/weight | PTQ (RTN) | STE QAT | LSQ |", "|---|---|---|---|---|"]
     for bits in args.bits:
-        policy = char_lm.kernel_policy(QuantSpec(bits, symmetric=False, channel_axes=(1,), group_size=128))
+        policy = kernel_policy(g128(bits))
         rtn = jquant.quantize_params(params, policy)
-        cells = [char_lm.perplexity(jquant.dequantize_params(rtn), eval_windows)]
+        cells = [perplexity(jquant.dequantize_params(rtn), eval_windows)]
         for method in ("ste", "lsq"):
             served, seconds = fine_tune(params, policy, train_data, config, args.steps, args.batch, args.lr,
                                         args.step_lr, method)
-            cells.append(char_lm.perplexity(jquant.dequantize_params(served), eval_windows))
+            cells.append(perplexity(jquant.dequantize_params(served), eval_windows))
             print(f"  {bits}-bit {method}: perplexity {cells[-1]:.3f} after {args.steps} steps ({seconds:.0f} s)",
                   flush=True)
         bpw = jquant.report(params, rtn, policy).quantized_bits_per_weight

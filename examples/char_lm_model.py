@@ -1,4 +1,4 @@
-"""A byte-level decoder-only transformer as plain JAX functions, and the text it learns.
+"""A byte-level decoder-only transformer as plain JAX functions.
 
 `forward(params, tokens) -> logits` takes a nested dict of arrays and nothing else: every linear
 layer is `x @ params[...]["kernel"]` with a 2-D kernel (in, out), so `jquant.quantize_params`,
@@ -6,24 +6,18 @@ layer is `x @ params[...]["kernel"]` with a 2-D kernel (in, out), so `jquant.qua
 causal multi-head attention → residual, LayerNorm → GELU MLP → residual), learned positions, a
 final LayerNorm and an untied head over the 256 byte values. No biases in the linears; layers
 are unrolled in Python (no `scan`), so every kernel meets its input in its own `dot_general`.
-
-Data: the `.py` files at the top level of the standard library of the Python that runs this
-(`sysconfig.get_paths()["stdlib"]`), sorted by name and split by file: file i goes to
-evaluation if i % 10 == 3, to calibration if i % 10 == 7, to training otherwise.
+The text it learns, and how it is trained and cached, are in `_common.py` (shared by the
+char_lm examples).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import math
-import sysconfig
-from pathlib import Path
-from typing import Dict, List, NamedTuple
+from typing import Dict
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 VOCAB = 256
 HEAD_DIM = 64
@@ -87,39 +81,3 @@ def forward(params, tokens):
         x = x + jax.nn.gelu(layer_norm(x, p["ln2"]) @ p["mlp"]["up"]["kernel"]) @ p["mlp"]["down"]["kernel"]
     return layer_norm(x, params["ln_f"]) @ params["head"]["kernel"]
 
-
-class Split(NamedTuple):
-    """One split: its concatenated bytes (uint8) and the file names it came from."""
-    data: np.ndarray
-    files: List[str]
-
-
-def stdlib_splits() -> Dict[str, Split]:
-    """{"train", "calibration", "evaluation"}: the top-level stdlib `.py` files, split by file.
-
-    Files are joined with a newline between them. The split is by index in the sorted name list
-    (i % 10 == 3 → evaluation, i % 10 == 7 → calibration, else train), so the three splits share
-    no file."""
-    root = Path(sysconfig.get_paths()["stdlib"])
-    files = sorted(root.glob("*.py"), key=lambda f: f.name)
-    parts: Dict[str, List[Path]] = {"train": [], "calibration": [], "evaluation": []}
-    for i, f in enumerate(files):
-        parts["evaluation" if i % 10 == 3 else "calibration" if i % 10 == 7 else "train"].append(f)
-    out = {}
-    for name, chosen in parts.items():
-        data = b"\n".join(f.read_bytes() for f in chosen)
-        out[name] = Split(np.frombuffer(data, np.uint8), [f.name for f in chosen])
-    return out
-
-
-def fingerprint(data: np.ndarray) -> str:
-    """Short sha256 of a byte array (the training text goes into the cache key)."""
-    return hashlib.sha256(data.tobytes()).hexdigest()[:16]
-
-
-def windows(data: np.ndarray, context: int, count: int) -> np.ndarray:
-    """`count` windows (count, context + 1) int32 at evenly spaced offsets over all of `data`
-    (so every file of a split is sampled, deterministically); input = window[:, :-1], target =
-    window[:, 1:]."""
-    starts = np.linspace(0, len(data) - context - 1, count).round().astype(np.int64)
-    return data[starts[:, None] + np.arange(context + 1)[None, :]].astype(np.int32)

@@ -12,10 +12,10 @@ per output channel, activations per tensor) by:
               collection), activations as in STE;
   LSQ + PACT  learned weight steps and learned activation clips (the `pact_clip` collection).
 All three use the same float model, batches and weight optimizer; the steps and clips get their
-own learning rate through `learned_optimizer` (optax.multi_transform). Accuracies are of the
-served models (QArray kernels; LSQ from `export_params`, PACT clips as static ranges from
-`export_stats`) on 360 held-out digits, mean ± std over seeds (each seed: model init and batch
-order).
+own learning rate through `jquant.learned.optimizer` (optax.multi_transform). Accuracies are of the
+served models (QArray kernels; LSQ from `learned.quantize_params`, PACT clips as static ranges from
+`jquant.flax.learned_stats`) on 360 held-out digits, mean ± std over seeds (each seed: model init and batch
+order). Data and training loop: `_common.py`.
 """
 
 from __future__ import annotations
@@ -26,9 +26,9 @@ import jax
 import numpy as np
 import optax
 from flax import linen as nn
-from sklearn.datasets import load_digits
 
 import jquant
+from _common import classifier_loss, digits, fit, minibatches, optimizer_step
 from jquant import Policy, QuantSpec, Rule
 from jquant import learned
 
@@ -51,62 +51,39 @@ class Mlp(nn.Module):
         return nn.Dense(10)(x)
 
 
-def load_data():
-    """Digits scaled to [0, 1] (N, 64); a fixed 80/20 split."""
-    data = load_digits()
-    x = (data.data / 16.0).astype(np.float32)
-    order = np.random.default_rng(0).permutation(len(x))
-    cut = int(0.8 * len(x))
-    return (x[order[:cut]], data.target[order[:cut]]), (x[order[cut:]], data.target[order[cut:]])
-
-
-def make_step(apply, optimizer):
-    """One jitted optimizer step on the cross-entropy of `apply(variables, x)` (every leaf trains)."""
-
-    @jax.jit
-    def step(variables, opt_state, xb, yb):
-        loss_fn = lambda v: optax.softmax_cross_entropy_with_integer_labels(apply(v, xb), yb).mean()
-        updates, opt_state = optimizer.update(jax.grad(loss_fn)(variables), opt_state, variables)
-        return optax.apply_updates(variables, updates), opt_state
-
-    return step
-
-
 def train(step, optimizer, variables, x, y, epochs, seed):
-    opt_state = optimizer.init(variables)
-    rng = np.random.default_rng(seed)
-    for _ in range(epochs):
-        order = rng.permutation(len(x))
-        for i in range(0, len(x) - BATCH + 1, BATCH):
-            idx = order[i:i + BATCH]
-            variables, opt_state = step(variables, opt_state, x[idx], y[idx])
-    return variables
+    """`epochs` of `step` (from `optimizer_step`) over shuffled batches; the trained variables."""
+    return fit(step, variables, optimizer.init(variables), minibatches(x, y, BATCH, epochs, seed))[0]
 
 
 class Method:
-    """One fine-tuning method under one policy: its optimizer and (compiled once) train step."""
+    """One fine-tuning method under one policy: its optimizer and (compiled once, for every seed)
+    train step, calibration pass and served forward."""
 
     def __init__(self, name, policy, lr, step_lr):
         self.name, self.policy = name, policy
         self.qmodel = jquant.flax.quantize(Mlp(), policy)
         self.optimizer = (optax.adam(lr) if name == "STE"
-                          else learned.learned_optimizer(optax.adam(lr), optax.adam(step_lr)))
-        self.step = make_step(self.qmodel.apply, self.optimizer)
+                          else learned.optimizer(optax.adam(lr), optax.adam(step_lr)))
+        self.step = optimizer_step(classifier_loss(self.qmodel.apply), self.optimizer)
+        self.forward = jax.jit(self.qmodel.apply)
 
     def fine_tune(self, float_params, x, y, epochs, seed):
         """Train from `float_params`; returns the served variables (QArray kernels)."""
         if self.name == "STE":
             variables = train(self.step, self.optimizer, {"params": float_params}, x, y, epochs, seed)
             return {"params": jquant.quantize_params(variables["params"], self.policy)}
-        # The clips start at the activations' observed max (a calibration pass on 512 examples).
-        stats = self.qmodel.calibrate({"params": float_params}, x[:512], momentum=0.0)["quant_stats"]
-        state = learned.init_learned(float_params, self.policy, act_stats=stats)
         if self.name == "LSQ":
+            state = learned.init(float_params, self.policy)
             del state[learned.PACT_CLIP]
+        else:  # the clips start at the activations' observed max (a calibration pass on 512 examples)
+            observed = jquant.flax.calibrate(self.qmodel, [(x[:512],)], variables={"params": float_params},
+                                             momentum=0.0)
+            state = learned.init(float_params, self.policy, act_ranges=jquant.flax.act_ranges(observed))
         variables = train(self.step, self.optimizer, {"params": float_params, **state}, x, y, epochs, seed)
-        served = {"params": learned.export_params(variables["params"], variables, self.policy)}
+        served = {"params": learned.quantize_params(variables["params"], variables, self.policy)}
         if learned.PACT_CLIP in variables:
-            served["quant_stats"] = learned.export_stats(variables, self.policy)
+            served["quant_stats"] = jquant.flax.learned_stats(variables, self.policy)
         return served
 
 
@@ -116,25 +93,28 @@ def main():
     parser.add_argument("--seeds", type=int, default=3, help="seeds (model init and batch order)")
     parser.add_argument("--lr", type=float, default=1e-3, help="adam learning rate of the weights")
     parser.add_argument("--step-lr", type=float, default=1e-3, help="adam learning rate of the steps and clips")
+    parser.add_argument("--configs", nargs="+", choices=list(CONFIGS), default=list(CONFIGS), help="policies to run")
     args = parser.parse_args()
-    (x_train, y_train), (x_test, y_test) = load_data()
+    (x_train, y_train), (x_test, y_test) = digits()
     model = Mlp()
     float_optimizer = optax.adam(args.lr)
-    float_step = make_step(model.apply, float_optimizer)
+    float_step = optimizer_step(classifier_loss(model.apply), float_optimizer)
     methods = {(config, name): Method(name, Policy([Rule(KERNEL, *CONFIGS[config])]), args.lr, args.step_lr)
-               for config in CONFIGS for name in METHODS}
+               for config in args.configs for name in METHODS}
 
-    def accuracy(apply, variables):
-        return float(np.mean(np.argmax(np.asarray(jax.jit(apply)(variables, x_test)), -1) == y_test))
+    float_forward = jax.jit(model.apply)
+
+    def accuracy(forward, variables):
+        return float(np.mean(np.argmax(np.asarray(forward(variables, x_test)), -1) == y_test))
 
     results = {key: [] for key in [*methods, "float"]}
     for seed in range(args.seeds):
         init = {"params": model.init(jax.random.key(seed), x_train[:1])["params"]}
         float_params = train(float_step, float_optimizer, init, x_train, y_train, 4 * args.epochs, seed)["params"]
-        results["float"].append(accuracy(model.apply, {"params": float_params}))
+        results["float"].append(accuracy(float_forward, {"params": float_params}))
         for key, method in methods.items():
             served = method.fine_tune(float_params, x_train, y_train, args.epochs, seed)
-            results[key].append(accuracy(method.qmodel.apply, served))
+            results[key].append(accuracy(method.forward, served))
 
     def cell(values):
         return f"{np.mean(values):.3f} ± {np.std(values):.3f}" if len(values) > 1 else f"{values[0]:.3f}"
@@ -145,7 +125,8 @@ def main():
           f"seeds 0..{args.seeds - 1}\n")
     print("| policy (weights per channel, activations per tensor) | " + " | ".join(METHODS) + " |")
     print("|---|" + "---|" * len(METHODS))
-    for config, (weight, act) in CONFIGS.items():
+    for config in args.configs:
+        weight, act = CONFIGS[config]
         print(f"| {config}: {weight!r}, act {act!r} | " + " | ".join(cell(results[config, name]) for name in METHODS)
               + " |")
     print("\nper seed:")

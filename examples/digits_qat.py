@@ -10,14 +10,14 @@ Each is trained in float (optax adam), then for every policy:
         from `quantize_params` (QArray kernels; W8A8 runs the int8×int8→int32 path).
 Columns: held-out accuracy (PTQ, QAT served), argmax agreement of served vs QAT logits, the
 max |served − QAT| logit difference, stored model bytes, and the QAT train step time as a
-ratio to the float step (medians over 300 steps of each, timed alternately, same batch).
+ratio to the float step (medians over 300 steps of each, timed alternately, same batch;
+`--timing-steps`). Data, training loop and timer: `_common.py`.
 """
 
 from __future__ import annotations
 
 import argparse
 import functools
-import time
 
 import jax
 import jax.numpy as jnp
@@ -28,9 +28,9 @@ from flax import nnx
 from rich.console import Console
 from rich.progress import Progress
 from rich.table import Table
-from sklearn.datasets import load_digits
 
 import jquant
+from _common import classifier_loss, digits, fit, interleaved_ms, minibatches, optimizer_step
 from jquant import Policy, QuantSpec, Rule
 
 KERNEL = r".*kernel"
@@ -69,15 +69,6 @@ class NnxMLP(nnx.Module):
         return self.out(nnx.relu(self.hidden(x.reshape(x.shape[0], -1))))
 
 
-def load_data():
-    """Digits scaled to [0, 1] as (N, 8, 8, 1) images; a fixed 80/20 split."""
-    data = load_digits()
-    x = (data.images / 16.0).astype(np.float32)[..., None]
-    order = np.random.default_rng(0).permutation(len(x))
-    cut = int(0.8 * len(x))
-    return (x[order[:cut]], data.target[order[:cut]]), (x[order[cut:]], data.target[order[cut:]])
-
-
 class LinenRunner:
     """A Linen model (float or wrapped by a policy) as `forward(params, x) -> logits`."""
 
@@ -110,58 +101,27 @@ class NnxRunner:
         return lambda p, x: nnx.merge(graphdef, p)(x)
 
 
-def train(forward, params, x, y, epochs, progress, task):
-    """Adam on the cross-entropy of `forward(params, x)`; returns (params, step timer)."""
+def train(forward, params, x, y, epochs, on_step):
+    """Adam on the cross-entropy of `forward(params, x)`; returns (params, one more train step as a
+    call without arguments, for timing)."""
     optimizer = optax.adam(1e-3)
-
-    @jax.jit
-    def step(params, opt_state, xb, yb):
-        loss_fn = lambda p: optax.softmax_cross_entropy_with_integer_labels(forward(p, xb), yb).mean()
-        loss, grads = jax.value_and_grad(loss_fn)(params)
-        updates, opt_state = optimizer.update(grads, opt_state, params)
-        return optax.apply_updates(params, updates), opt_state, loss
-
-    opt_state = optimizer.init(params)
-    rng = np.random.default_rng(1)
-    for _ in range(epochs):
-        order = rng.permutation(len(x))
-        for i in range(0, len(x) - BATCH + 1, BATCH):
-            idx = order[i:i + BATCH]
-            params, opt_state, _ = step(params, opt_state, x[idx], y[idx])
-        progress.advance(task)
-    return params, functools.partial(step, params, opt_state, x[:BATCH], y[:BATCH])
+    step = optimizer_step(classifier_loss(forward), optimizer)
+    params, opt_state, _ = fit(step, params, optimizer.init(params), minibatches(x, y, BATCH, epochs, seed=1), on_step)
+    return params, functools.partial(step, params, opt_state, (x[:BATCH], y[:BATCH]))
 
 
-def logits(runner, params, policy, x, served):
-    """Logits under jit: QAT (float params) or served (`quantize_params`, QArray kernels)."""
-    tree = jquant.quantize_params(params, policy) if served else params
-    return jax.jit(runner.forward(params, policy))(tree, x)
-
-
-def step_times_ms(float_step, qat_step, repeats=300):
-    """Median milliseconds of two train steps, timed alternately so that drifts in the machine's
-    speed hit both alike (sub-millisecond steps on a 2-core machine drift by tens of percent)."""
-    times = {float_step: [], qat_step: []}
-    for fn in times:
-        jax.block_until_ready(fn())
-    for _ in range(repeats):
-        for fn, record in times.items():
-            start = time.perf_counter()
-            jax.block_until_ready(fn())
-            record.append(time.perf_counter() - start)
-    return tuple(1e3 * float(np.median(times[fn])) for fn in (float_step, qat_step))
-
-
-def model_bytes(params, policy) -> int:
-    tree = params if policy is None else jquant.quantize_params(params, policy)
-    return jquant.report(params, tree).bytes_after
+def model_bytes(tree) -> int:
+    """Stored bytes of every array of `tree`, a QArray's scales and zero-points included."""
+    leaves = jax.tree_util.tree_leaves(tree, is_leaf=lambda leaf: isinstance(leaf, jquant.QArray))
+    return sum(leaf.nbytes for leaf in leaves)
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--epochs", type=int, default=15, help="float training epochs (QAT fine-tunes for as many)")
+    parser.add_argument("--timing-steps", type=int, default=300, help="train steps timed per model and policy")
     args = parser.parse_args()
-    (x_train, y_train), (x_test, y_test) = load_data()
+    (x_train, y_train), (x_test, y_test) = digits(images=True)
     runners = {"Linen MLP": LinenRunner(LinenMLP()), "Linen CNN": LinenRunner(LinenCNN()),
                "NNX MLP": NnxRunner(lambda: NnxMLP(nnx.Rngs(0)))}
     table = Table(title=f"digits: {len(x_train)} train / {len(x_test)} test, {args.epochs} epochs float + "
@@ -173,28 +133,33 @@ def main():
     def accuracy(logits):
         return float(np.mean(np.argmax(np.asarray(logits), -1) == y_test))
 
-    total = len(runners) * (1 + len(POLICIES)) * args.epochs
+    total = len(runners) * (1 + len(POLICIES)) * args.epochs * (len(x_train) // BATCH)
     with Progress(transient=True) as progress:
         task = progress.add_task("training", total=total)
+        advance = lambda i, losses: progress.advance(task)
         for name, runner in runners.items():
             progress.update(task, description=f"{name}: float")
             init = runner.init(x_train)
-            float_params, float_step = train(runner.forward(init, None), init, x_train, y_train, args.epochs,
-                                             progress, task)
-            table.add_row(name, "float32", "-", f"{accuracy(logits(runner, float_params, None, x_test, False)):.3f}",
-                          "-", "-", f"{model_bytes(float_params, None):,}", "1.00")
+            float_forward = runner.forward(init, None)
+            float_params, float_step = train(float_forward, init, x_train, y_train, args.epochs, advance)
+            table.add_row(name, "float32", "-", f"{accuracy(jax.jit(float_forward)(float_params, x_test)):.3f}",
+                          "-", "-", f"{model_bytes(float_params):,}", "1.00")
             for policy_name, policy in POLICIES.items():
                 progress.update(task, description=f"{name}: {policy_name} QAT")
-                ptq = accuracy(logits(runner, float_params, policy, x_test, served=True))
-                qat_params, qat_step = train(runner.forward(float_params, policy), float_params, x_train, y_train,
-                                             args.epochs, progress, task)
-                float_ms, qat_ms = step_times_ms(float_step, qat_step)
-                qat_logits = logits(runner, qat_params, policy, x_test, served=False)
-                served = logits(runner, qat_params, policy, x_test, served=True)
+                qat_forward = runner.forward(float_params, policy)
+                # one jitted function serves the float tree (QAT logits) and the quantized trees of
+                # PTQ and QAT (served logits): two compilations per policy, not three
+                logits = jax.jit(qat_forward)
+                ptq = accuracy(logits(jquant.quantize_params(float_params, policy), x_test))
+                qat_params, qat_step = train(qat_forward, float_params, x_train, y_train, args.epochs, advance)
+                float_ms, qat_ms = interleaved_ms([float_step, qat_step], [(), ()], rounds=args.timing_steps,
+                                                  repeats=1)
+                served_params = jquant.quantize_params(qat_params, policy)
+                qat_logits, served = logits(qat_params, x_test), logits(served_params, x_test)
                 agree = float(np.mean(np.argmax(np.asarray(served), -1) == np.argmax(np.asarray(qat_logits), -1)))
                 diff = float(jnp.max(jnp.abs(served - qat_logits)))
                 table.add_row("", policy_name, f"{ptq:.3f}", f"{accuracy(served):.3f}", f"{agree:.3f}", f"{diff:.1e}",
-                              f"{model_bytes(qat_params, policy):,}", f"{qat_ms / float_ms:.2f} ({qat_ms:.2f} ms)")
+                              f"{model_bytes(served_params):,}", f"{qat_ms / float_ms:.2f} ({qat_ms:.2f} ms)")
             table.add_section()
     Console(width=140).print(table)
 

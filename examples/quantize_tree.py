@@ -1,15 +1,16 @@
 """Quantize a parameter tree with a policy: report, save, load, run.
 
-Run: python examples/quantize_tree.py   (inside the environment `python3 run.py demo` sets up)
+Run: python examples/quantize_tree.py [--depth N]   (inside the environment `python3 run.py demo` sets up)
 
-A small Linen transformer (4 pre-norm blocks, attention + MLP, width 256) stands in for a
-pretrained model; its parameters go through two policies:
+A small Linen transformer (4 pre-norm blocks by default, attention + MLP, width 256) stands in for
+a pretrained model; its parameters go through two policies:
   * int8 per output channel on every kernel;
   * int4 asymmetric, group 128 on the MLP, int8 on attention, embeddings left in float (None rule).
 For each: the report (bits per weight with metadata, SQNR, bytes), a save/load round trip through
 `jquant.save` / `jquant.load`, and the model run on the loaded weights against the float model.
 """
 
+import argparse
 import os
 import tempfile
 
@@ -62,9 +63,11 @@ def cosine(a, b) -> float:
 
 
 def main():
-    model = TinyLM()
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--depth", type=int, default=TinyLM.depth, help="transformer blocks")
+    model = TinyLM(depth=parser.parse_args().depth)
     tokens = jax.random.randint(jax.random.key(1), (4, 64), 0, model.vocab)
-    params = model.init(jax.random.key(0), tokens)
+    params = jax.jit(model.init)(jax.random.key(0), tokens)  # one compilation, not one per initializer
     apply = jax.jit(model.apply)
     logits = apply(params, tokens)
     for name, policy in POLICIES.items():

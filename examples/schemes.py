@@ -6,21 +6,23 @@ Tensors:
   gaussian  (4096, 1024) N(0, 1) weights, the textbook case;
   heavy     (4096, 1024) Student-t (3 dof) weights: outliers, where granularity matters;
   digits    the (64, 10) weights of a ridge classifier fit on scikit-learn's digits (ships with
-            scikit-learn), evaluated on held-out digits through jquant.QuantDot: int8 activations
-            (dynamic, per row) × quantized weights, on the exact int32 path where the weights have
-            an integer grid.
+            scikit-learn; the split of `_common.digits`), evaluated on 360 held-out digits through
+            jquant.QuantDot: int8 activations (dynamic, per row) × quantized weights, on the exact
+            int32 path where the weights have an integer grid.
 For each scheme: stored bits per weight (scales and zero-points included), SQNR in dB
-(10·log10(Σx² / Σ(x - x̂)²)), bytes, and for digits the test accuracy.
+(10·log10(Σx² / Σ(x - x̂)²)), bytes, and for digits the test accuracy. `--only REGEX` runs the
+schemes whose name it matches, `--rows` sets the size of the Gaussian and heavy tensors.
 """
 
 import argparse
+import re
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from sklearn.datasets import load_digits
 
 import jquant
+from _common import digits
 from jquant import QuantSpec
 
 SCHEMES = [
@@ -50,23 +52,21 @@ def sqnr_db(x, x_hat) -> float:
 
 
 def digits_classifier():
-    """Ridge regression to one-hot labels: weights (64, 10), bias (10,), and a held-out split."""
-    data = load_digits()
-    x = data.data.astype(np.float32) / 16.0
-    rng = np.random.default_rng(0)
-    order = rng.permutation(len(x))
-    train, test = order[:1400], order[1400:]
-    xt = np.concatenate([x[train], np.ones((len(train), 1), np.float32)], axis=1)
-    targets = np.eye(10, dtype=np.float32)[data.target[train]]
+    """Ridge regression to one-hot labels: weights (64, 10), bias (10,), and the held-out digits."""
+    (x_train, y_train), (x_test, y_test) = digits()
+    xt = np.concatenate([x_train, np.ones((len(x_train), 1), np.float32)], axis=1)
+    targets = np.eye(10, dtype=np.float32)[y_train]
     solution = np.linalg.solve(xt.T @ xt + 1e-1 * np.eye(65), xt.T @ targets)
     return (jnp.asarray(solution[:64], jnp.float32), jnp.asarray(solution[64], jnp.float32),
-            jnp.asarray(x[test]), np.asarray(data.target[test]))
+            jnp.asarray(x_test), np.asarray(y_test))
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rows", type=int, default=4096, help="rows of the (rows, 1024) Gaussian/heavy tensors")
-    rows = parser.parse_args().rows
+    parser.add_argument("--only", default=None, help="regex: run only the schemes whose name it matches")
+    args = parser.parse_args()
+    rows = args.rows
     keys = jax.random.split(jax.random.key(0), 2)
     tensors = {
         "gaussian": jax.random.normal(keys[0], (rows, 1024), jnp.float32),
@@ -91,7 +91,8 @@ def main():
     float_bytes = tensors["gaussian"].nbytes
     print(f"| {'float32':<26} | {32:>6.2f} | {'-':>13} | {'-':>10} | {float_bytes:>15,} | {'-':>11} | "
           f"{float(accuracy_float(w)):>10.3f} |")
-    for name, spec in SCHEMES:
+    schemes = [(name, spec) for name, spec in SCHEMES if args.only is None or re.search(args.only, name)]
+    for name, spec in schemes:
         quantized = {k: jquant.quantize(v, spec) for k, v in tensors.items()}
         wq = jquant.quantize(w, spec)
         g = quantized["gaussian"]

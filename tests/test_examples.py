@@ -4,7 +4,13 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+# The byte-level LM of the char_lm examples at its smallest: one block, 5 training steps, 64-byte
+# windows, 16 evaluation windows (the training-steps flag is added per example).
+TINY_LM = ("--depth", "1", "--context", "64", "--eval-windows", "16")
+
 
 
 def _run(script, *args):
@@ -14,47 +20,51 @@ def _run(script, *args):
     return result.stdout
 
 
+@pytest.fixture(scope="module")
+def lm_cache(tmp_path_factory):
+    """One model cache for the char_lm tests: the first to run trains the tiny LM, the others load it."""
+    return str(tmp_path_factory.mktemp("char_lm"))
+
+
 def test_digits_qat_demo():
-    out = _run("digits_qat.py", "--epochs", "2")
+    out = _run("digits_qat.py", "--epochs", "1", "--timing-steps", "3")
     for text in ("Linen MLP", "Linen CNN", "NNX MLP", "W8A8", "W4 weight-only", "W2A8", "W1A8 (sign)", "PTQ acc"):
         assert text in out, text
 
 
 def test_digits_lsq():
-    out = _run("digits_lsq.py", "--epochs", "1", "--seeds", "1")
+    out = _run("digits_lsq.py", "--epochs", "1", "--seeds", "1", "--configs", "W2A8 ternary", "W2A2")
     for text in ("| STE | LSQ | LSQ + PACT |", "W2A8 ternary", "W2A2", "float accuracy"):
         assert text in out, text
 
 
 def test_schemes():
-    out = _run("schemes.py", "--rows", "256")
+    out = _run("schemes.py", "--rows", "64", "--only", "^(int8 per-channel|nf4 group-64|2-bit k-means per-channel)$")
     for text in ("int8 per-channel", "nf4 group-64", "2-bit k-means per-channel", "digits acc"):
         assert text in out, text
 
 
 def test_quantize_tree():
-    out = _run("quantize_tree.py")
+    out = _run("quantize_tree.py", "--depth", "1")
     assert "jquant report" in out and "argmax agreement" in out
 
 
-def test_char_lm(tmp_path):
-    out = _run("char_lm.py", "--depth", "1", "--steps", "5", "--batch", "8", "--eval-windows", "16",
-               "--calib-windows", "8", "--calib-batch", "8", "--cache", str(tmp_path),
-               "--only", "int8|int4 g128 (GPTQ|AWQ)|2-bit")
+def test_char_lm(lm_cache):
+    out = _run("char_lm.py", *TINY_LM, "--steps", "5", "--calib-windows", "8", "--calib-batch", "8",
+               "--cache", lm_cache, "--only", "^(int8 per-channel RTN|int4 g128 (GPTQ|AWQ)|2-bit k-means per-channel)$")
     for text in ("| method | bits/weight", "float32", "int8 per-channel RTN", "int4 g128 GPTQ", "int4 g128 AWQ",
                  "2-bit k-means per-channel"):
         assert text in out, text
 
 
-def test_char_lm_search(tmp_path):
-    out = _run("char_lm_search.py", "--depth", "1", "--steps", "5", "--eval-windows", "16", "--calib-windows", "32",
-               "--budgets", "3.5", "--cache", str(tmp_path))
+def test_char_lm_search(lm_cache):
+    out = _run("char_lm_search.py", *TINY_LM, "--steps", "5", "--calib-windows", "32", "--budgets", "3.5",
+               "--candidates", "int4 g128", "2-bit g128", "--cache", lm_cache)
     for text in ("| policy | bits/weight | eval perplexity", "uniform int4 g128", "searched ≤ 3.5 bits"):
         assert text in out, text
 
 
-def test_char_lm_lsq(tmp_path):
-    out = _run("char_lm_lsq.py", "--depth", "1", "--train-steps", "5", "--steps", "3", "--bits", "2",
-               "--eval-windows", "16", "--cache", str(tmp_path))
+def test_char_lm_lsq(lm_cache):
+    out = _run("char_lm_lsq.py", *TINY_LM, "--train-steps", "5", "--steps", "3", "--bits", "2", "--cache", lm_cache)
     for text in ("| weights (block kernels, g128) | bits/weight | PTQ (RTN) | STE QAT | LSQ |", "2-bit asymmetric"):
         assert text in out, text

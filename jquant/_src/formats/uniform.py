@@ -144,7 +144,8 @@ def scale_from_range(lo, hi, spec):
     # hi - lo can overflow to Inf when |lo|, |hi| approach the float max; hi/2 - lo/2 cannot (and
     # its exact halvings round the same whether or not XLA fuses them into an FMA).
     scale = jnp.where(jnp.isinf(span) & jnp.isfinite(lo) & jnp.isfinite(hi),
-                      numerics.divide_by_constant(hi * 0.5 - lo * 0.5, levels / 2), numerics.divide_by_constant(span, levels))
+                      numerics.divide_by_constant(hi * 0.5 - lo * 0.5, levels / 2),
+                      numerics.divide_by_constant(span, levels))
     zero_point = spec.qmin - jnp.round(lo / numerics.safe_divisor(scale))
     zero_point = jnp.clip(zero_point, spec.qmin, spec.qmax)
     # NaN propagates into the scale; the zero-point must still be a valid integer.
