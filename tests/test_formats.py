@@ -10,8 +10,8 @@ import pytest
 
 import jquant
 from jquant import KMeans, NF4, QuantSpec, Sign, Uniform
-from jquant._src import formats, numerics
-from jquant._src.formats.uniform import scale_from_range
+from jquant._src import formats
+from jquant._src.formats.uniform import calibrated_range, scale_from_range
 
 
 @pytest.mark.parametrize("name, fmt, bits", [("uniform", Uniform(), 8), ("sign", Sign(), 1), ("kmeans", KMeans(), 3),
@@ -33,9 +33,7 @@ class PowerOfTwo(Uniform):
     def params(self, x, spec, lay, scale=None, zero_point=None):
         if scale is not None:
             return super().params(x, spec, lay, scale, zero_point)
-        lo = numerics.reduce_groups(jnp.min, lay.to_grouped(x.astype(jnp.float32)), lay)
-        hi = numerics.reduce_groups(jnp.max, lay.to_grouped(x.astype(jnp.float32)), lay)
-        scale, zero_point = scale_from_range(lo, hi, spec)
+        scale, zero_point = scale_from_range(*calibrated_range(lay.to_grouped(x.astype(jnp.float32)), spec, lay), spec)
         return jnp.where(scale > 0, 2.0 ** jnp.ceil(jnp.log2(scale)), 0.0), zero_point
 
 
