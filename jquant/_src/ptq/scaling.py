@@ -51,22 +51,18 @@ def awq(fn, params, policy: Policy, batches, *, grid: int = 20) -> Result:
     """
     if not isinstance(grid, int) or grid < 1:
         raise ValueError(f"awq grid={grid!r} must be a positive int")
-    leaves, treedef, targets, groups, stats = _prepare(fn, params, policy, batches, "AWQ")
-    errors = {}
-    for group in groups:
-        if not group.folds:
-            continue
-        first = stats[group.weights[0][0]]
-        mean_abs = np.maximum(np.asarray(first.abs_sum) / max(first.rows, 1), _TINY)
+
+    def choose(errors_with, stats, weights):
+        mean_abs = np.maximum(np.asarray(stats.abs_sum) / max(stats.rows, 1), _TINY)
         candidates = []
         for alpha in np.linspace(0.0, 1.0, grid + 1):
             s = mean_abs ** alpha
             s = s / np.sqrt(s.max() * s.min())
-            candidates.append((s, _group_errors(leaves, group, targets, first.xtx, s)))
-        best, rtn = min(candidates, key=lambda c: sum(e[0] for e in c[1])), candidates[0]
-        _record(errors, group, targets, best[1], rtn[1])
-        _apply(leaves, group, best[0])
-    return Result(jax.tree_util.tree_unflatten(treedef, leaves), errors)
+            candidates.append((s, errors_with(s)))
+        best = min(candidates, key=lambda c: sum(e[0] for e in c[1]))
+        return best[0], best[1], candidates[0][1]  # α = 0: round-to-nearest
+
+    return _scale_groups(fn, params, policy, batches, "AWQ", choose)
 
 
 def smoothquant(fn, params, policy: Policy, batches, *, alpha: float = 0.5) -> Result:
@@ -79,31 +75,40 @@ def smoothquant(fn, params, policy: Policy, batches, *, alpha: float = 0.5) -> R
     """
     if not 0 <= alpha <= 1:
         raise ValueError(f"smoothquant alpha={alpha!r} must be in [0, 1]")
-    leaves, treedef, targets, groups, stats = _prepare(fn, params, policy, batches, "SmoothQuant")
+
+    def choose(errors_with, stats, weights):
+        x_max = np.maximum(np.asarray(stats.abs_max), _TINY)
+        w_max = np.max([_channel_absmax(w, axis) for w, axis in weights], axis=0)
+        s = x_max ** alpha / np.maximum(w_max, _TINY) ** (1 - alpha)
+        return s, errors_with(s), errors_with(np.ones_like(s))
+
+    return _scale_groups(fn, params, policy, batches, "SmoothQuant", choose)
+
+
+def _scale_groups(fn, params, policy, batches, algorithm, choose) -> Result:
+    """Fold the scales `choose` picks into every scalable group of matched weights.
+
+    `choose(errors_with, stats, weights)` gets a function from candidate scales s to each weight's
+    (tr(ΔᵀXᵀXΔ), tr(WᵀXᵀXW)) after round-to-nearest with s, the group's input Statistics and its
+    (weight, contracted axis) pairs; it returns (s, errors with s, errors without scaling).
+    """
+    leaves, treedef, targets, groups, stats = _prepare(fn, params, policy, batches, algorithm)
     errors = {}
     for group in groups:
         if not group.folds:
             continue
         first = stats[group.weights[0][0]]
-        x_max = np.maximum(np.asarray(first.abs_max), _TINY)
-        w_max = np.max([_channel_absmax(leaves[leaf], axis) for leaf, axis in group.weights], axis=0)
-        s = x_max ** alpha / np.maximum(w_max, _TINY) ** (1 - alpha)
-        _record(errors, group, targets, _group_errors(leaves, group, targets, first.xtx, s),
-                _group_errors(leaves, group, targets, first.xtx, np.ones_like(s)))
+
+        def errors_with(s, group=group, xtx=first.xtx):
+            s = jnp.asarray(s, jnp.float32)
+            return [tuple(float(v) for v in _awq_error(leaves[leaf], xtx, s, targets[leaf].spec, axis))
+                    for leaf, axis in group.weights]
+
+        s, scaled, unscaled = choose(errors_with, first, [(leaves[leaf], axis) for leaf, axis in group.weights])
+        for (leaf, _), (e, norm), (e_rtn, norm_rtn) in zip(group.weights, scaled, unscaled):
+            errors[targets[leaf].path] = LayerError(e / norm, e_rtn / norm_rtn)
         _apply(leaves, group, s)
     return Result(jax.tree_util.tree_unflatten(treedef, leaves), errors)
-
-
-def _group_errors(leaves, group, targets, xtx, s):
-    """[(tr(ΔᵀXᵀXΔ), tr(WᵀXᵀXW))] of each weight of `group` quantized with the scales `s`."""
-    s = jnp.asarray(s, jnp.float32)
-    return [tuple(float(v) for v in _awq_error(leaves[leaf], xtx, s, targets[leaf].spec, axis))
-            for leaf, axis in group.weights]
-
-
-def _record(errors, group, targets, scaled, unscaled):
-    for (leaf, _), (e, norm), (e_rtn, norm_rtn) in zip(group.weights, scaled, unscaled):
-        errors[targets[leaf].path] = LayerError(e / norm, e_rtn / norm_rtn)
 
 
 def _prepare(fn, params, policy, batches, algorithm):
