@@ -1,6 +1,7 @@
 """Run by tests/test_distributed.py in its own process: 8 simulated CPU devices (the flag must be
-set before jax starts). `jquant.dot_general` inside `jax.shard_map`, QArrays through shard_map's
-in/out specs, and checkpoints of sharded trees. Prints one JSON line of facts."""
+set before jax starts). Sharded trees quantized under jit and the integer dot of sharded operands,
+`jquant.dot_general` inside `jax.shard_map`, QArrays through shard_map's in/out specs, and
+checkpoints of sharded trees. Prints one JSON line of facts."""
 
 import json
 import os
@@ -20,6 +21,12 @@ from jquant import Policy, QuantSpec, Rule  # noqa: E402
 DN = (((1,), (0,)), ((), ()))
 ROWS = QuantSpec(8, channel_axes=(0,))  # activations: one scale per row, whole on every device
 
+# The unsharded references, compiled: one program each instead of every eager op (eager = jit bit
+# for bit: tests/test_determinism.py).
+quantize = jax.jit(jquant.quantize, static_argnums=1)
+dequantize = jax.jit(jquant.dequantize)
+unsharded_dot = jax.jit(lambda a, b: jquant.dot_general(a, b, DN, lhs_spec=ROWS))
+
 
 def _equal(a, b):
     return all(np.asarray(u).tobytes() == np.asarray(v).tobytes()
@@ -32,24 +39,48 @@ def _last_axis(qa, axis_name):
     return jax.tree_util.tree_map(lambda a: P(*([None] * (a.ndim - 1)), axis_name), qa)
 
 
+def sharded_tree_facts(mesh):
+    """quantize_params under jit on a tree sharded over both mesh axes, and a jitted integer dot of
+    sharded operands (no shard_map: XLA partitions the computation)."""
+    w = jax.random.normal(jax.random.key(0), (1024, 512))
+    sharded = jax.device_put(w, NamedSharding(mesh, P("data", "model")))
+    facts = {"specs": []}
+    for spec in (QuantSpec(8, channel_axes=(-1,)), QuantSpec(4, symmetric=False, channel_axes=(-1,), group_size=128)):
+        policy = Policy([Rule(r".*kernel", spec)])
+        qa = jax.jit(jquant.quantize_params, static_argnums=1)({"kernel": sharded}, policy)["kernel"]
+        facts["specs"].append({
+            "value_devices": len(qa.value.sharding.device_set),
+            "scale_devices": len(qa.scale.sharding.device_set),
+            "value_shard_shape": list(qa.value.addressable_shards[0].data.shape),
+            "equal": _equal(qa, quantize(w, spec)),
+        })
+    x = jax.random.normal(jax.random.key(1), (64, 1024))
+    xs = jax.device_put(x, NamedSharding(mesh, P("data", None)))
+    weight = QuantSpec(8, channel_axes=(-1,))
+    y = unsharded_dot(xs, quantize(sharded, weight))  # the operands' shardings partition it
+    facts["dot_devices"] = len(y.sharding.device_set)
+    facts["dot_equal"] = _equal(y, unsharded_dot(x, quantize(w, weight)))
+    return facts
+
+
 def shard_map_facts(mesh, x, w):
     facts = {}
     # data parallel: activations split by rows, the quantized weight replicated
-    wq = jquant.quantize(w, QuantSpec(8, channel_axes=(1,)))
+    wq = quantize(w, QuantSpec(8, channel_axes=(1,)))
     dp = jax.shard_map(lambda a, b: jquant.dot_general(a, b, DN, lhs_spec=ROWS), mesh=mesh,
                        in_specs=(P("data", None), P()), out_specs=P("data", None))
-    facts["data_parallel_equal"] = _equal(jax.jit(dp)(x, wq), jquant.dot_general(x, wq, DN, lhs_spec=ROWS))
+    facts["data_parallel_equal"] = _equal(jax.jit(dp)(x, wq), unsharded_dot(x, wq))
 
     # tensor parallel (column): the QArray itself sharded over output channels
     for name, spec in {"int8": QuantSpec(8, channel_axes=(1,)),
                        "int4_asym_g16": QuantSpec(4, symmetric=False, channel_axes=(1,), group_size=16),
                        "int3": QuantSpec(3, channel_axes=(1,)), "sign": QuantSpec(1, method="sign", channel_axes=(1,))
                        }.items():
-        wq = jquant.quantize(w, spec)
+        wq = quantize(w, spec)
         tp = jax.shard_map(lambda a, b: jquant.dot_general(a, b, DN, lhs_spec=ROWS), mesh=mesh,
                            in_specs=(P("data", None), _last_axis(wq, "model")), out_specs=P("data", "model"))
         y = jax.jit(tp)(x, wq)
-        unsharded = jquant.dot_general(x, wq, DN, lhs_spec=ROWS)
+        unsharded = unsharded_dot(x, wq)
         facts[f"column_parallel_{name}_equal"] = _equal(y, unsharded)
         # per-group partial products are summed in float32, in an order that may follow the block shape
         facts[f"column_parallel_{name}_error"] = float(np.max(np.abs(np.asarray(y) - np.asarray(unsharded))))
@@ -57,7 +88,7 @@ def shard_map_facts(mesh, x, w):
         # weight-only inside shard_map: the local block dequantized (float dot: equal up to rounding)
         wo = jax.shard_map(lambda a, b: jquant.dot_general(a, b, DN), mesh=mesh,
                            in_specs=(P("data", None), _last_axis(wq, "model")), out_specs=P("data", "model"))
-        ref = np.asarray(x, np.float64) @ np.asarray(wq.dequantize(), np.float64)
+        ref = np.asarray(x, np.float64) @ np.asarray(dequantize(wq), np.float64)
         facts[f"weight_only_{name}_error"] = float(np.max(np.abs(np.asarray(jax.jit(wo)(x, wq)) - ref)))
 
     # tensor parallel (row): the contraction split over "model", one group per device; the int32
@@ -66,7 +97,7 @@ def shard_map_facts(mesh, x, w):
     g = k // mesh.shape["model"]
     lspec = QuantSpec(8, channel_axes=(0,), group_size=g)
     rspec = QuantSpec(4, channel_axes=(1,), group_size=g)
-    wq = jquant.quantize(w, rspec)
+    wq = quantize(w, rspec)
 
     def row_parallel(a, b):
         acc = jquant.int_dot_general(jquant.quantize(a, lspec), b, DN)
@@ -77,9 +108,9 @@ def shard_map_facts(mesh, x, w):
                        in_specs=(P("data", "model"), jax.tree_util.tree_map(lambda a: P("model"), wq)),
                        out_specs=(P("model", "data", None), P("data", None)))
     acc_value, y = jax.jit(rp)(x, wq)
-    whole = jquant.int_dot_general(jquant.quantize(x, lspec), wq, DN)
+    whole = jax.jit(lambda a, b: jquant.int_dot_general(quantize(a, lspec), b, DN))(x, wq)
     facts["row_parallel_accumulator_equal"] = _equal(acc_value, whole.value)
-    facts["row_parallel_error"] = float(np.max(np.abs(np.asarray(y) - np.asarray(whole.dequantize()))))
+    facts["row_parallel_error"] = float(np.max(np.abs(np.asarray(y) - np.asarray(dequantize(whole)))))
 
     # a QArray made inside shard_map and returned through out_specs is the whole quantized tensor
     spec = QuantSpec(4, channel_axes=(1,))
@@ -87,7 +118,7 @@ def shard_map_facts(mesh, x, w):
                          out_specs=P(None, "model"))
     qa = jax.jit(make)(w)
     facts["qarray_out_shape"] = list(qa.shape)
-    facts["qarray_out_equal"] = _equal(qa, jquant.quantize(w, spec))
+    facts["qarray_out_equal"] = _equal(qa, quantize(w, spec))
     return facts
 
 
@@ -136,6 +167,7 @@ def main():
     x = jax.random.normal(jax.random.key(1), (16, 128))
     w = jax.random.normal(jax.random.key(0), (128, 32))
     facts = {"devices": len(jax.devices())}
+    facts.update(sharded_tree_facts(mesh))
     facts.update(shard_map_facts(mesh, x, w))
     with tempfile.TemporaryDirectory() as directory:
         facts.update(checkpoint_facts(mesh, w, directory))

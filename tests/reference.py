@@ -13,6 +13,9 @@ from their code, and as directly as possible:
 * q = clip(round_half_even(x / s) + z, Qmin, Qmax); sign q = +1 for x >= 0 else -1;
 * x̂ = s (q - z); a zero scale divides by 1 instead, so q = z and x̂ = 0.
 
+Also: `as_f64` (any array, bfloat16 included, as float64 — exactly) and `dot_general` (lax's
+dimension numbers in NumPy, exact for int64 operands).
+
 Spec arguments are duck-typed: anything with `bits`, `symmetric`, `channel_axes`, `group_size`,
 `group_axis` and `method` attributes (a `QuantSpec` will do; only its fields are read).
 """
@@ -153,8 +156,33 @@ def near_tie(t, rtol: float = 1e-5) -> np.ndarray:
     return distance <= rtol * np.maximum(np.abs(t), 1.0)
 
 
+def mse(x, x_hat) -> float:
+    """Mean squared error mean((x - x̂)²), in float64."""
+    return float(np.mean((as_f64(x) - as_f64(x_hat)) ** 2))
+
+
 def sqnr_db(x, x_hat) -> float:
     """Signal-to-quantization-noise ratio 10 log10(Σx² / Σ(x - x̂)²) in dB."""
     x = np.asarray(x, np.float64)
     x_hat = np.asarray(x_hat, np.float64)
     return float(10 * np.log10(np.sum(x ** 2) / np.sum((x - x_hat) ** 2)))
+
+
+def as_f64(a) -> np.ndarray:
+    """Any array — NumPy, JAX, bfloat16/float16 (through ml_dtypes) — as float64; exact for every
+    float format of 32 bits or fewer."""
+    return np.asarray(a).astype(np.float64)
+
+
+def dot_general(lhs, rhs, dimension_numbers) -> np.ndarray:
+    """`lax.dot_general` in NumPy (an einsum with explicit subscripts): contract the paired axes,
+    keep the batch axes, lay out as (batch, lhs free, rhs free). Exact for int64 operands."""
+    (lc, rc), (lb, rb) = dimension_numbers
+    letters = iter("abcdefghijklmnopqrstuvwxyz")
+    ls = [next(letters) for _ in range(np.ndim(lhs))]
+    rs = [next(letters) for _ in range(np.ndim(rhs))]
+    for a, b in zip(tuple(lc) + tuple(lb), tuple(rc) + tuple(rb)):
+        rs[b] = ls[a]
+    out = [ls[a] for a in lb] + [ls[a] for a in range(len(ls)) if a not in tuple(lc) + tuple(lb)] + \
+          [rs[b] for b in range(len(rs)) if b not in tuple(rc) + tuple(rb)]
+    return np.einsum(f"{''.join(ls)},{''.join(rs)}->{''.join(out)}", lhs, rhs)

@@ -22,6 +22,7 @@ import jquant
 from jquant import QuantSpec
 
 import reference
+from reference import as_f64
 
 METHODS = {
     "int8": dict(bits=8),
@@ -80,19 +81,15 @@ def _batched(xs, spec):
     return jax.vmap(lambda x: _outputs(x, spec))(xs)
 
 
-def _f64(a):
-    return np.asarray(jnp.asarray(a).astype(jnp.float32), np.float64)
-
-
 def _check(x, spec, method, outputs):
     """The promises of the module docstring for input `x` (float) and its outputs."""
     x_hat, fq, grad = outputs
-    xf = _f64(x)
+    xf = as_f64(x)
     for name, out in (("x_hat", x_hat), ("fake_quant", fq), ("gradient", grad)):
         assert out.dtype == x.dtype and out.shape == x.shape, name
-        assert np.all(np.isfinite(_f64(out))), f"{name} has NaN/Inf: {_f64(out)}"
-    np.testing.assert_array_equal(_f64(fq), _f64(x_hat), err_msg="fake_quant forward != quantize→dequantize")
-    x_hat = _f64(x_hat)
+        assert np.all(np.isfinite(as_f64(out))), f"{name} has NaN/Inf: {as_f64(out)}"
+    np.testing.assert_array_equal(as_f64(fq), as_f64(x_hat), err_msg="fake_quant forward != quantize→dequantize")
+    x_hat = as_f64(x_hat)
     # all-zero groups (zeros after XLA:CPU flushes subnormals) → exact zeros, for every method
     flushed = np.where(np.abs(xf) < float(jnp.finfo(jnp.float32).tiny), 0.0, xf)
     ids = reference.group_ids(x.shape, spec)

@@ -27,6 +27,8 @@ from hypothesis.extra import numpy as hnp
 import jquant
 from jquant import Policy, QuantSpec, Rule
 
+from helpers import assert_same_bits, jit_quantize
+
 SPECS = [
     QuantSpec(8), QuantSpec(8, symmetric=False), QuantSpec(4, channel_axes=(1,)),
     QuantSpec(3, symmetric=False, channel_axes=(0,)), QuantSpec(5, channel_axes=(0,), group_size=6),
@@ -34,7 +36,6 @@ SPECS = [
     QuantSpec(1, method="sign", channel_axes=(1,)), QuantSpec(1, method="sign", group_size=6),
     QuantSpec(4, method="nf4", group_size=6), QuantSpec(2, method="kmeans", channel_axes=(0,)),
 ]
-_quantize_jit = jax.jit(jquant.quantize, static_argnums=1)
 _fake_quant_jit = jax.jit(jquant.fake_quant, static_argnums=1)
 
 
@@ -45,16 +46,6 @@ def _inside_a_larger_program(x, spec):
     return qa, qa.dequantize() * 1.0
 
 
-def _leaves(tree):
-    return [np.asarray(a) for a in jax.tree_util.tree_leaves(tree)]
-
-
-def _assert_same_bits(a, b, what):
-    for u, v in zip(_leaves(a), _leaves(b), strict=True):
-        assert u.dtype == v.dtype and u.shape == v.shape, what
-        assert u.tobytes() == v.tobytes(), f"{what}: {u.ravel()[:4]} vs {v.ravel()[:4]}"
-
-
 MAGNITUDES = st.sampled_from([1e-6, 1e-2, 1.0, 37.0, 1e4, 1e30])
 
 
@@ -63,23 +54,23 @@ def test_eager_and_jit_give_the_same_bits(spec, dtype, magnitude, data):
     x = data.draw(hnp.arrays(np.float32, (6, 12), elements=st.floats(-1, 1, width=32)))
     x = jnp.asarray(x * np.float32(magnitude), dtype)
     eager = jquant.quantize(x, spec)
-    _assert_same_bits(eager, _quantize_jit(x, spec), "quantize under jit")
+    assert_same_bits(eager, jit_quantize(x, spec), "quantize under jit")
     qa, x_hat = _inside_a_larger_program(x, spec)
-    _assert_same_bits(eager, qa, "quantize inside a larger jit")
-    _assert_same_bits(eager.dequantize(), x_hat, "dequantize")
-    _assert_same_bits(jquant.fake_quant(x, spec), _fake_quant_jit(x, spec), "fake_quant")
-    _assert_same_bits(jquant.fake_quant(x, spec), eager.dequantize(), "fake_quant vs quantize→dequantize")
+    assert_same_bits(eager, qa, "quantize inside a larger jit")
+    assert_same_bits(eager.dequantize(), x_hat, "dequantize")
+    assert_same_bits(jquant.fake_quant(x, spec), _fake_quant_jit(x, spec), "fake_quant")
+    # (fake_quant = quantize→dequantize bit for bit: tests/test_ste.py)
 
 
 def test_quantize_params_eager_equals_jit_equals_quantize():
     rng = np.random.default_rng(0)
-    params = {f"layer{i}": {"kernel": jnp.asarray(rng.standard_normal((24, 36)) * 10.0 ** (i - 3), jnp.float32)}
+    params = {f"layer{i}": {"kernel": jnp.asarray(rng.standard_normal((6, 12)) * 10.0 ** (i - 3), jnp.float32)}
               for i in range(len(SPECS))}
     policy = Policy([Rule(f"layer{i}/kernel", spec) for i, spec in enumerate(SPECS)])
     eager = jquant.quantize_params(params, policy)
-    _assert_same_bits(eager, jax.jit(jquant.quantize_params, static_argnums=1)(params, policy), "quantize_params jit")
+    assert_same_bits(eager, jax.jit(jquant.quantize_params, static_argnums=1)(params, policy), "quantize_params jit")
     for i, spec in enumerate(SPECS):
-        _assert_same_bits(eager[f"layer{i}"]["kernel"], jquant.quantize(params[f"layer{i}"]["kernel"], spec), repr(spec))
+        assert_same_bits(eager[f"layer{i}"]["kernel"], jquant.quantize(params[f"layer{i}"]["kernel"], spec), repr(spec))
 
 
 def _digest() -> str:
@@ -87,8 +78,8 @@ def _digest() -> str:
     x = jax.random.normal(jax.random.key(7), (24, 36)) * 3
     h = hashlib.sha256()
     for spec in SPECS:
-        for leaf in _leaves(_quantize_jit(x, spec)):  # eager = jit is tested above
-            h.update(leaf.tobytes())
+        for leaf in jax.tree_util.tree_leaves(jit_quantize(x, spec)):  # eager = jit is tested above
+            h.update(np.asarray(leaf).tobytes())
     return h.hexdigest()
 
 

@@ -1,6 +1,7 @@
-"""8 simulated devices (tests/distributed_program.py, in its own process): `jquant.dot_general`
-inside `jax.shard_map` equals the unsharded result, QArrays pass through shard_map's in/out specs,
-and checkpoints of sharded trees load back with the same NamedShardings."""
+"""8 simulated devices (tests/distributed_program.py, one process for all): sharded trees stay
+sharded when quantized under jit and in the integer dot, `jquant.dot_general` inside
+`jax.shard_map` equals the unsharded result, QArrays pass through shard_map's in/out specs, and
+checkpoints of sharded trees load back with the same NamedShardings."""
 
 import json
 import subprocess
@@ -18,8 +19,17 @@ def facts():
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
-def test_dot_general_inside_shard_map_equals_unsharded(facts):
+def test_sharded_quantization_and_dot(facts):
     assert facts["devices"] == 8
+    for spec in facts["specs"]:
+        # values and scales spread over all 8 devices (no gather to one), bit-identical to unsharded
+        assert spec["value_devices"] == 8 and spec["scale_devices"] == 8
+        assert spec["value_shard_shape"][0] == 512  # (1024 rows / 2) per shard: still sharded
+        assert spec["equal"]
+    assert facts["dot_devices"] == 8 and facts["dot_equal"]
+
+
+def test_dot_general_inside_shard_map_equals_unsharded(facts):
     assert facts["data_parallel_equal"]  # replicated QArray weight, batch split: bit-identical
     for name in ("int8", "int3", "sign"):  # the QArray split over output channels: bit-identical
         assert facts[f"column_parallel_{name}_equal"], name

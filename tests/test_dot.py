@@ -1,4 +1,7 @@
-"""jquant.dot_general / int_dot_general against NumPy int64 and float64 references."""
+"""jquant.dot_general / int_dot_general against NumPy int64 and float64 references.
+
+(Incompatible operands and the accumulator's overflow bound raise: tests/test_validation.py.)
+"""
 
 import functools
 
@@ -12,40 +15,37 @@ from hypothesis import strategies as st
 import jquant
 from jquant import QuantSpec
 
-DN = (((1,), (0,)), ((), ()))
+import reference
+from helpers import COMPILING, DN, normal, quantize_jit
+
 EPS32 = np.finfo(np.float32).eps
-
-
-def _normal(rng, shape):
-    return jnp.asarray(rng.standard_normal(shape), jnp.float32)
 
 
 @functools.partial(jax.jit, static_argnums=(2, 3))
 def _quantize_and_accumulate(x, w, lspec, rspec):
-    """Both operands quantized and integer-multiplied in one compiled program (fast tests)."""
+    """Both operands quantized and integer-multiplied in one compiled program (fast tests): each
+    operand as (QArray, its integers q, x̂), the int32 accumulator, and the accumulator dequantized."""
     lq, rq = jquant.quantize(x, lspec), jquant.quantize(w, rspec)
     acc = jquant.int_dot_general(lq, rq, DN)
-    return lq, rq, acc, acc.dequantize()
+    return (lq, lq.q, lq.dequantize()), (rq, rq.q, rq.dequantize()), acc, acc.dequantize()
 
 
-def _grouped_np(qa):
-    """q, scale, zero-point of a QArray as float64/int64 NumPy arrays on the grouped view."""
+def _grouped_np(operand):
+    """q, scale, zero-point of an operand (QArray, q, x̂) as int64/float64 NumPy arrays on the
+    grouped view."""
+    qa, q, _ = operand
     lay = qa.layout
-    q = np.asarray(qa.q, np.int64).reshape(lay.grouped_shape)
+    q = np.asarray(q, np.int64).reshape(lay.grouped_shape)
     z = np.zeros(lay.scale_shape, np.int64) if qa.zero_point is None else np.asarray(qa.zero_point, np.int64)
     return q, np.asarray(qa.scale, np.float64), z
 
 
-def _matmul_reference(lq, rq):
-    """Exact int64 bracket per rhs group and float64 result, for lhs (M, K) × rhs (K, N)."""
-    x = np.asarray(lq.dequantize(), np.float64)
-    w = np.asarray(rq.dequantize(), np.float64)
-    return x @ w, np.abs(x) @ np.abs(w)
-
-
-def _assert_float_close(y, lq, rq):
-    """|y - x̂ŵ| within float32 rounding of the float64 product: a few eps · Σ|x̂||ŵ|."""
-    ref, magnitude = _matmul_reference(lq, rq)
+def _assert_float_close(y, lhs, rhs, dn=DN):
+    """|y - x̂ŵ| within float32 rounding of the float64 product: a few eps · Σ|x̂||ŵ| (operands
+    (QArray, q, x̂))."""
+    x, w = reference.as_f64(lhs[2]), reference.as_f64(rhs[2])
+    ref, magnitude = reference.dot_general(x, w, dn), reference.dot_general(np.abs(x), np.abs(w), dn)
+    assert y.shape == ref.shape
     np.testing.assert_array_less(np.abs(np.asarray(y, np.float64) - ref), 8 * EPS32 * magnitude + 1e-30)
 
 
@@ -62,14 +62,13 @@ specs_rhs = st.sampled_from([
 @given(m=st.integers(1, 9), k=st.sampled_from([1, 8, 24, 64]), n=st.integers(1, 9),
        lspec=specs_lhs, rspec=specs_rhs, seed=st.integers(0, 2 ** 16))
 def test_int32_accumulator_equals_int64_matmul(m, k, n, lspec, rspec, seed):
-    rng = np.random.default_rng(seed)
-    lq, rq, acc, y = _quantize_and_accumulate(_normal(rng, (m, k)), _normal(rng, (k, n)), lspec, rspec)
-    ql, _, zl = _grouped_np(lq)
-    qr, _, zr = _grouped_np(rq)
+    lhs, rhs, acc, y = _quantize_and_accumulate(normal(seed, (m, k)), normal(seed + 1, (k, n)), lspec, rspec)
+    ql, _, zl = _grouped_np(lhs)
+    qr, _, zr = _grouped_np(rhs)
     expected = (ql - zl) @ (qr - zr)  # zero-points are per row / per column here: broadcast exactly
     assert acc.value.dtype == jnp.int32
     np.testing.assert_array_equal(np.asarray(acc.value), expected)
-    _assert_float_close(y, lq, rq)
+    _assert_float_close(y, lhs, rhs)
 
 
 @settings(max_examples=20, deadline=None)
@@ -77,19 +76,19 @@ def test_int32_accumulator_equals_int64_matmul(m, k, n, lspec, rspec, seed):
        lsym=st.booleans(), rsym=st.booleans(), rbits=st.sampled_from([2, 4, 8]), lgrouped=st.booleans(),
        seed=st.integers(0, 2 ** 16))
 def test_per_group_contraction(m, groups, group_size, n, lsym, rsym, rbits, lgrouped, seed):
-    rng = np.random.default_rng(seed)
     k = groups * group_size
     lspec = QuantSpec(8, symmetric=lsym, channel_axes=(0,), group_size=group_size if lgrouped else None)
     rspec = QuantSpec(rbits, symmetric=rsym, channel_axes=(1,), group_size=group_size)
-    lq, rq, acc, y = _quantize_and_accumulate(_normal(rng, (m, k)), _normal(rng, (k, n)), lspec, rspec)
+    lhs, rhs, acc, y = _quantize_and_accumulate(normal(seed, (m, k)), normal(seed + 1, (k, n)), lspec, rspec)
     assert acc.value.shape == (groups, m, n) and acc.group_axis == 0
-    ql = np.asarray(lq.q, np.int64).reshape(m, groups, group_size)
-    qr = np.asarray(rq.q, np.int64).reshape(groups, group_size, n)
+    (lq, lints, _), (rq, rints, _) = lhs, rhs
+    ql = np.asarray(lints, np.int64).reshape(m, groups, group_size)
+    qr = np.asarray(rints, np.int64).reshape(groups, group_size, n)
     zl = 0 if lq.zero_point is None else np.asarray(lq.zero_point, np.int64).reshape(m, -1, 1)
     zr = 0 if rq.zero_point is None else np.asarray(rq.zero_point, np.int64).reshape(-1, 1, n)
     expected = np.einsum("mgk,gkn->gmn", ql - zl, qr - zr)
     np.testing.assert_array_equal(np.asarray(acc.value), expected)
-    _assert_float_close(y, lq, rq)
+    _assert_float_close(y, lhs, rhs)
 
 
 @pytest.mark.parametrize("k,chunks", [(512, 1), (4096, 8), (1536, 3), (4099, 1), (2 ** 16, 128)])
@@ -102,12 +101,86 @@ def test_single_row_split_contraction_is_exact(k, chunks, lspec, rspec):
     int32 result equals the int64 product bit for bit, including a K with no usable divisor."""
     from jquant._src.dot import _gemv_chunks
     assert _gemv_chunks(k) == chunks
-    rng = np.random.default_rng(k)
-    lq, rq, acc, y = _quantize_and_accumulate(_normal(rng, (1, k)), _normal(rng, (k, 5)), lspec, rspec)
-    ql, _, zl = _grouped_np(lq)
-    qr, _, zr = _grouped_np(rq)
+    lhs, rhs, acc, y = _quantize_and_accumulate(normal(k, (1, k)), normal(k + 1, (k, 5)), lspec, rspec)
+    ql, _, zl = _grouped_np(lhs)
+    qr, _, zr = _grouped_np(rhs)
     np.testing.assert_array_equal(np.asarray(acc.value), (ql - zl) @ (qr - zr))
-    _assert_float_close(y, lq, rq)
+    _assert_float_close(y, lhs, rhs)
+
+
+def test_largest_contraction_that_fits_is_exact():
+    # asymmetric × asymmetric int8: |q - z| ≤ 255, so K = 33,025 is the largest with K·255² < 2^31
+    # (one more raises: tests/test_validation.py)
+    k = 33_025
+    spec = QuantSpec(8, symmetric=False)
+    lhs, rhs, acc, _ = _quantize_and_accumulate(-jnp.ones((1, k)), jnp.ones((k, 1)), spec, spec)
+    ql, _, zl = _grouped_np(lhs)
+    qr, _, zr = _grouped_np(rhs)
+    assert int(acc.value[0, 0]) == int(((ql - zl) @ (qr - zr))[0, 0])
+
+
+@st.composite
+def dot_cases(draw):
+    """Operand shapes, dimension numbers and specs for a general integer dot: 0-1 batch axes, 0-2
+    free axes per side, 1-2 contracted axes, every operand's axes in a random order."""
+    sizes = st.integers(1, 3)
+    batch = draw(st.lists(sizes, max_size=1))
+    contract = draw(st.lists(st.sampled_from([1, 5]), min_size=1, max_size=2))
+    lfree = draw(st.lists(sizes, max_size=2))
+    rfree = draw(st.lists(sizes, max_size=2))
+
+    def operand(free):
+        roles = [("b", i) for i in range(len(batch))] + [("c", i) for i in range(len(contract))] + \
+                [("f", i) for i in range(len(free))]
+        order = draw(st.permutations(roles))
+        size = {"b": batch, "c": contract, "f": free}
+        shape = tuple(size[r][i] for r, i in order)
+        return order, shape
+
+    lorder, lshape = operand(lfree)
+    rorder, rshape = operand(rfree)
+    dn = ((tuple(lorder.index(("c", i)) for i in range(len(contract))),
+           tuple(rorder.index(("c", i)) for i in range(len(contract)))),
+          (tuple(lorder.index(("b", i)) for i in range(len(batch))),
+           tuple(rorder.index(("b", i)) for i in range(len(batch)))))
+
+    def spec(order):
+        # per-channel on any subset of the batch and free axes: scales constant along contractions
+        keep = [a for a, (r, _) in enumerate(order) if r != "c"]
+        axes = tuple(sorted(draw(st.lists(st.sampled_from(keep), unique=True, max_size=len(keep))))) if keep else ()
+        if draw(st.integers(0, 4)) == 0:
+            return QuantSpec(1, method="sign", channel_axes=axes)
+        return QuantSpec(draw(st.integers(2, 8)), symmetric=draw(st.booleans()), channel_axes=axes)
+
+    return lshape, rshape, dn, spec(lorder), spec(rorder)
+
+
+def _centred(qa, q):
+    """q - z in int64 (per-channel zero-points broadcast over the operand)."""
+    q = np.asarray(q, np.int64)
+    if qa.zero_point is None:
+        return q
+    z = np.asarray(qa.zero_point, np.int64).reshape(qa.layout.scale_shape)
+    return q - np.broadcast_to(z, q.shape)
+
+
+@functools.partial(jax.jit, static_argnums=(1, 2, 3, 4, 5))
+def _quantize_and_dot(key, lshape, rshape, dn, lspec, rspec):
+    kx, kw = jax.random.split(key)
+    lq = jquant.quantize(jax.random.normal(kx, lshape), lspec)
+    rq = jquant.quantize(jax.random.normal(kw, rshape), rspec)
+    return (lq, lq.q), (rq, rq.q), jquant.int_dot_general(lq, rq, dn)
+
+
+@COMPILING
+@given(dot_cases(), st.integers(0, 2 ** 16))
+def test_integer_dot_with_any_dimension_numbers_is_exact(case, seed):
+    """Batch axes, several contracted axes, any axis order: Σ (q_l - z_l)(q_r - z_r) equals NumPy's
+    int64 result bit for bit, laid out as (batch, lhs free, rhs free)."""
+    lshape, rshape, dn, lspec, rspec = case
+    lq, rq, acc = _quantize_and_dot(jax.random.key(seed), lshape, rshape, dn, lspec, rspec)
+    assert acc.value.dtype == jnp.int32
+    np.testing.assert_array_equal(np.asarray(acc.value), reference.dot_general(_centred(*lq), _centred(*rq), dn))
 
 
 @pytest.mark.parametrize("lhs_shape,rhs_shape,dn,lspec,rspec", [
@@ -127,46 +200,26 @@ def test_single_row_split_contraction_is_exact(k, chunks, lspec, rspec):
      QuantSpec(8, channel_axes=(3,))),
 ])
 def test_general_dimension_numbers(lhs_shape, rhs_shape, dn, lspec, rspec):
-    rng = np.random.default_rng(0)
-    lq = jquant.quantize(_normal(rng, lhs_shape), lspec)
-    rq = jquant.quantize(_normal(rng, rhs_shape), rspec)
-    y = jax.jit(lambda a, b: jquant.dot_general(a, b, dn))(lq, rq)
-    x64, w64 = np.asarray(lq.dequantize(), np.float64), np.asarray(rq.dequantize(), np.float64)
-    ref = _np_dot_general(x64, w64, dn)
-    mag = _np_dot_general(np.abs(x64), np.abs(w64), dn)
-    assert y.shape == ref.shape and y.dtype == jnp.float32
-    np.testing.assert_array_less(np.abs(np.asarray(y, np.float64) - ref), 8 * EPS32 * mag + 1e-30)
-
-
-def _np_dot_general(x, w, dn):
-    """lax.dot_general semantics in NumPy float64 (einsum with explicit subscripts)."""
-    (lc, rc), (lb, rb) = dn
-    letters = iter("abcdefghijklmnopqrstuvwxyz")
-    ls = [next(letters) for _ in range(x.ndim)]
-    rs = [next(letters) for _ in range(w.ndim)]
-    for a, b in zip(lc + lb, rc + rb):
-        rs[b] = ls[a]
-    out = [ls[a] for a in lb] + [ls[a] for a in range(x.ndim) if a not in lc + lb] + \
-          [rs[b] for b in range(w.ndim) if b not in rc + rb]
-    return np.einsum(f"{''.join(ls)},{''.join(rs)}->{''.join(out)}", x, w)
+    lhs, rhs = quantize_jit(normal(0, lhs_shape), lspec), quantize_jit(normal(1, rhs_shape), rspec)
+    y = jax.jit(lambda a, b: jquant.dot_general(a, b, dn))(lhs[0], rhs[0])
+    assert y.dtype == jnp.float32
+    _assert_float_close(y, lhs, rhs, dn)
 
 
 def test_dynamic_quantization_of_float_operands():
-    rng = np.random.default_rng(1)
-    x, w = _normal(rng, (6, 32)), _normal(rng, (32, 5))
+    x, w = normal(1, (6, 32)), normal(2, (32, 5))
     lspec, rspec = QuantSpec(8, symmetric=False, channel_axes=(0,)), QuantSpec(4, channel_axes=(1,))
     y = jax.jit(lambda a, b: jquant.dot_general(a, b, DN, lhs_spec=lspec, rhs_spec=rspec))(x, w)
-    lq, rq = jquant.quantize(x, lspec), jquant.quantize(w, rspec)
-    np.testing.assert_array_equal(np.asarray(y), np.asarray(jquant.dot_general(lq, rq, DN)))
-    _assert_float_close(y, lq, rq)
+    lhs, rhs = quantize_jit(x, lspec), quantize_jit(w, rspec)
+    np.testing.assert_array_equal(np.asarray(y), np.asarray(jquant.dot_general(lhs[0], rhs[0], DN)))
+    _assert_float_close(y, lhs, rhs)
     # quantization really changed the result
     assert np.max(np.abs(np.asarray(y) - np.asarray(x @ w))) > 1e-3
 
 
 def test_weight_only_dequantizes_the_qarray():
-    rng = np.random.default_rng(2)
-    x = _normal(rng, (4, 32)).astype(jnp.bfloat16)
-    rq = jquant.quantize(_normal(rng, (32, 8)).astype(jnp.bfloat16), QuantSpec(4, channel_axes=(1,), group_size=8))
+    x = normal(3, (4, 32), jnp.bfloat16)
+    rq = jquant.quantize(normal(4, (32, 8), jnp.bfloat16), QuantSpec(4, channel_axes=(1,), group_size=8))
     y = jquant.dot_general(x, rq, DN)
     np.testing.assert_array_equal(np.asarray(y, np.float32),
                                   np.asarray(jax.lax.dot_general(x, rq.dequantize(), DN), np.float32))
@@ -174,19 +227,16 @@ def test_weight_only_dequantizes_the_qarray():
 
 
 def test_output_dtype_follows_operands_and_preferred_type():
-    rng = np.random.default_rng(3)
-    lq = jquant.quantize(_normal(rng, (2, 8)).astype(jnp.bfloat16), QuantSpec(8))
-    rq = jquant.quantize(_normal(rng, (8, 3)).astype(jnp.bfloat16), QuantSpec(8))
+    # (an integer preferred_element_type raises: tests/test_validation.py)
+    lq = jquant.quantize(normal(5, (2, 8), jnp.bfloat16), QuantSpec(8))
+    rq = jquant.quantize(normal(6, (8, 3), jnp.bfloat16), QuantSpec(8))
     assert jquant.dot_general(lq, rq, DN).dtype == jnp.bfloat16
     assert jquant.dot_general(lq, rq, DN, preferred_element_type=jnp.float32).dtype == jnp.float32
-    with pytest.raises(ValueError, match="float dtype"):
-        jquant.dot_general(lq, rq, DN, preferred_element_type=jnp.int32)
 
 
 def test_requantize_matches_quantizing_the_float_result():
-    rng = np.random.default_rng(4)
-    lq = jquant.quantize(_normal(rng, (5, 16)), QuantSpec(8, channel_axes=(0,)))
-    rq = jquant.quantize(_normal(rng, (16, 4)), QuantSpec(8, channel_axes=(1,)))
+    lq = jquant.quantize(normal(7, (5, 16)), QuantSpec(8, channel_axes=(0,)))
+    rq = jquant.quantize(normal(8, (16, 4)), QuantSpec(8, channel_axes=(1,)))
     acc = jquant.int_dot_general(lq, rq, DN)
     out_spec = QuantSpec(8, symmetric=False)
     yq = jquant.requantize(acc, out_spec, scale=0.05, zero_point=3)
@@ -197,40 +247,11 @@ def test_requantize_matches_quantizing_the_float_result():
     assert isinstance(yq, jquant.QArray) and yq.shape == (5, 4)
 
 
-@pytest.mark.parametrize("lspec,rspec,lhs_shape,rhs_shape,match", [
-    (QuantSpec(8, channel_axes=(1,)), QuantSpec(8), (4, 16), (16, 3), "varies along a contracted axis"),
-    (QuantSpec(8), QuantSpec(8, channel_axes=(0,)), (4, 16), (16, 3), "varies along a contracted axis"),
-    (QuantSpec(8, group_size=8, group_axis=1, channel_axes=(0,)), QuantSpec(8, group_size=4, channel_axes=(1,)),
-     (4, 16), (16, 3), "do not line up"),
-    (QuantSpec(8, group_size=2, group_axis=0), QuantSpec(8), (4, 16), (16, 3), "not contracted"),
-    (QuantSpec(8), QuantSpec(8), (4, 16), (8, 3), "differ in size"),
-])
-def test_incompatible_operands_raise(lspec, rspec, lhs_shape, rhs_shape, match):
-    rng = np.random.default_rng(5)
-    lq = jquant.quantize(_normal(rng, lhs_shape), lspec)
-    rq = jquant.quantize(_normal(rng, rhs_shape), rspec)
-    with pytest.raises(ValueError, match=match):
-        jquant.dot_general(lq, rq, DN)
-
-
-def test_overflow_bound_is_enforced():
-    # asymmetric × asymmetric int8: |q - z| ≤ 255, so K = 33,026 gives 33,026·255² ≥ 2^31
-    k = 33_026
-    lq = jquant.quantize(jnp.ones((1, k)), QuantSpec(8, symmetric=False))
-    rq = jquant.quantize(jnp.ones((k, 1)), QuantSpec(8, symmetric=False))
-    with pytest.raises(ValueError, match="overflow"):
-        jquant.int_dot_general(lq, rq, DN)
-    # ... and one less fits, with an exact result
-    k -= 1
-    lq = jquant.quantize(-jnp.ones((1, k)), QuantSpec(8, symmetric=False))
-    rq = jquant.quantize(jnp.ones((k, 1)), QuantSpec(8, symmetric=False))
-    acc = jquant.int_dot_general(lq, rq, DN)
-    ql, _, zl = _grouped_np(lq)
-    qr, _, zr = _grouped_np(rq)
-    assert int(acc.value[0, 0]) == int(((ql - zl) @ (qr - zr))[0, 0])
-
-
-def test_spec_for_a_qarray_operand_is_rejected():
-    lq = jquant.quantize(jnp.ones((2, 4)), QuantSpec(8))
-    with pytest.raises(ValueError, match="already a QArray"):
-        jquant.dot_general(lq, jnp.ones((4, 2)), DN, lhs_spec=QuantSpec(8))
+@pytest.mark.parametrize("bits", [2, 4, 7])
+def test_midrise_integer_dot_is_exact(bits):
+    lhs, rhs, acc, _ = _quantize_and_accumulate(normal(9, (5, 64)), normal(10, (64, 6)), QuantSpec(8),
+                                                QuantSpec(bits, midrise=True, channel_axes=(1,)))
+    expected = reference.as_f64(lhs[2]) @ reference.as_f64(rhs[2])
+    np.testing.assert_allclose(np.asarray(acc.dequantize(jnp.float32)), expected, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="mid-rise"):
+        jquant.int_dot_general(lhs[0], jquant.quantize(normal(10, (64, 6)), QuantSpec(8, midrise=True)), DN)

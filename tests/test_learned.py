@@ -8,7 +8,6 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from flax import linen as nn
 
 import jquant
 from jquant._src import paths
@@ -16,6 +15,9 @@ from jquant import Policy, QuantSpec, Rule
 from jquant import learned
 
 import reference
+from helpers import Mlp, normal
+
+SHAPE = (16, 6)
 
 SPECS = [
     QuantSpec(2),
@@ -26,10 +28,6 @@ SPECS = [
     QuantSpec(2, midrise=True, channel_axes=(0,)),
 ]
 IDS = [repr(s) for s in SPECS]
-
-
-def _x(shape=(16, 6), seed=0):
-    return jnp.asarray(np.random.default_rng(seed).standard_normal(shape), jnp.float32)
 
 
 def _lsq_reference(x, step, spec):
@@ -43,7 +41,7 @@ def _lsq_reference(x, step, spec):
 
 @pytest.mark.parametrize("spec", SPECS, ids=IDS)
 def test_lsq_forward_matches_reference_and_export(spec):
-    x = _x()
+    x = normal(0, SHAPE)
     step = learned.lsq_init_step(x, spec) * 0.8  # clip some values
     assert step.shape == reference.scale_shape(x.shape, spec)
     out = learned.lsq_fake_quant(x, step, spec)
@@ -79,7 +77,7 @@ def test_lsq_gradients_by_hand():
 
 @pytest.mark.parametrize("spec", SPECS[1:], ids=IDS[1:])
 def test_lsq_per_channel_and_group_step_gradients(spec):
-    x = _x()
+    x = normal(0, SHAPE)
     step = learned.lsq_init_step(x, spec)
     gs = jax.grad(lambda s: jnp.sum(learned.lsq_fake_quant(x, s, spec)))(step)
     assert gs.shape == step.shape
@@ -98,7 +96,7 @@ def test_lsq_per_channel_and_group_step_gradients(spec):
 
 
 def test_lsq_init():
-    x = _x((32, 4))
+    x = normal(0, (32, 4))
     spec = QuantSpec(3, channel_axes=(1,))
     np.testing.assert_allclose(np.asarray(learned.lsq_init_step(x, spec)).ravel(),
                                2 * np.mean(np.abs(np.asarray(x)), 0) / math.sqrt(3), rtol=1e-6)
@@ -140,7 +138,7 @@ def test_pact_forward_and_gradient_rule(symmetric):
 
 def test_jit_grad_vmap_jvp():
     spec = QuantSpec(3, channel_axes=(1,))
-    x = _x((5, 8, 6))
+    x = normal(0, (5, 8, 6))
     step = learned.lsq_init_step(x[0], spec)
     f = lambda x, s: learned.lsq_fake_quant(x, s, spec)
     batched = jax.jit(jax.vmap(f, in_axes=(0, None)))(x, step)
@@ -151,13 +149,6 @@ def test_jit_grad_vmap_jvp():
     loss = lambda s, a: jnp.sum(learned.pact(f(x[0], s), a, QuantSpec(4, symmetric=False)) ** 2)
     hvp = jax.jvp(jax.grad(loss), (step, jnp.float32(2.0)), (jnp.ones_like(step), jnp.float32(0.0)))[1]
     assert hvp.shape == step.shape
-
-
-class Mlp(nn.Module):
-    @nn.compact
-    def __call__(self, x):
-        hidden = nn.relu(nn.Dense(32)(x))
-        return nn.Dense(10)(hidden)
 
 
 POLICY = Policy([Rule(r".*kernel", QuantSpec(2, symmetric=False, channel_axes=(-1,)),
@@ -173,7 +164,7 @@ def _data():
 
 def test_tree_init_linen_training_and_export():
     x, y = _data()
-    qmodel = jquant.flax.quantize(Mlp(), POLICY)
+    qmodel = jquant.flax.quantize(Mlp(hidden=32), POLICY)
     params = qmodel.init(jax.random.key(0), x[:1])["params"]
     stats = jquant.flax.calibrate(qmodel, [(x,)], variables={"params": params})
     state = learned.init(params, POLICY, act_ranges=jquant.flax.act_ranges(stats))
@@ -207,8 +198,8 @@ def test_tree_init_linen_training_and_export():
               "quant_stats": jquant.flax.learned_stats(trained, POLICY)}
     kinds = jax.tree.map(type, jquant.quantize_params(trained["params"], POLICY), is_leaf=paths.is_qarray)
     assert jax.tree.map(type, served["params"], is_leaf=paths.is_qarray) == kinds
-    np.testing.assert_allclose(np.asarray(jax.jit(qmodel.apply)(served, x)), np.asarray(qmodel.apply(trained, x)),
-                               atol=1e-4)
+    np.testing.assert_allclose(np.asarray(jax.jit(qmodel.apply)(served, x)),
+                               np.asarray(jax.jit(qmodel.apply)(trained, x)), atol=1e-4)
     # the functional path: LSQ fake-quantized params = the exported kernels dequantized
     fq = learned.fake_quant_params(trained["params"], trained, POLICY)
     deq = jquant.dequantize_params(served["params"])

@@ -3,10 +3,11 @@
 jquant computes in float32 for f32/bf16/f16 input; the reference computes in float64 from the
 same (exactly upcast) input values. So: scales agree to float32 rounding; q agrees exactly except
 where x/s (or lo/s for the zero point) is within 1e-5 of a .5 tie, where float32 may pick the
-other neighbour (off by one); x̂ agrees to the rounding of the output dtype.
+other neighbour (off by one); x̂ agrees to the rounding of the output dtype. The mid-rise grid
+(x̂ = s·(floor(x/s) + ½), which the reference does not model) is checked against its own formula
+at the end.
 """
 
-import functools
 import math
 
 import jax
@@ -18,11 +19,12 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
 import jquant
-from jquant import QuantSpec
-from jquant._src import numerics
+from jquant import MSE, QuantSpec
 from jquant._src.formats import uniform
 
 import reference
+from helpers import normal, quantize_jit
+from reference import as_f64
 
 SETTINGS = settings(max_examples=60, deadline=None)
 DTYPES = ("float32", "bfloat16", "float16")
@@ -74,27 +76,15 @@ def shapes_and_specs(draw, methods=("uniform", "uniform", "sign"), bits=(2, 3, 4
     return shape, QuantSpec(**kw)
 
 
-def _as_f64(a):
-    return np.asarray(jnp.asarray(a).astype(jnp.float32), np.float64)
-
-
-@functools.partial(jax.jit, static_argnums=1)
-def quantize_jit(x, spec, scale=None, zero_point=None):
-    """`(qa, qa.q, qa.dequantize())` in one compiled program: one compilation per new shape is far
-    cheaper than compiling each eager op for it, which matters with hypothesis' many shapes."""
-    qa = jquant.quantize(x, spec, scale=scale, zero_point=zero_point)
-    return qa, qa.q, qa.dequantize()
-
-
 def assert_matches_reference(x, spec, qa, scale=None, zero_point=None):
     """`qa` = jquant.quantize(x, spec, scale=..., zero_point=...) (a QArray, or the triple from
     `quantize_jit`) agrees with the reference. Returns the reference (per-element arrays)."""
     qa, q, x_hat = qa if isinstance(qa, tuple) else (qa, qa.q, qa.dequantize())
     shape = tuple(x.shape)
-    xf = _as_f64(x)  # exactly the values jquant sees after its (exact) upcast
+    xf = as_f64(x)  # exactly the values jquant sees after its (exact) upcast
     qmin, qmax = reference.qrange(spec.bits, spec.symmetric, spec.method.name)
     if scale is not None:
-        scale = reference.expand(np.broadcast_to(_as_f64(scale), reference.scale_shape(shape, spec)), shape, spec)
+        scale = reference.expand(np.broadcast_to(as_f64(scale), reference.scale_shape(shape, spec)), shape, spec)
         if zero_point is not None:
             zero_point = reference.expand(
                 np.broadcast_to(np.asarray(zero_point, np.float64), reference.scale_shape(shape, spec)), shape, spec)
@@ -137,7 +127,7 @@ def assert_matches_reference(x, spec, qa, scale=None, zero_point=None):
     assert x_hat.dtype == x.dtype and x_hat.shape == shape
     info = jnp.finfo(x.dtype)
     expected = np.clip(ref.scale * (q - z), -float(info.max), float(info.max))
-    np.testing.assert_allclose(_as_f64(x_hat), expected, rtol=float(info.eps) / 2 + 1e-6,
+    np.testing.assert_allclose(as_f64(x_hat), expected, rtol=float(info.eps) / 2 + 1e-6,
                                atol=float(info.smallest_subnormal), err_msg="x_hat")
     return ref
 
@@ -149,13 +139,13 @@ def test_quantize_matches_reference(shape_spec, dtype, data):
     x = jnp.asarray(data.draw(hnp.arrays(np.float32, shape, elements=ELEMENTS)), dtype)
     qa, q, x_hat = quantize_jit(x, spec)
     ref = assert_matches_reference(x, spec, (qa, q, x_hat))
-    assert not np.any(np.isnan(_as_f64(x_hat)))
+    assert not np.any(np.isnan(as_f64(x_hat)))
     # the error is at most half a step inside the clip range, which contains x when the scale is
     # computed from x (not for sign, which is not a rounding quantizer)
     if spec.method.name == "uniform":
-        err = np.abs(_as_f64(x_hat) - _as_f64(x))
+        err = np.abs(as_f64(x_hat) - as_f64(x))
         step = ref.scale
-        assert np.all(err <= step * (0.5 + 1e-4) + np.abs(_as_f64(x)) * float(jnp.finfo(x.dtype).eps))
+        assert np.all(err <= step * (0.5 + 1e-4) + np.abs(as_f64(x)) * float(jnp.finfo(x.dtype).eps))
 
 
 @SETTINGS
@@ -167,7 +157,7 @@ def test_zero_groups_have_zero_scale_and_dequantize_to_exact_zero(shape_spec, dt
     zeroed = np.isin(ids, data.draw(st.lists(st.sampled_from(np.unique(ids).tolist()), min_size=1)))
     x = jnp.asarray(np.where(zeroed, 0.0, x), dtype)
     qa, q, x_hat = outputs = quantize_jit(x, spec)
-    x_hat = _as_f64(x_hat)
+    x_hat = as_f64(x_hat)
     s = reference.expand(np.asarray(qa.scale), shape, spec)
     assert np.all(s[zeroed] == 0)
     assert np.all(x_hat[zeroed] == 0)
@@ -181,9 +171,9 @@ def test_zero_groups_have_zero_scale_and_dequantize_to_exact_zero(shape_spec, dt
 def test_all_zero_tensor():
     for spec in (QuantSpec(8), QuantSpec(4, symmetric=False), QuantSpec(1, method="sign"),
                  QuantSpec(3, symmetric=False, channel_axes=(0,), group_size=2)):
-        qa = jquant.quantize(jnp.zeros((2, 4)), spec)
+        qa, _, x_hat = quantize_jit(jnp.zeros((2, 4)), spec)
         assert np.all(np.asarray(qa.scale) == 0)
-        assert np.all(np.asarray(qa.dequantize()) == 0)
+        assert np.all(np.asarray(x_hat) == 0)
 
 
 @pytest.mark.parametrize("shape, channel_axes, group_size, group_axis", [
@@ -195,14 +185,14 @@ def test_all_zero_tensor():
     ((2, 8), (-1,), 2, 0),
 ])
 def test_default_group_axis_is_largest_shared_axis(shape, channel_axes, group_size, group_axis):
-    x = jnp.asarray(np.random.default_rng(0).standard_normal(shape), jnp.float32)
+    x = normal(0, shape)
     default = QuantSpec(4, channel_axes=channel_axes, group_size=group_size)
     explicit = QuantSpec(4, channel_axes=channel_axes, group_size=group_size, group_axis=group_axis)
     assert reference.channel_and_group_axes(shape, default)[1] == group_axis
-    qa, qe = jquant.quantize(x, default), jquant.quantize(x, explicit)
+    (qa, *outputs), (qe, *_) = quantize_jit(x, default), quantize_jit(x, explicit)
     assert qa.scale.shape == qe.scale.shape == reference.scale_shape(shape, explicit)
     np.testing.assert_array_equal(np.asarray(qa.scale), np.asarray(qe.scale))
-    assert_matches_reference(x, default, qa)
+    assert_matches_reference(x, default, (qa, *outputs))
 
 
 @pytest.mark.parametrize("bits", [2, 3, 4, 8])
@@ -278,7 +268,7 @@ def test_int8_ranges():
 
 @pytest.mark.parametrize("channel_axes, floor_db", [((1,), 40.9), ((0,), 42.9)])
 def test_int8_per_channel_sqnr_on_gaussian(channel_axes, floor_db):
-    x = np.random.default_rng(0).standard_normal((4096, 256)).astype(np.float32)
+    x = np.asarray(normal(0, (4096, 256)))
     spec = QuantSpec(8, channel_axes=channel_axes)
     qa = jquant.quantize(jnp.asarray(x), spec)
     sqnr = reference.sqnr_db(x, qa.dequantize())
@@ -295,7 +285,7 @@ def test_int8_per_channel_sqnr_on_gaussian(channel_axes, floor_db):
     QuantSpec(1, method="sign", channel_axes=(0,)), QuantSpec(8, group_size=4),
 ])
 def test_nan_poisons_only_its_group(spec):
-    x = np.random.default_rng(1).standard_normal((4, 8)).astype(np.float32)
+    x = np.array(normal(1, (4, 8)))
     x[1, 2] = np.nan
     qa = jquant.quantize(jnp.asarray(x), spec)
     x_hat = np.asarray(qa.dequantize())
@@ -315,7 +305,7 @@ def test_nan_poisons_only_its_group(spec):
 @pytest.mark.parametrize("symmetric", [True, False])
 @pytest.mark.parametrize("inf", [np.inf, -np.inf])
 def test_inf_makes_its_group_non_finite(symmetric, inf):
-    x = np.random.default_rng(2).standard_normal((3, 5)).astype(np.float32)
+    x = np.array(normal(2, (3, 5)))
     x[0, 1] = inf
     qa = jquant.quantize(jnp.asarray(x), QuantSpec(8, symmetric=symmetric, channel_axes=(0,)))
     x_hat = np.asarray(qa.dequantize())
@@ -342,17 +332,8 @@ def test_huge_values_symmetric(dtype):
     x = jnp.asarray([-big, big / 3, 0.0, big], dtype)
     qa = jquant.quantize(x, QuantSpec(8))
     assert np.all(np.isfinite(np.asarray(qa.scale)))
-    assert np.all(np.isfinite(_as_f64(qa.dequantize())))
+    assert np.all(np.isfinite(as_f64(qa.dequantize())))
     assert_matches_reference(x, QuantSpec(8), qa)
-
-
-@pytest.mark.parametrize("spec", [QuantSpec(8), QuantSpec(8, symmetric=False), QuantSpec(4, symmetric=False)])
-def test_float32_max_dequantizes_finite(spec):
-    big = float(jnp.finfo(jnp.float32).max)
-    x = jnp.asarray([-big, 0.0, big], jnp.float32)
-    qa = jquant.quantize(x, spec)
-    assert np.all(np.isfinite(np.asarray(qa.scale)))
-    assert np.all(np.isfinite(np.asarray(qa.dequantize())))
 
 
 def test_sign_scale_of_huge_values_is_finite():
@@ -391,7 +372,7 @@ def test_fixed_scale_and_zero_point(shape_spec, dtype, data):
 def test_fixed_scale_clips_at_the_grid_ends():
     x = jnp.asarray([-5.0, -1.27, -0.004, 0.0, 0.006, 1.0, 1.3, 5.0], jnp.float32)
     qa = jquant.quantize(x, QuantSpec(8), scale=0.01)
-    ref = reference.quantize(_as_f64(x), QuantSpec(8), scale=float(np.float32(0.01)))
+    ref = reference.quantize(as_f64(x), QuantSpec(8), scale=float(np.float32(0.01)))
     np.testing.assert_array_equal(np.asarray(qa.q), ref.q)
     assert ref.q[0] == -127 and ref.q[-1] == 127 and ref.q[-2] == 127
     np.testing.assert_allclose(np.asarray(qa.dequantize()), ref.x_hat, rtol=1e-6)
@@ -405,7 +386,7 @@ MIDRISE_GRIDS = [QuantSpec(b, midrise=True, channel_axes=(1,)) for b in range(2,
 def test_data_up_to_the_float_max_on_every_grid(spec):
     # the largest scales a grid can get: `divide` skips its huge-scale shift exactly where
     # `reciprocal_is_normal` says no computed scale can need it; both paths must match the reference
-    # (mid-rise grids: test_calibration.py)
+    # (mid-rise grids: not against the reference, which has no mid-rise; test_degenerate.py's float_max data)
     big = float(jnp.finfo(jnp.float32).max)
     rng = np.random.default_rng(spec.bits)
     columns = [np.array([big, -big, big / 3, -big / 7]), np.array([big, 0.0, 1.0, -2.0]),
@@ -426,3 +407,36 @@ def test_the_shift_free_division_is_chosen_only_where_it_is_exact():
     for spec in wide:  # the largest computed scale has a normal reciprocal
         scale, _ = uniform.scale_from_range(-big, big, spec)
         assert 1 / float(scale) >= tiny and float(jnp.float32(1) / scale) >= tiny, spec
+
+
+# --- the mid-rise grid ------------------------------------------------------------------------
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 6, 8])
+def test_midrise_matches_reference_and_round_trips_packing(bits):
+    x = np.asarray(normal(5, (4, 96)) * np.array([[0.1], [1.0], [10.0], [0.0]], np.float32))
+    spec = QuantSpec(bits, midrise=True, channel_axes=(0,))
+    qa = jquant.quantize(x, spec)
+    x64 = x.astype(np.float64)
+    absmax = np.max(np.abs(x64), axis=1, keepdims=True)
+    s = absmax / 2 ** (bits - 1)
+    t = x64 / np.where(s == 0, 1, s)
+    away_from_boundaries = np.abs(t - np.round(t)) > 1e-4
+    expected_q = np.clip(np.floor(t), -2 ** (bits - 1), 2 ** (bits - 1) - 1)
+    q = np.asarray(qa.q)
+    assert q.min() >= -2 ** (bits - 1) and q.max() <= 2 ** (bits - 1) - 1
+    np.testing.assert_array_equal(q[away_from_boundaries], expected_q[away_from_boundaries])
+    np.testing.assert_allclose(np.asarray(qa.scale)[:, 0], s[:, 0], rtol=1e-6)
+    x_hat = np.asarray(qa.dequantize(), np.float64)
+    np.testing.assert_allclose(x_hat, np.asarray(qa.scale, np.float64) * (q + 0.5) * (s > 0), rtol=1e-6)
+    assert np.all(np.abs(x_hat - x64) <= s / 2 * (1 + 1e-5))  # every value within half a step
+    assert np.all(x_hat[3] == 0)  # the all-zero row
+    fq = np.asarray(jquant.fake_quant(jnp.asarray(x), spec))
+    np.testing.assert_array_equal(fq, np.asarray(qa.dequantize()))
+
+
+def test_midrise_has_one_more_level_than_midtread():
+    x = normal(6, (1 << 14,))
+    mid_tread = reference.mse(x, jquant.quantize(x, QuantSpec(2, calibration=MSE())).dequantize())
+    mid_rise = reference.mse(x, jquant.quantize(x, QuantSpec(2, midrise=True, calibration=MSE())).dequantize())
+    assert len(np.unique(np.asarray(jquant.quantize(x, QuantSpec(2, midrise=True)).q))) == 4
+    assert mid_rise < 0.7 * mid_tread

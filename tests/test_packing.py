@@ -1,5 +1,6 @@
 """jquant.packing (sub-byte storage) against a NumPy bit-layout reference, and QArray storage size."""
 
+import functools
 import math
 
 import jax
@@ -10,9 +11,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-import jquant
 from jquant import QuantSpec
 from jquant._src import packing
+
+from helpers import jit_quantize
 
 SHAPES = hnp.array_shapes(min_dims=0, max_dims=3, min_side=1, max_side=9)
 
@@ -31,16 +33,22 @@ def _pack_reference(codes, bits):
     return out.astype(np.uint8)
 
 
+@functools.partial(jax.jit, static_argnums=1)
+def _pack_and_unpack(codes, bits):
+    """Pack, and unpack what was packed, in one compiled program (one compilation per shape)."""
+    packed = packing.pack(codes, bits)
+    return packed, packing.unpack(packed, bits, codes.shape)
+
+
 @settings(max_examples=60, deadline=None)
 @given(st.sampled_from([1, 2, 3, 4]), SHAPES, st.data())
 def test_pack_unpack_round_trip_and_layout(bits, shape, data):
     codes = data.draw(hnp.arrays(np.uint8, shape, elements=st.integers(0, 2 ** bits - 1)))
-    packed = jax.jit(packing.pack, static_argnums=1)(jnp.asarray(codes), bits)
+    packed, unpacked = _pack_and_unpack(jnp.asarray(codes), bits)
     assert packed.dtype == jnp.uint8
     expected_shape = (shape[:-1] + (math.ceil(shape[-1] * bits / 8),)) if shape else (1,)
     assert packed.shape == expected_shape == packing.packed_shape(shape, bits)
     np.testing.assert_array_equal(np.asarray(packed), _pack_reference(codes, bits))
-    unpacked = jax.jit(packing.unpack, static_argnums=(1, 2))(packed, bits, shape)
     assert unpacked.shape == shape
     np.testing.assert_array_equal(np.asarray(unpacked), codes)
 
@@ -57,10 +65,10 @@ def test_pack_eager_odd_lengths():
 def test_packed_bits_and_limits():
     assert [packing.is_packed(b) for b in range(1, 9)] == [True] * 4 + [False] * 4
     for bits in (0, 9):
-        with pytest.raises(ValueError, match="allowed: 1..8"):
+        with pytest.raises(ValueError, match=rf"bits={bits} out of range for storage; allowed: 1\.\.8"):
             packing.is_packed(bits)
     for bits in (5, 8):
-        with pytest.raises(ValueError, match="unpacked"):
+        with pytest.raises(ValueError, match=rf"bits={bits}: pack handles 1\.\.4 \(5\.\.8 are stored unpacked"):
             packing.pack(jnp.zeros((4,), jnp.uint8), bits)
 
 
@@ -70,7 +78,7 @@ def kernel():
 
 
 def _qarrays(kernel, bits_list, **kw):
-    return {b: jquant.quantize(kernel, QuantSpec(b, channel_axes=(1,), **kw)) for b in bits_list}
+    return {b: jit_quantize(kernel, QuantSpec(b, channel_axes=(1,), **kw)) for b in bits_list}
 
 
 def test_storage_size_per_channel(kernel):
@@ -96,7 +104,7 @@ def test_storage_size_per_channel(kernel):
 def test_value_dtype_and_bits_per_weight(bits, symmetric):
     x = jnp.asarray(np.random.default_rng(bits).standard_normal((6, 10)), jnp.float32)
     spec = QuantSpec(bits, symmetric=symmetric, channel_axes=(0,), group_size=5)
-    qa = jquant.quantize(x, spec)
+    qa = jit_quantize(x, spec)
     if bits <= 4:
         assert qa.value.dtype == jnp.uint8
         assert qa.value.shape == packing.packed_shape((6, 10), bits)
@@ -116,7 +124,7 @@ def test_value_dtype_and_bits_per_weight(bits, symmetric):
 
 def test_sign_is_one_bit_per_weight_plus_scales():
     x = jnp.asarray(np.random.default_rng(3).standard_normal((64, 33)), jnp.float32)
-    qa = jquant.quantize(x, QuantSpec(1, method="sign", channel_axes=(0,)))
+    qa = jit_quantize(x, QuantSpec(1, method="sign", channel_axes=(0,)))
     assert qa.value.dtype == jnp.uint8 and qa.value.shape == (64, 5)  # ceil(33 / 8)
     np.testing.assert_array_equal(np.asarray(qa.q), np.where(np.asarray(x) >= 0, 1, -1))
     assert qa.bits_per_weight == pytest.approx(8 * (64 * 5 + 4 * 64) / (64 * 33))

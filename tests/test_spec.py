@@ -21,14 +21,16 @@ import reference
     (dict(bits=1), "bits", "method='sign'", ValueError),            # 1-bit uniform: points to sign
     (dict(bits=8.0), "bits", "int", TypeError),
     (dict(bits="8"), "bits", "int", TypeError),
-    (dict(bits=5, method="kmeans"), "bits", "allowed: 1..4", ValueError),
+    (dict(bits=5, method="kmeans"), "bits", "too large for method='kmeans' (2^bits levels per group); allowed: 1..4",
+     ValueError),
     (dict(bits=0, method="kmeans"), "bits", "out of range", ValueError),
-    (dict(bits=3, method="nf4"), "bits", "bits=4", ValueError),
+    (dict(bits=3, method="nf4"), "bits", "method='nf4'; NormalFloat-4 is 4-bit (bits=4)", ValueError),
     (dict(symmetric="False"), "symmetric", "True or False", TypeError),
     (dict(bits=1, method="sign", calibration=Percentile(99.0)), "calibration", "method='uniform'", ValueError),
     (dict(bits=True), "bits", "int", TypeError),
     (dict(bits=2, method="sign"), "bits", "bits=1", ValueError),
     (dict(bits=1, method="sign", symmetric=False), "symmetric", "symmetric", ValueError),
+    (dict(bits=2, method="kmeans", symmetric=False), "symmetric", "no zero-point", ValueError),
     (dict(method="ternary"), "method", "uniform, sign", ValueError),
     (dict(method=4), "method", "uniform, sign", TypeError),
     (dict(group_size=0), "group_size", "positive", ValueError),
@@ -109,6 +111,13 @@ def test_hashable_and_repr_round_trips_on_one_short_line(spec):
     text = repr(spec)
     assert "\n" not in text and len(text) <= 100
     assert eval(text, {"QuantSpec": QuantSpec}) == spec
+
+
+def test_specs_with_calibration_and_midrise_are_hashable_with_a_short_repr():
+    spec = QuantSpec(4, midrise=True, channel_axes=(1,), group_size=16, calibration=MSE(num_ratios=30, norm=2.4))
+    assert hash(spec) == hash(QuantSpec(4, midrise=True, channel_axes=(1,), group_size=16,
+                                        calibration=MSE(num_ratios=30, norm=2.4)))
+    assert "MSE(num_ratios=30" in repr(spec) and "midrise=True" in repr(spec)
 
 
 def test_repr_shows_only_non_defaults():

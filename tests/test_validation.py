@@ -9,9 +9,8 @@ import pytest
 
 import jquant
 from jquant import Policy, QuantSpec, Rule
-from jquant._src import packing
 
-DN = (((1,), (0,)), ((), ()))
+from helpers import DN
 
 
 def _tree(kernel):
@@ -37,8 +36,8 @@ X = jnp.ones((4, 16))
 CASES = {
     # --- a spec that does not fit a leaf of a tree: leaf path, rule, field, allowed ------------
     "group size does not divide": (_quantize_tree(jnp.ones((100, 8)), QuantSpec(4, channel_axes=(-1,), group_size=64)),
-                                   ValueError, ["encoder/dense/kernel", "rule 0", "group_size=64", "size 100",
-                                                "divisor of 100"]),
+                                   ValueError, ["encoder/dense/kernel: rule 0", "group_size=64",
+                                                "does not divide axis 0 of size 100", "divisor of 100"]),
     "channel axis out of range": (_quantize_tree(jnp.ones((4, 8)), QuantSpec(8, channel_axes=(2,))), ValueError,
                                   ["encoder/dense/kernel", "channel_axes=2", "allowed: -2..1"]),
     "negative channel axis out of range": (_quantize_tree(jnp.ones((4, 8)), QuantSpec(8, channel_axes=(-3,))),
@@ -60,15 +59,16 @@ CASES = {
 
     # --- NaN / Inf in weights: the leaf path and the count -------------------------------------
     "NaN in a weight": (lambda: jquant.quantize_params(_tree(NAN_KERNEL), jquant.int8_weights()), ValueError,
-                        ["encoder/dense/kernel", "1 non-finite", "NaN/Inf"]),
+                        ["encoder/dense/kernel: 1 non-finite", "NaN/Inf"]),
     "Inf in a weight": (lambda: jquant.quantize_params(_tree(INF_KERNEL), jquant.int8_weights()), ValueError,
                         ["encoder/dense/kernel", "2 non-finite", "NaN/Inf"]),
     "NaN in a weight under jit": (lambda: jquant.checked(lambda t: jquant.quantize_params(t, jquant.int8_weights()))(
         _tree(NAN_KERNEL)), ValueError, ["encoder/dense/kernel", "1 non-finite", "NaN/Inf"]),
 
     # --- quantize / fake_quant arguments -------------------------------------------------------
-    "integer input": (lambda: jquant.quantize(jnp.ones((4,), jnp.int32), QuantSpec()), TypeError,
-                      ["float array", "int32"]),
+    **{f"{dtype} input": (lambda dtype=dtype: jquant.quantize(jnp.ones((4, 4), dtype), QuantSpec()), TypeError,
+                          ["quantize expects a float array", f"got dtype {dtype}"])
+       for dtype in ("int32", "int8", "uint8", "bool")},
     "spec not a QuantSpec": (lambda: jquant.quantize(X, 8), TypeError, ["quantize", "spec", "jquant.QuantSpec", "int"]),
     "fake_quant spec not a QuantSpec": (lambda: jquant.fake_quant(X, {"bits": 8}), TypeError,
                                         ["fake_quant", "jquant.QuantSpec", "dict"]),
@@ -87,9 +87,11 @@ CASES = {
                                         ValueError, ["zero_point", "symmetric"]),
     "zero-point without a scale": (lambda: jquant.quantize(X, QuantSpec(8, symmetric=False), zero_point=0),
                                    ValueError, ["zero_point", "without scale"]),
+    "fixed scale without the zero-point of an asymmetric spec": (
+        lambda: jquant.quantize(X, QuantSpec(8, symmetric=False), scale=0.1), ValueError,
+        ["a fixed scale for QuantSpec(bits=8, symmetric=False)", "needs a zero_point"]),
     "codebook of the wrong shape": (lambda: jquant.quantize(X, QuantSpec(2, method="kmeans"), scale=jnp.ones(4)),
                                     ValueError, ["fixed codebook", "shape (1, 1, 4)", "got (4,)"]),
-    "packing bits out of range": (lambda: packing.pack(jnp.zeros(4, jnp.uint8), 5), ValueError, ["bits=5", "1..4"]),
 
     # --- incompatible dot_general operands -----------------------------------------------------
     "contracted sizes differ": (_dot(lambda: _qa((4, 16), QuantSpec(8)), lambda: _qa((8, 3), QuantSpec(8))),
@@ -97,6 +99,10 @@ CASES = {
     "scale varies along the contraction": (
         _dot(lambda: _qa((4, 16), QuantSpec(8, channel_axes=(1,))), lambda: _qa((16, 3), QuantSpec(8))),
         ValueError, ["lhs scale varies along a contracted axis", "per-channel on a free axis"]),
+    "rhs scale varies along the contraction": (
+        _dot(lambda: _qa((4, 16), QuantSpec(8)), lambda: _qa((16, 3), QuantSpec(8, channel_axes=(0,)))),
+        ValueError, ["rhs scale varies along a contracted axis",
+                     "QuantSpec(bits=8, channel_axes=(0,)) on shape (16, 3)"]),
     "groups do not line up": (
         _dot(lambda: _qa((4, 16), QuantSpec(8, channel_axes=(0,), group_size=8, group_axis=1)),
              lambda: _qa((16, 3), QuantSpec(8, channel_axes=(1,), group_size=4))),
@@ -104,9 +110,9 @@ CASES = {
     "groups on a free axis": (
         _dot(lambda: _qa((4, 16), QuantSpec(8, group_size=2, group_axis=0)), lambda: _qa((16, 3), QuantSpec(8))),
         ValueError, ["lhs is grouped along axis 0", "not contracted", "along a contracting axis"]),
-    "codebook operand on the integer path": (
-        lambda: jquant.int_dot_general(_qa((4, 16), QuantSpec(8)), _qa((16, 3), QuantSpec(2, method="kmeans")), DN),
-        ValueError, ["rhs uses method='kmeans'", "integer formats", "uniform"]),
+    "codebook operand on the integer path": (  # two QArrays: dot_general takes the integer path
+        _dot(lambda: _qa((4, 16), QuantSpec(8)), lambda: _qa((16, 3), QuantSpec(2, method="kmeans"))),
+        ValueError, ["int_dot_general: rhs uses method='kmeans'", "no integer grid", "integer formats: uniform"]),
     "float operand on the integer path": (lambda: jquant.int_dot_general(X, _qa((16, 3), QuantSpec(8)), DN),
                                           TypeError, ["int_dot_general", "lhs must be a QArray"]),
     "dimension number out of range": (
@@ -161,6 +167,4 @@ def test_valid_inputs_pass():
         QuantSpec(**kwargs)
     jquant.quantize(X, QuantSpec(4, symmetric=False), scale=0.1, zero_point=-8)
     jquant.quantize(X, QuantSpec(4, symmetric=False), scale=0.1, zero_point=7.0)
-    lq = jquant.quantize(jnp.ones((1, 33_025)), QuantSpec(8, symmetric=False))
-    rq = jquant.quantize(jnp.ones((33_025, 1)), QuantSpec(8, symmetric=False))
-    jquant.int_dot_general(lq, rq, DN)
+    # the largest K the int32 accumulator takes: test_dot.py::test_largest_contraction_that_fits_is_exact
