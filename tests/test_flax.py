@@ -109,7 +109,8 @@ def test_linen_conv_qat_gradients_and_serving(digits):
 
 def test_linen_rule_paths_and_none_rules(digits):
     x = digits[0][:4]
-    policy = Policy([Rule(r"Dense_1/kernel", None), Rule(r"Dense_0/kernel", QuantSpec(2, channel_axes=(1,)))])
+    policy = Policy([Rule(r"params/Dense_1/kernel", None),
+                     Rule(r"params/Dense_0/kernel", QuantSpec(2, channel_axes=(1,)))])
     qmodel = jquant.flax.quantize(Mlp(), policy)
     params = qmodel.init(jax.random.key(0), x)
     # only Dense_0 is quantized: the result equals applying the fake-quantized Dense_0 kernel by hand
@@ -252,3 +253,57 @@ def test_activation_observers_follow_the_spec_calibration(calibration):
     tolerance = 0.03 if isinstance(calibration, MSE) else 1e-5  # MSE: lo/hi rebuilt from a rounded zero-point
     np.testing.assert_allclose([float(stats[0]), float(stats[1])], expected, rtol=tolerance, atol=tolerance)
     assert int(stats[2]) == 3
+
+
+@pytest.mark.parametrize("policy", [jquant.int8_weights(), jquant.int4_weights(group_size=32), jquant.w8a8()],
+                         ids=["int8", "int4", "w8a8"])
+def test_top_level_layers_with_bf16_compute_quantize_and_serve_bf16(policy):
+    """A top-level layer is matched by the rule for its `kernel`; served outputs keep the layer's
+    bf16 compute dtype. Weight-only serving equals the float layer on the dequantized kernel; W8A8
+    serving equals QAT (bf16 kernels quantize like the served f32 ones at 8 bits, not always at 4)."""
+    x = normal(0, (4, 64))
+    weight_only = policy.rules[0].act is None
+
+    def check(served, qat, float_on_dequantized):
+        assert served.dtype == jnp.bfloat16 and qat.dtype == jnp.bfloat16
+        expected = float_on_dequantized if weight_only else qat
+        np.testing.assert_allclose(np.asarray(served, np.float32), np.asarray(expected, np.float32), rtol=2e-2,
+                                   atol=2e-2)
+
+    dense = nn.Dense(32, dtype=jnp.bfloat16)
+    linen = jquant.flax.quantize(dense, policy)
+    variables = linen.init(jax.random.key(0), x)
+    qat = linen.apply(variables, x)
+    assert float(jnp.max(jnp.abs(qat - dense.apply(variables, x)))) > 0  # the layer is quantized
+    qparams = jquant.quantize_params(variables, policy)
+    dequantized = {"params": {**qparams["params"], "kernel": qparams["params"]["kernel"].dequantize()}}
+    check(jax.jit(linen.apply)(qparams, x), qat, dense.apply(dequantized, x))
+
+    model = nnx.Linear(64, 32, dtype=jnp.bfloat16, rngs=nnx.Rngs(0))
+    float_out = model(x)
+    jquant.flax.quantize(model, policy)
+    qat = model(x)
+    assert float(jnp.max(jnp.abs(qat - float_out))) > 0
+    nnx.update(model, jquant.quantize_params(nnx.state(model, nnx.Param), policy))
+    kernel = model.kernel.get_value()
+    assert isinstance(kernel, jquant.QArray)
+    float_on_dequantized = (x.astype(jnp.bfloat16) @ kernel.dequantize().astype(jnp.bfloat16)
+                            + model.bias.get_value().astype(jnp.bfloat16))
+    check(model(x), qat, float_on_dequantized)
+
+
+def test_a_policy_that_misses_the_model_is_reported():
+    class WithEmbed(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            return nn.Dense(4)(x + nn.Embed(3, 8)(jnp.zeros(x.shape[:1], jnp.int32)))
+
+    x = jnp.ones((2, 8))
+    typo = Policy([Rule(r".*kernal", QuantSpec(8))])
+    with pytest.warns(UserWarning, match=r"Linen init.*matched no float leaf: Rule\('\.\*kernal'"):
+        jquant.flax.quantize(WithEmbed(), typo).init(jax.random.key(0), x)
+    embeddings = jquant.int8_weights(embeddings=True)
+    with pytest.warns(UserWarning, match=r"params/Embed_0/embedding \(rule 1\)"):  # not a layer's kernel
+        jquant.flax.quantize(WithEmbed(), embeddings).init(jax.random.key(0), x)
+    with pytest.warns(UserWarning, match=r"jquant.flax.quantize: 1 policy rule\(s\) matched no float leaf"):
+        jquant.flax.quantize(nnx.Linear(8, 4, rngs=nnx.Rngs(0)), typo)

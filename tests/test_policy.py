@@ -50,8 +50,16 @@ def test_presets_match_kernels_only(params):
     assert emb.rule_for("params/Embed_0/embedding")[1].spec.channel_axes == (0,)
 
 
-def test_leading_params_collection_is_optional():
-    policy = Policy([Rule(r"Dense_0/kernel", QuantSpec(8))])
-    assert policy.rule_for("params/Dense_0/kernel")[0] == 0
+def test_rules_match_the_whole_path_as_given():
+    policy = Policy([Rule(r"Dense_0/kernel", QuantSpec(8)), Rule(r"(.*/)?Dense_1/kernel", QuantSpec(4))])
     assert policy.rule_for("Dense_0/kernel")[0] == 0
-    assert policy.rule_for("other/Dense_0/kernel") is None
+    assert policy.rule_for("params/Dense_0/kernel") is None  # no prefix is implied
+    assert policy.rule_for("params/Dense_1/kernel")[0] == 1 and policy.rule_for("Dense_1/kernel")[0] == 1
+
+
+def test_one_rule_is_a_policy_and_a_quantized_tree_says_so():
+    policy = Policy(Rule(r"w", QuantSpec(8)))
+    assert policy == Policy([Rule(r"w", QuantSpec(8))])
+    quantized = jquant.quantize_params({"w": jnp.ones((4, 8))}, policy)
+    with pytest.warns(UserWarning, match=r"matched no float leaf: Rule\('w'.*it matches 'w', already a QArray"):
+        jquant.quantize_params(quantized, policy)

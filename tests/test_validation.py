@@ -56,6 +56,11 @@ CASES = {
     "pattern not a string": (lambda: Rule(3, QuantSpec()), TypeError, ["Rule.pattern", "str"]),
     "rule spec not a QuantSpec": (lambda: Rule(".*", {"bits": 8}), TypeError, ["Rule.spec", "QuantSpec or None"]),
     "policy of non-rules": (lambda: Policy([(".*", QuantSpec())]), TypeError, ["Policy rule 0", "jquant.Rule"]),
+    "policy of a non-rule": (lambda: Policy(3), TypeError, ["Policy takes a Rule or a list of Rules", "int"]),
+    "quantize a QArray": (lambda: jquant.quantize(jquant.quantize(X, QuantSpec(8)), QuantSpec(4)), TypeError,
+                          ["quantize expects a float array", "QArray", "dequantize"]),
+    "fake_quant a QArray": (lambda: jquant.fake_quant(jquant.quantize(X, QuantSpec(8)), QuantSpec(4)), TypeError,
+                            ["fake_quant expects a float array", "QArray"]),
 
     # --- NaN / Inf in weights: the leaf path and the count -------------------------------------
     "NaN in a weight": (lambda: jquant.quantize_params(_tree(NAN_KERNEL), jquant.int8_weights()), ValueError,

@@ -24,12 +24,13 @@ products all use them. In forward mode the g factor scales the step's tangent as
 gradient in reverse mode: it is part of the estimator, not of the function.
 
 The learned tree (`init`) is `{LSQ_STEP: steps, PACT_CLIP: clips}`; each is a nested
-dict keyed like the params (a leading `params/` dropped), holding a step for every kernel whose
+dict keyed by the paths of the params given (for a Linen model, its `params` collection, so that
+the keys are module paths), holding a step for every kernel whose
 rule has a `spec` and a clip for every kernel whose rule has an `act` (the clip of the activation
 that meets that kernel). `jquant.flax` trains them in a wrapped Linen model (the two keys as
 collections) and serves the clips as its static ranges. Serving goes through the existing path:
-`quantize_params` gives `quantize_params`' tree of QArrays with the learned steps, `learned_clips`
-each kernel's act spec and α, and `pact_range` the `act_scale`/`act_zero_point` of `QuantDot` & co.
+`quantize_params` gives `jquant.quantize_params`' tree of QArrays with the learned steps,
+`learned_clips` each kernel's α, and `pact_range` the `act_scale`/`act_zero_point` of `QuantDot` & co.
 Exported outputs equal the learned forward: the same formulas in the same float order.
 """
 
@@ -218,8 +219,8 @@ def init(params, policy: Policy, *, step_init: str = "lsq", clip: float = 6.0,
     """The learned tree for `params` under `policy`: `{LSQ_STEP: steps, PACT_CLIP: clips}`.
 
     Args:
-      params: a parameter pytree (any pytree whose paths the policy names; a leading `params/`
-        is dropped from the keys, as in rules).
+      params: a parameter pytree whose paths the policy names (for a Linen model its `params`
+        collection, `variables["params"]`: the keys are then the module paths its collections use).
       policy: a rule with a uniform `spec` gives its kernel a step (`lsq_init_step(kernel, spec,
         init=step_init)`), one with a uniform per-tensor `act` gives it a clip α.
       step_init: "lsq" (2 · mean|w| / √Qmax) or "absmax" (absmax / Qmax).
@@ -229,13 +230,13 @@ def init(params, policy: Policy, *, step_init: str = "lsq", clip: float = 6.0,
         (max(−lo, hi) for a symmetric act spec).
 
     Returns:
-      A dict of two nested dicts keyed like the params paths (without a leading `params/`).
+      A dict of two nested dicts keyed like the params paths.
     """
     steps, clips = {}, {}
-    ranges = {_strip(k): v for k, v in (act_ranges or {}).items()}
+    ranges = dict(act_ranges or {})
     for match in matches(params, policy, where="learned.init",
                          selects=lambda rule: rule.spec is not None or rule.act is not None):
-        rule, key = match.rule, _strip(match.path)
+        rule, key = match.rule, match.path
         if rule.spec is not None and rule.spec.method.ranged:  # sign/codebooks keep their own scales
             _nest(steps, key, lsq_init_step(match.leaf, rule.spec, init=step_init))
         if rule.act is not None:
@@ -252,7 +253,7 @@ def fake_quant_params(params, learned, policy: Policy):
     steps = _flatten(learned.get(LSQ_STEP, {}))
 
     def lsq(match):
-        step = steps.get(_strip(match.path))
+        step = steps.get(match.path)
         return match.leaf if step is None else lsq_fake_quant(match.leaf, step, match.rule.spec)
 
     return walk(params, policy, lsq, where="learned.fake_quant_params", warn_unused=False)
@@ -267,7 +268,7 @@ def quantize_params(params, learned, policy: Policy):
 
     def export(match):
         leaf, spec = match.leaf, match.rule.spec
-        step = steps.get(_strip(match.path))
+        step = steps.get(match.path)
         if step is None:
             return quantize(leaf, spec)
         lay = numerics.layout(leaf.shape, spec)
@@ -278,19 +279,9 @@ def quantize_params(params, learned, policy: Policy):
     return walk(params, policy, export, where="learned.quantize_params", warn_unused=False)
 
 
-def learned_clips(learned, policy: Policy) -> Dict[str, tuple]:
-    """{kernel path: (act spec, α)} of every learned clip, checked against `policy`.
-
-    Raises:
-      ValueError: a learned clip whose kernel has no rule with an act spec.
-    """
-    out = {}
-    for key, alpha in _flatten(learned.get(PACT_CLIP, {})).items():
-        hit = policy.rule_for(key)
-        if hit is None or hit[1].act is None:
-            raise ValueError(f"{key}: a learned clip but no rule with an act spec in {policy!r}")
-        out[key] = (hit[1].act, jnp.asarray(alpha, jnp.float32))
-    return out
+def learned_clips(learned) -> Dict[str, jax.Array]:
+    """{kernel path: α} of every learned clip (float32 scalars)."""
+    return {key: jnp.asarray(alpha, jnp.float32) for key, alpha in _flatten(learned.get(PACT_CLIP, {})).items()}
 
 
 def optimizer(params_tx: optax.GradientTransformation,
@@ -303,10 +294,6 @@ def optimizer(params_tx: optax.GradientTransformation,
         return {key: "learned" if key in (LSQ_STEP, PACT_CLIP) else "params" for key in tree}
 
     return optax.multi_transform({"params": params_tx, "learned": learned_tx}, labels)
-
-
-def _strip(path: str) -> str:
-    return path[len("params/"):] if path.startswith("params/") else path
 
 
 def _nest(tree: dict, path: str, value):

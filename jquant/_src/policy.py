@@ -1,9 +1,9 @@
 """Quantization policies: ordered regex rules from parameter paths to specs, and `walk`, the one
 walk over a parameter tree by a policy that every user of policies goes through.
 
-Paths are named as `jquant._src.paths` says, e.g. `params/encoder/layer_0/attn/query/kernel`
-(a leading `params/` is optional in rules, so rules read the same on a Linen `variables` dict
-and on its `params`).
+Paths are named as `jquant._src.paths` says, e.g. `encoder/layer_0/attn/query/kernel`, relative to
+the tree given: a rule's regex must match the whole path (`re.fullmatch`), as `Policy.explain`
+shows it. `(.*/)?kernel` matches a kernel at any depth, under any prefix.
 
 Kernel conventions (what the presets and the docs assume; a rule can say anything else):
 * Dense `(in, out)`, Conv `(H, W, I, O)`, DenseGeneral/Einsum kernels whose output features are
@@ -89,15 +89,9 @@ class Policy:
         object.__setattr__(self, "rules", rules)
 
     def rule_for(self, path: str) -> Optional[Tuple[int, Rule]]:
-        """(index, rule) of the first rule matching `path`, or None.
-
-        A leading `params/` (Flax's parameter collection) is optional: a rule matches the path
-        with or without it, so `Dense_0/kernel` names the same leaf in `variables` and in
-        `variables["params"]`, and in a Linen model wrapped by `jquant.flax.quantize`.
-        """
-        candidates = (path, path[len("params/"):]) if path.startswith("params/") else (path,)
+        """(index, rule) of the first rule whose pattern matches the whole `path`, or None."""
         for i, rule in enumerate(self.rules):
-            if any(rule.matches(candidate) for candidate in candidates):
+            if rule.matches(path):
                 return i, rule
         return None
 

@@ -2,10 +2,10 @@
 
 `quantize_linen(model, policy)` returns a `QuantizedLinen` with the model's `init` and `apply`
 and the very same params tree. While it runs, Flax's official method interceptor sees every
-`nn.Dense`, `nn.DenseGeneral`, `nn.Conv` and `nn.Einsum` call; when the policy has a rule for that layer's
-kernel (`params/<module path>/kernel`, the path `quantize_params` sees; the `params/` is
-optional in rules), the call runs on a clone of the layer whose `dot_general` (or
-`conv_general_dilated`) is a `QuantDot` (`QuantConv`) built from the rule — for `nn.Einsum`, which
+`nn.Dense`, `nn.DenseGeneral`, `nn.Conv` and `nn.Einsum` call; when the policy has a rule for that
+layer's kernel (`params/<module path>/kernel`, its path in the variables that `init` returns, as
+`quantize_params(variables, policy)` and `Policy.explain(variables)` see it), the call runs on a
+clone of the layer whose `dot_general` (or `conv_general_dilated`) is a `QuantDot` (`QuantConv`) built from the rule — for `nn.Einsum`, which
 calls `jnp.einsum` itself, its `promote_dtype` hook quantizes the operands — reading the same
 variables. Nothing in JAX or Flax is patched.
 
@@ -106,13 +106,21 @@ def act_ranges(variables) -> dict:
 def learned_stats(learned_tree, policy: Policy) -> dict:
     """The learned PACT clips as static activation ranges in the `quant_stats` layout:
     {module path: {"act_lo": 0 or −α, "act_hi": α, "count": 1}} — serve a wrapped Linen model with
-    `apply({"params": learned.quantize_params(...), "quant_stats": learned_stats(...)}, x)`."""
+    `apply({"params": learned.quantize_params(...), "quant_stats": learned_stats(...)}, x)`.
+
+    Raises:
+      ValueError: a learned clip whose kernel (`params/<module path>/kernel`) has no rule with an
+        act spec.
+    """
     out = {}
-    for key, (act, alpha) in learned.learned_clips(learned_tree, policy).items():
+    for key, alpha in learned.learned_clips(learned_tree).items():
+        hit = policy.rule_for(f"params/{key}")
+        if hit is None or hit[1].act is None:
+            raise ValueError(f"params/{key}: a learned clip but no rule with an act spec in {policy!r}")
         node = out
         for part in key.rsplit("/", 1)[0].split("/"):
             node = node.setdefault(part, {})
-        node.update(act_lo=-alpha if act.symmetric else jnp.zeros_like(alpha), act_hi=alpha,
+        node.update(act_lo=-alpha if hit[1].act.symmetric else jnp.zeros_like(alpha), act_hi=alpha,
                     count=jnp.ones((), jnp.int32))
     return out
 

@@ -95,7 +95,7 @@ def search_policy(fn, params, batches: Sequence[tuple], budget_bits_per_weight: 
       budget_bits_per_weight: stored bits per searched weight, metadata included, on average.
       candidates: the QuantSpecs to choose from (e.g. 8-bit per channel, 4-bit g128, 3- and
         2-bit k-means).
-      include: regex (full match, leading `params/` optional) of the float leaves to search.
+      include: regex (full match on the leaf path) of the float leaves to search.
       distance: `distance(y, y_float) -> scalar` per batch, summed over batches (default
         `relative_mse`; for logits a KL divergence is natural).
 
