@@ -187,15 +187,14 @@ def _plan(lhs, rhs, dimension_numbers):
         if problem is not None:
             return f"int_dot_general: {name} {problem}", None
     (lc, rc), (lb, rb) = dimension_numbers
-    axes = {}
-    for name, key, given, ndim in (("lhs", "lc", lc, len(lhs.shape)), ("lhs", "lb", lb, len(lhs.shape)),
-                                   ("rhs", "rc", rc, len(rhs.shape)), ("rhs", "rb", rb, len(rhs.shape))):
+    for name, op, given in (("lhs", lhs, tuple(lc) + tuple(lb)), ("rhs", rhs, tuple(rc) + tuple(rb))):
+        ndim = len(op.shape)
         bad = [a for a in given if not -ndim <= a < ndim]
         if bad:
             return (f"dimension_numbers: {name} axis {bad[0]} out of range for rank {ndim}; "
                     f"allowed: {-ndim}..{ndim - 1}"), None
-        axes[key] = tuple(a % ndim for a in given)
-    lc, lb, rc, rb = axes["lc"], axes["lb"], axes["rc"], axes["rb"]
+    lc, lb = (tuple(a % len(lhs.shape) for a in axes) for axes in (lc, lb))
+    rc, rb = (tuple(a % len(rhs.shape) for a in axes) for axes in (rc, rb))
     if len(lc) != len(rc) or len(lb) != len(rb):
         return f"dimension_numbers {dimension_numbers}: lhs and rhs name different numbers of axes", None
     for name, named in (("lhs", lc + lb), ("rhs", rc + rb)):

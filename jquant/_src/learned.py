@@ -47,7 +47,7 @@ import optax
 from jquant._src import numerics
 from jquant._src.formats import uniform
 from jquant._src.formats.base import broadcast_fixed
-from jquant._src.paths import leaves_with_paths
+from jquant._src.paths import leaves_with_paths, nest
 from jquant._src.policy import Policy, matches, walk
 from jquant._src.qarray import quantize
 from jquant._src.spec import QuantSpec
@@ -238,12 +238,12 @@ def init(params, policy: Policy, *, step_init: str = "lsq", clip: float = 6.0,
                          selects=lambda rule: rule.spec is not None or rule.act is not None):
         rule, key = match.rule, match.path
         if rule.spec is not None and rule.spec.method.ranged:  # sign/codebooks keep their own scales
-            _nest(steps, key, lsq_init_step(match.leaf, rule.spec, init=step_init))
+            nest(steps, key, lsq_init_step(match.leaf, rule.spec, init=step_init))
         if rule.act is not None:
             _check_pact_spec(rule.act)
             lo, hi = ranges.get(key, (None, None))
             alpha = clip if hi is None else (jnp.maximum(-lo, hi) if rule.act.symmetric else hi)
-            _nest(clips, key, jnp.asarray(alpha, jnp.float32))
+            nest(clips, key, jnp.asarray(alpha, jnp.float32))
     return {LSQ_STEP: steps, PACT_CLIP: clips}
 
 
@@ -294,13 +294,6 @@ def optimizer(params_tx: optax.GradientTransformation,
         return {key: "learned" if key in (LSQ_STEP, PACT_CLIP) else "params" for key in tree}
 
     return optax.multi_transform({"params": params_tx, "learned": learned_tx}, labels)
-
-
-def _nest(tree: dict, path: str, value):
-    *parents, last = path.split("/")
-    for part in parents:
-        tree = tree.setdefault(part, {})
-    tree[last] = value
 
 
 def _flatten(tree) -> dict:

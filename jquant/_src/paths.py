@@ -68,9 +68,7 @@ def map_with_paths(fn: Callable, tree):
 
 def leaves_with_paths(tree) -> List[Tuple[str, object]]:
     """(path, leaf) of every leaf, in flattening order."""
-    found = []
-    map_with_paths(lambda path, leaf: found.append((path, leaf)), tree)
-    return found
+    return [(path, leaf) for path, _, leaf in boxed_leaves(tree)]
 
 
 def boxed_leaves(tree) -> List[Tuple[str, str, object]]:
@@ -83,6 +81,14 @@ def boxed_leaves(tree) -> List[Tuple[str, str, object]]:
             full = _join(path, path_to_str(sub))
             out.append((path if len(inner) == 1 else full, full, leaf))
     return out
+
+
+def nest(tree: dict, path: str, value) -> None:
+    """Put `value` into the nested dict `tree` at the "/"-separated `path`, creating dicts on the way."""
+    *parents, last = path.split("/")
+    for part in parents:
+        tree = tree.setdefault(part, {})
+    tree[last] = value
 
 
 def at_path(path: str, err: Exception, context: str = "") -> Exception:

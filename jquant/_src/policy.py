@@ -16,6 +16,7 @@ Kernel conventions (what the presets and the docs assume; a rule can say anythin
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import re
 import warnings
 from typing import Callable, List, NamedTuple, Optional, Tuple
@@ -159,7 +160,7 @@ def walk(tree, policy: Policy, fn: Callable[[Match], object], *, where: str,
     """
     check_policy(policy, where)
     used, quantized = set(), {}
-    position = iter(range(1 << 62))
+    position = itertools.count()
 
     def visit(path, leaf):
         at = next(position)

@@ -35,7 +35,7 @@ from flax import linen as nn
 from jquant._src import learned
 from jquant.flax import _observers as observers
 from jquant._src.ops import QuantConv, QuantDot
-from jquant._src.paths import at_path
+from jquant._src.paths import at_path, leaves_with_paths, nest
 from jquant._src.policy import Policy, check_policy, matches
 from jquant._src.qarray import QArray
 
@@ -96,10 +96,15 @@ class QuantizedLinen:
 
 def act_ranges(variables) -> dict:
     """{kernel path: (act_lo, act_hi)} of the calibrated observers in `variables["quant_stats"]`
-    (what `jquant.learned.init(..., act_ranges=...)` starts PACT clips from)."""
+    (what `jquant.learned.init(..., act_ranges=...)` starts PACT clips from), the kernel paths
+    relative to the params collection, as `learned.init(variables["params"], ...)` keys them."""
+    stats = dict(leaves_with_paths(variables.get(STATS, {})))
     out = {}
-    for path, stats in _modules_with(variables.get(STATS, {}), "act_hi"):
-        out[f"{path}/kernel"] = (stats["act_lo"], stats["act_hi"])
+    for path, hi in stats.items():
+        module, _, name = path.rpartition("/")
+        if name == "act_hi":
+            prefix = f"{module}/" if module else ""
+            out[prefix + "kernel"] = (stats[prefix + "act_lo"], hi)
     return out
 
 
@@ -117,21 +122,11 @@ def learned_stats(learned_tree, policy: Policy) -> dict:
         hit = policy.rule_for(f"params/{key}")
         if hit is None or hit[1].act is None:
             raise ValueError(f"params/{key}: a learned clip but no rule with an act spec in {policy!r}")
-        node = out
-        for part in key.rsplit("/", 1)[0].split("/"):
-            node = node.setdefault(part, {})
-        node.update(act_lo=-alpha if hit[1].act.symmetric else jnp.zeros_like(alpha), act_hi=alpha,
-                    count=jnp.ones((), jnp.int32))
+        module = key[:-len("kernel")]  # "<module path>/" ("" for a top-level layer)
+        nest(out, module + "act_lo", -alpha if hit[1].act.symmetric else jnp.zeros_like(alpha))
+        nest(out, module + "act_hi", alpha)
+        nest(out, module + "count", jnp.ones((), jnp.int32))
     return out
-
-
-def _modules_with(tree, name, prefix=""):
-    """(module path, its dict) of every nested dict that holds `name`."""
-    if name in tree:
-        yield prefix, tree
-    for key, child in tree.items():
-        if isinstance(child, dict) or hasattr(child, "items"):
-            yield from _modules_with(child, name, f"{prefix}/{key}" if prefix else str(key))
 
 
 def quantize_linen(model: nn.Module, policy: Policy) -> QuantizedLinen:

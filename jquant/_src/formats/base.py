@@ -14,6 +14,7 @@ Shapes: `x` is a tensor of `lay.shape` (`numerics.Layout`); scales and zero-poin
 
 from __future__ import annotations
 
+import abc
 import dataclasses
 from typing import ClassVar, Optional, Tuple
 
@@ -24,8 +25,9 @@ from jquant._src.calibration import MinMax
 
 
 @dataclasses.dataclass(frozen=True)
-class Format:
-    """The interface every format implements (see the module docstring)."""
+class Format(abc.ABC):
+    """The interface every format implements (see the module docstring); the abstract methods are
+    what a new format must define, the others have defaults that fit most grids."""
 
     name: ClassVar[str]
     """The alias `QuantSpec(method=...)` accepts for this format."""
@@ -36,13 +38,13 @@ class Format:
     learned steps and clips apply)."""
 
     # --- the spec ------------------------------------------------------------------------
+    @abc.abstractmethod
     def validate(self, spec) -> None:
         """ValueError naming the field, the value and what is allowed, if `spec` does not fit."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def qrange(self, spec) -> Tuple[int, int]:
         """(Qmin, Qmax): the smallest and largest stored integer."""
-        raise NotImplementedError
 
     def offset(self, spec) -> float:
         """The grid's half-step shift: x̂ = s·(q − z + offset)."""
@@ -54,20 +56,20 @@ class Format:
         return max(-qmin, qmax)
 
     # --- scales --------------------------------------------------------------------------
+    @abc.abstractmethod
     def params(self, x, spec, lay: numerics.Layout, scale=None, zero_point=None):
         """(scale, zero_point) for `x`: computed from its values when `scale` is None, else the
         given ones checked and broadcast to the scale shape. zero_point is None without one."""
-        raise NotImplementedError
 
     # --- values --------------------------------------------------------------------------
+    @abc.abstractmethod
     def encode(self, x, spec, lay: numerics.Layout, scale, zero_point, *, fixed: bool):
         """The stored integers of `x` (int8, x's shape). `fixed`: the scale was given, not
         computed from `x` (some formats skip guards a computed scale cannot need)."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def decode(self, q, scale, zero_point, spec, lay: numerics.Layout):
         """x̂ from stored integers, in the scale's dtype, x's shape."""
-        raise NotImplementedError
 
     def to_codes(self, q, spec):
         """Unsigned codes in [0, 2^bits) of the integers `q`, for packed storage."""
@@ -107,9 +109,9 @@ class Format:
             zero_point = lay.from_grouped(jnp.broadcast_to(zero_point, lay.grouped_shape))
         return scale, zero_point
 
+    @abc.abstractmethod
     def quantize_elements(self, w, scale, zero_point, spec):
         """Grid values of `w` with per-element parameters (`element_params`, indexed like w)."""
-        raise NotImplementedError
 
 
 def check_no_range_options(spec, fmt: Format) -> None:

@@ -21,6 +21,7 @@ Only the scale is stored. Ties between two levels go to the lower one (both form
 
 from __future__ import annotations
 
+import abc
 import dataclasses
 
 import jax
@@ -35,6 +36,14 @@ MAX_CODEBOOK_BITS = 4
 
 class _Codebook(Format):
     """What k-means and NF4 share: indices into sorted levels per group."""
+
+    @abc.abstractmethod
+    def levels(self, scale, lay):
+        """The sorted levels (G, K) of each group, from the stored `scale`."""
+
+    @abc.abstractmethod
+    def _rows_and_levels(self, x, lay, scale):
+        """(rows of `x` to match, levels (G or 1, K) to match them against)."""
 
     def qrange(self, spec):
         return 0, 2 ** spec.bits - 1
@@ -114,8 +123,7 @@ class NF4(_Codebook):
 
     def levels(self, scale, lay):
         """The levels (G, 16) of each group: its scale times the NF4 table."""
-        return to_rows(scale, dataclasses.replace(lay, grouped_shape=lay.scale_shape)) * jnp.asarray(
-            NF4_LEVELS, scale.dtype)[None, :]
+        return jnp.reshape(scale, (-1, 1)) * jnp.asarray(NF4_LEVELS, scale.dtype)[None, :]
 
     def _rows_and_levels(self, x, lay, scale):
         xg = lay.to_grouped(x.astype(scale.dtype))
