@@ -217,6 +217,19 @@ def test_dynamic_quantization_of_float_operands():
     assert np.max(np.abs(np.asarray(y) - np.asarray(x @ w))) > 1e-3
 
 
+@pytest.mark.parametrize("per_token", [True, False])
+def test_a_nan_activation_poisons_exactly_the_outputs_it_reaches(per_token):
+    # (64, 1024) rows are where XLA:CPU's vectorised max reduction used to drop the NaN
+    x, w = np.array(normal(9, (64, 1024))), normal(10, (1024, 256))
+    x[3, 700] = np.nan
+    lspec = QuantSpec(8, channel_axes=(0,)) if per_token else QuantSpec(8)
+    y = np.asarray(jax.jit(lambda a, b: jquant.dot_general(a, b, DN, lhs_spec=lspec, rhs_spec=QuantSpec(8, channel_axes=(1,))))(
+        jnp.asarray(x), w))
+    reached = np.zeros(y.shape, bool)
+    reached[3 if per_token else slice(None)] = True  # a per-tensor scale carries the NaN everywhere
+    np.testing.assert_array_equal(np.isnan(y), reached)
+
+
 def test_weight_only_dequantizes_the_qarray():
     x = normal(3, (4, 32), jnp.bfloat16)
     rq = jquant.quantize(normal(4, (32, 8), jnp.bfloat16), QuantSpec(4, channel_axes=(1,), group_size=8))

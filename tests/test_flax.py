@@ -253,6 +253,19 @@ def test_activation_observers_follow_the_spec_calibration(calibration):
     tolerance = 0.03 if isinstance(calibration, MSE) else 1e-5  # MSE: lo/hi rebuilt from a rounded zero-point
     np.testing.assert_allclose([float(stats[0]), float(stats[1])], expected, rtol=tolerance, atol=tolerance)
     assert int(stats[2]) == 3
+    poisoned = batches[1].copy()
+    poisoned[5, 7] = np.nan  # a (64, 32) batch: where XLA:CPU's vectorised min/max used to drop it
+    stats = observers.observe(stats, jnp.asarray(poisoned), act, 0.5, "test")
+    assert np.isnan(float(stats[0])) and np.isnan(float(stats[1]))
+
+
+def test_w8a8_qat_loss_with_a_nan_weight_is_nan():
+    model = nn.Dense(256)
+    params = model.init(jax.random.key(0), jnp.ones((1, 512)))
+    params = jax.tree_util.tree_map(lambda v: v.at[(3,) * v.ndim].set(jnp.nan) if v.ndim == 2 else v, params)
+    qmodel = jquant.flax.quantize(model, jquant.w8a8())
+    loss = jax.jit(lambda p, x: jnp.mean(qmodel.apply(p, x) ** 2))(params, normal(1, (8, 512)))
+    assert np.isnan(float(loss))
 
 
 @pytest.mark.parametrize("policy", [jquant.int8_weights(), jquant.int4_weights(group_size=32), jquant.w8a8()],

@@ -24,6 +24,8 @@ from typing import Tuple, Union
 
 import jax.numpy as jnp
 
+from jquant._src import numerics
+
 
 @dataclasses.dataclass(frozen=True)
 class MinMax:
@@ -34,9 +36,9 @@ class MinMax:
     def group_range(self, xg, axes: Tuple[int, ...], symmetric: bool):
         """(lo, hi) per group of the grouped view `xg`, reduced over `axes` with keepdims."""
         if symmetric:
-            absmax = jnp.max(jnp.abs(xg), axis=axes, keepdims=True)
+            absmax = numerics.extrema(xg, axes, "absmax")
             return -absmax, absmax
-        return jnp.min(xg, axis=axes, keepdims=True), jnp.max(xg, axis=axes, keepdims=True)
+        return numerics.extrema(xg, axes, "min"), numerics.extrema(xg, axes, "max")
 
     def __repr__(self) -> str:
         return "MinMax()"
@@ -60,11 +62,15 @@ class Percentile:
 
     def group_range(self, xg, axes: Tuple[int, ...], symmetric: bool):
         """(lo, hi) per group of the grouped view `xg`, reduced over `axes` with keepdims."""
+        # A percentile below 100 interpolates between order statistics that NaN (sorted last) may
+        # not reach; a NaN anywhere in the group must still reach the range.
+        nan = jnp.isnan(numerics.extrema(xg, axes, "absmax"))
         if symmetric:
-            top = jnp.percentile(jnp.abs(xg), self.percentile, axis=axes, keepdims=True)
+            top = jnp.where(nan, jnp.nan, jnp.percentile(jnp.abs(xg), self.percentile, axis=axes, keepdims=True))
             return -top, top
         lo = jnp.percentile(xg, 100 - self.percentile, axis=axes, keepdims=True)
-        return lo, jnp.percentile(xg, self.percentile, axis=axes, keepdims=True)
+        hi = jnp.percentile(xg, self.percentile, axis=axes, keepdims=True)
+        return jnp.where(nan, jnp.nan, lo), jnp.where(nan, jnp.nan, hi)
 
     def __repr__(self) -> str:
         return f"Percentile({self.percentile:g})"

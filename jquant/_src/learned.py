@@ -139,12 +139,12 @@ def lsq_init_step(x, spec: QuantSpec, *, init: str = "lsq"):
     _check_lsq_spec(spec)
     x = jnp.asarray(x)
     lay = numerics.layout(x.shape, spec)
-    magnitude = jnp.abs(lay.to_grouped(x.astype(numerics.compute_dtype(x.dtype))))
+    xg = lay.to_grouped(x.astype(numerics.compute_dtype(x.dtype)))
     top = spec.qmax + spec.offset
     if init == "lsq":
-        step = 2 * jnp.mean(magnitude, axis=lay.reduce_axes, keepdims=True) / math.sqrt(top)
+        step = 2 * jnp.mean(jnp.abs(xg), axis=lay.reduce_axes, keepdims=True) / math.sqrt(top)
     else:
-        step = numerics.reduce_groups(jnp.max, magnitude, lay) / top
+        step = numerics.extrema(xg, lay.reduce_axes, "absmax") / top
     # A zero step would have no gradient to grow from; 1 is as good as any for an all-zero group.
     return jnp.where(step > 0, step, jnp.ones_like(step))
 

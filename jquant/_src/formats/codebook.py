@@ -118,7 +118,7 @@ class NF4(_Codebook):
         no_zero_point(zero_point, spec)
         xg = lay.to_grouped(x.astype(numerics.compute_dtype(x.dtype)))
         if scale is None:
-            return numerics.reduce_groups(jnp.max, jnp.abs(xg), lay), None
+            return numerics.extrema(xg, lay.reduce_axes, "absmax"), None
         return broadcast_fixed("scale", jnp.asarray(scale, xg.dtype), spec, lay), None
 
     def levels(self, scale, lay):
@@ -174,12 +174,12 @@ def lloyd(rows, bits: int, *, tol: float = 1e-6, max_iter: int = 300):
         return jnp.zeros((rows.shape[0], k), rows.dtype)
     # Lloyd runs on each row divided by its absmax (values in [-1, 1]): the cluster sums of values
     # near the float max would overflow to Inf. The levels are scaled back at the end.
-    absmax = jnp.max(jnp.abs(rows), axis=1, keepdims=True)
+    absmax = numerics.extrema(rows, (1,), "absmax")
     rows = numerics.divide(rows, absmax)
     ordered = jnp.sort(rows, axis=1)
     positions = jnp.clip(((jnp.arange(k) + 0.5) / k * n).astype(jnp.int32), 0, n - 1)
     init = ordered[:, positions]
-    threshold = tol * jnp.max(jnp.abs(rows), axis=1, keepdims=True)
+    threshold = tol * numerics.extrema(rows, (1,), "absmax")
 
     def update(levels):
         # Compare-and-reduce (fused by XLA) rather than a materialised (G, n, K) one-hot.

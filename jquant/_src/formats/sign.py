@@ -49,7 +49,7 @@ class Sign(Format):
         shift = 2.0 ** -count.bit_length()
         total = sum_in_fixed_order(jnp.abs(xg) * shift, lay.reduce_axes)
         mean = numerics.divide_by_constant(total, count * shift)
-        return jnp.minimum(mean, jnp.max(jnp.abs(xg), axis=lay.reduce_axes, keepdims=True)), None
+        return jnp.minimum(mean, numerics.extrema(xg, lay.reduce_axes, "absmax")), None
 
     def encode(self, x, spec, lay, scale, zero_point, *, fixed: bool):
         return jnp.where(x < 0, -1, 1).astype(jnp.int8)

@@ -18,12 +18,15 @@ reports how they were used so callers can say why.
 
 from __future__ import annotations
 
+import functools
 from typing import Dict, Iterable, List, NamedTuple, Optional, Set, Tuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.extend import core as jcore
+
+from jquant._src import numerics
 
 LAYOUT_ONLY = frozenset({"convert_element_type", "copy", "copy_p", "reduce_precision"})
 """Primitives that change a value's precision or copy it, nothing else: a weight (or a per-channel
@@ -187,12 +190,12 @@ def statistics_program(fn, params, orders: Dict[int, Tuple[int, ...]]):
             rows = rows.astype(jnp.float32)
             found.setdefault(site.leaf, []).append(
                 (jnp.matmul(rows.T, rows, precision=jax.lax.Precision.HIGHEST), jnp.sum(jnp.abs(rows), axis=0),
-                 jnp.max(jnp.abs(rows), axis=0, initial=0.0), rows.shape[0]))
+                 numerics.extrema(rows, (0,), "absmax")[0], rows.shape[0]))
 
         _interpret(closed.jaxpr, closed.consts, list(leaves) + jax.tree_util.tree_leaves(batch),
                    tags + [None] * (len(closed.jaxpr.invars) - len(leaves)), on_site, lambda leaf, name: None)
         return {leaf: (sum(s[0] for s in per), sum(s[1] for s in per),
-                       jnp.max(jnp.stack([s[2] for s in per]), axis=0), sum(s[3] for s in per))
+                       functools.reduce(jnp.maximum, [s[2] for s in per]), sum(s[3] for s in per))
                 for leaf, per in found.items()}
 
     def statistics(params, batches: Iterable[tuple]) -> Dict[int, Statistics]:

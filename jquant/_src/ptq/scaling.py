@@ -26,6 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jquant._src import numerics
 from jquant._src.policy import Policy
 from jquant._src.ptq.capture import statistics_program
 from jquant._src.ptq.folding import fold_groups, scale_along
@@ -137,7 +138,7 @@ def _apply(leaves, group, s):
 
 def _channel_absmax(w, axis):
     others = tuple(a for a in range(np.ndim(w)) if a != axis)
-    return np.asarray(jnp.max(jnp.abs(w), axis=others))
+    return np.asarray(numerics.extrema(jnp.asarray(w), others, "absmax")).reshape(-1)
 
 
 @functools.partial(jax.jit, static_argnums=(3, 4))
