@@ -259,6 +259,16 @@ def test_activation_observers_follow_the_spec_calibration(calibration):
     assert np.isnan(float(stats[0])) and np.isnan(float(stats[1]))
 
 
+def test_an_unwrapped_model_given_served_params_says_so():
+    dense = nn.Dense(8)
+    served = jquant.quantize_params(dense.init(jax.random.key(0), jnp.ones((1, 16))), jquant.int8_weights())
+    linear = nnx.Linear(16, 8, rngs=nnx.Rngs(0))
+    nnx.update(linear, jquant.quantize_params(nnx.state(linear, nnx.Param), jquant.int8_weights()))
+    for call in (lambda: dense.apply(served, jnp.ones((1, 16))), lambda: linear(jnp.ones((1, 16)))):
+        with pytest.raises(TypeError, match="QArray was given where a float array is needed.*jquant.flax.quantize"):
+            call()
+
+
 def test_w8a8_qat_loss_with_a_nan_weight_is_nan():
     model = nn.Dense(256)
     params = model.init(jax.random.key(0), jnp.ones((1, 512)))

@@ -61,6 +61,10 @@ CASES = {
                           ["quantize expects a float array", "QArray", "dequantize"]),
     "fake_quant a QArray": (lambda: jquant.fake_quant(jquant.quantize(X, QuantSpec(8)), QuantSpec(4)), TypeError,
                             ["fake_quant expects a float array", "QArray"]),
+    "a QArray as a float array": (lambda: jnp.dot(X, jquant.quantize(X.T, QuantSpec(8))), TypeError,
+                                  ["QArray was given where a float array is needed", "dequantize", "jquant.flax.quantize"]),
+    "a QArray to NumPy": (lambda: np.asarray(jquant.quantize(X, QuantSpec(8))), TypeError,
+                          ["QArray was given where a float array is needed"]),
 
     # --- NaN / Inf in weights: the leaf path and the count -------------------------------------
     "NaN in a weight": (lambda: jquant.quantize_params(_tree(NAN_KERNEL), jquant.int8_weights()), ValueError,

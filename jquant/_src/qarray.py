@@ -25,6 +25,13 @@ from jquant._src import numerics, packing
 from jquant._src.spec import QuantSpec
 
 
+# What converting a QArray to an array says (NumPy and jax.numpy ask through __array__ and
+# __jax_array__; a float layer given served params, e.g. an unwrapped Flax model, does that).
+_WHERE_FLOAT = ("a QArray was given where a float array is needed ({!r}): dequantize it (qa.dequantize(), "
+                "jquant.dequantize_params(tree)), or, for a Flax model given quantized params, wrap the model "
+                "with jquant.flax.quantize(model, policy)")
+
+
 @jax.tree_util.register_pytree_with_keys_class
 class QArray:
     """A quantized tensor: integer storage, scale, zero-point, and static metadata.
@@ -91,6 +98,12 @@ class QArray:
         if index is Ellipsis:
             return self
         raise TypeError(f"QArray supports only qa[...]; got qa[{index!r}] — index qa.dequantize() instead")
+
+    def __array__(self, dtype=None, copy=None):
+        raise TypeError(_WHERE_FLOAT.format(self))
+
+    def __jax_array__(self):
+        raise TypeError(_WHERE_FLOAT.format(self))
 
     def dequantize(self):
         """x̂ = s · (q - z) (codebook methods: the indexed level) in the original shape and dtype."""
