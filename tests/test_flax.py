@@ -259,6 +259,16 @@ def test_activation_observers_follow_the_spec_calibration(calibration):
     assert np.isnan(float(stats[0])) and np.isnan(float(stats[1]))
 
 
+def test_nnx_spec_that_does_not_fit_a_kernel_names_its_path():
+    class Block(nnx.Module):
+        def __init__(self):
+            self.attn = nnx.MultiHeadAttention(num_heads=4, in_features=256, decode=False, rngs=nnx.Rngs(0))
+
+    # the output projection (heads, head_dim, out) = (4, 64, 256): group 128 does not divide 64
+    with pytest.raises(ValueError, match="attn/out/kernel: rule 0 .* does not fit shape \\(4, 64, 256\\)"):
+        jquant.flax.quantize(Block(), jquant.int4_weights())
+
+
 def test_an_unwrapped_model_given_served_params_says_so():
     dense = nn.Dense(8)
     served = jquant.quantize_params(dense.init(jax.random.key(0), jnp.ones((1, 16))), jquant.int8_weights())

@@ -23,7 +23,8 @@ from flax import nnx
 from jquant.flax import _observers as observers
 from jquant.flax._dtypes import promote_dtype_nnx
 from jquant._src.ops import QuantConv, QuantDot, QuantEinsum, _QuantOp
-from jquant._src.policy import Policy, matches
+from jquant._src.numerics import layout
+from jquant._src.policy import Policy, walk
 
 
 def quantize_nnx(model, policy: Policy):
@@ -31,11 +32,19 @@ def quantize_nnx(model, policy: Policy):
 
     The rules are matched by the policy walk over `nnx.state(model, nnx.Param)` (the paths that
     `nnx.state` and `Policy.explain` show, e.g. `kernel` for a top-level layer), so a rule that
-    matches no parameter is reported and a NaN/Inf kernel raises, as for `jquant.quantize_params`.
+    matches no parameter is reported, and a NaN/Inf kernel or a spec that does not fit one raises
+    naming its path, as for `jquant.quantize_params`.
     """
-    rules = {match.path: match.rule for match in matches(
-        nnx.state(model, nnx.Param), policy, where="jquant.flax.quantize",
-        selects=lambda rule: rule.spec is not None or rule.act is not None)}
+    rules = {}
+
+    def record(match):  # a spec that does not fit the kernel fails here, with its path (as Linen's init)
+        if match.rule.spec is not None:
+            layout(match.leaf.shape, match.rule.spec)
+        rules[match.path] = match.rule
+        return match.leaf
+
+    walk(nnx.state(model, nnx.Param), policy, record, where="jquant.flax.quantize",
+         selects=lambda rule: rule.spec is not None or rule.act is not None)
     for path, node in nnx.iter_graph(model):
         rule = rules.get(kernel_path(path))
         if rule is None or not isinstance(node, (nnx.Linear, nnx.LinearGeneral, nnx.Einsum, nnx.Conv)):
