@@ -293,7 +293,7 @@ NAN_SPECS = [
 
 # XLA:CPU's vectorised max/min reductions drop NaN from (256, 64) on (a column max of a 4096² kernel
 # too); (4, 8) is what small tests see. The NaN sits in a middle row and in the last one.
-@pytest.mark.parametrize("shape", [(4, 8), (256, 64), (1024, 384)])
+@pytest.mark.parametrize("shape", [(4, 8), (256, 64)])
 @pytest.mark.parametrize("spec", NAN_SPECS, ids=repr)
 def test_nan_poisons_only_its_group(spec, shape):
     x = np.array(normal(1, shape))
