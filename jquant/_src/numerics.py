@@ -174,9 +174,11 @@ def extrema(x, axes: Tuple[int, ...], kind: str):
     F-times smaller rest is then reduced by `jnp.max`/`jnp.min` and checked for NaN by
     `jnp.any(jnp.isnan(...))`, which XLA:CPU reduces exactly. Sharding: the folded entries are an
     inner sub-axis, so a sharded axis keeps its shards on the outer one and the fold needs no
-    communication; the reductions are ordinary XLA reductions. Measured on this CPU
-    (`python benchmarks/quantize_throughput.py`): within ~10% of `jnp.max` alone.
-    An empty reduction gives 0.
+    communication; the reductions are ordinary XLA reductions. Measured on this CPU (2 cores,
+    4096² float32, jit): 1.1–1.3× `jnp.max` alone for column, grouped and per-tensor reductions,
+    1.3–2.3× for row (per-token) ones; the whole quantize pass
+    (`python benchmarks/quantize_throughput.py`) is as fast as before for int8 per channel and
+    faster for int4 g128. An empty reduction gives 0.
     """
     combine = jnp.minimum if kind == "min" else jnp.maximum
     lift = jnp.abs if kind == "absmax" else (lambda v: v)
