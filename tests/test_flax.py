@@ -1,6 +1,8 @@
 """jquant.flax: quantize (Linen and NNX) — QAT trains, serving matches QAT — and calibrate, whose
 observers keep an EMA of each activation's range as its spec's calibration picks it."""
 
+import warnings
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -264,9 +266,48 @@ def test_nnx_spec_that_does_not_fit_a_kernel_names_its_path():
         def __init__(self):
             self.attn = nnx.MultiHeadAttention(num_heads=4, in_features=256, decode=False, rngs=nnx.Rngs(0))
 
-    # the output projection (heads, head_dim, out) = (4, 64, 256): group 128 does not divide 64
+    # the output projection (heads, head_dim, out) = (4, 64, 256): group 128 along head_dim does not fit
+    policy = Policy(Rule(r".*out/kernel", QuantSpec(4, channel_axes=(-1,), group_size=128)))
     with pytest.raises(ValueError, match="attn/out/kernel: rule 0 .* does not fit shape \\(4, 64, 256\\)"):
-        jquant.flax.quantize(Block(), jquant.int4_weights())
+        jquant.flax.quantize(Block(), policy)
+
+
+ATTENTION_PRESETS = {"int8": jquant.int8_weights(), "int4": jquant.int4_weights(), "w8a8": jquant.w8a8()}
+
+
+@pytest.mark.parametrize("name", ATTENTION_PRESETS)
+def test_presets_give_flax_attention_per_head_scales(name):
+    policy = ATTENTION_PRESETS[name]
+    x = normal(3, (2, 16, 256))
+    linen = nn.MultiHeadDotProductAttention(num_heads=4, qkv_features=256)
+    params = linen.init(jax.random.key(0), x)
+    served = jquant.quantize_params(params, policy)
+    # query/key/value (256, 4, 64): a scale per head and head_dim entry (int4: and per group of 128 inputs);
+    # out (4, 64, 256): a scale per head and output channel
+    qkv = (2, 1, 4, 64) if name == "int4" else (1, 4, 64)
+    for layer in ("query", "key", "value"):
+        assert served["params"][layer]["kernel"].scale.shape == qkv
+    assert served["params"]["out"]["kernel"].scale.shape == (4, 1, 1, 256)
+    wrapped = jquant.flax.quantize(linen, policy)
+    qat = wrapped.apply(params, x)
+    np.testing.assert_allclose(np.asarray(jax.jit(wrapped.apply)(served, x)), np.asarray(qat), rtol=1e-5, atol=1e-5)
+    if name == "w8a8":  # the out projection's per-head scales are contraction groups: all 4 run the integer dot
+        assert str(jax.make_jaxpr(wrapped.apply)(served, x)).count("preferred_element_type=int32") == 4
+
+    model = jquant.flax.quantize(nnx.MultiHeadAttention(num_heads=4, in_features=256, decode=False,
+                                                        rngs=nnx.Rngs(0)), policy)
+    qat = model(x)
+    nnx.update(model, jquant.quantize_params(nnx.state(model, nnx.Param), policy))
+    assert model.out.kernel.get_value().scale.shape == (4, 1, 1, 256)
+    np.testing.assert_allclose(np.asarray(model(x)), np.asarray(qat), rtol=1e-5, atol=1e-5)
+
+
+def test_preset_attention_rules_skip_a_2d_kernel_named_out():
+    params = {"out": {"kernel": normal(4, (64, 32))}}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the rank-guarded attention rules are optional: no unused-rule warning
+        served = jquant.quantize_params(params, jquant.int4_weights(group_size=32))
+    assert served["out"]["kernel"].scale.shape == (2, 1, 32)  # the general rule: per channel, groups of 32
 
 
 def test_an_unwrapped_model_given_served_params_says_so():
@@ -336,7 +377,7 @@ def test_a_policy_that_misses_the_model_is_reported():
     with pytest.warns(UserWarning, match=r"Linen init.*matched no float leaf: Rule\('\.\*kernal'"):
         jquant.flax.quantize(WithEmbed(), typo).init(jax.random.key(0), x)
     embeddings = jquant.int8_weights(embeddings=True)
-    with pytest.warns(UserWarning, match=r"params/Embed_0/embedding \(rule 1\)"):  # not a layer's kernel
+    with pytest.warns(UserWarning, match=r"params/Embed_0/embedding \(rule 3\)"):  # not a layer's kernel
         jquant.flax.quantize(WithEmbed(), embeddings).init(jax.random.key(0), x)
     with pytest.warns(UserWarning, match=r"jquant.flax.quantize: 1 policy rule\(s\) matched no float leaf"):
         jquant.flax.quantize(nnx.Linear(8, 4, rngs=nnx.Rngs(0)), typo)

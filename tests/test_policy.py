@@ -44,10 +44,25 @@ def test_policy_is_hashable_and_a_static_jit_argument(params):
 def test_presets_match_kernels_only(params):
     for policy in (jquant.int8_weights(), jquant.int4_weights(group_size=8), jquant.w8a8()):
         assigned = dict(policy.assignments(params))
-        assert assigned["params/Dense_0/kernel"] == 0 and assigned["params/Dense_0/bias"] is None
+        # rules 0 and 1 are the 3-D attention kernels' (tests/test_flax.py), 2 every other kernel
+        assert assigned["params/Dense_0/kernel"] == 2 and assigned["params/Dense_0/bias"] is None
     assert jquant.w8a8().rules[0].act == QuantSpec(8)
     emb = jquant.int8_weights(embeddings=True)
     assert emb.rule_for("params/Embed_0/embedding")[1].spec.channel_axes == (0,)
+
+
+def test_rank_guarded_and_optional_rules():
+    policy = Policy([Rule(r"(.*/)?out/kernel", QuantSpec(8, channel_axes=(0, -1)), ndim=3, optional=True),
+                     Rule(r"(.*/)?kernel", QuantSpec(8, channel_axes=(-1,)))])
+    assert policy.rule_for("attn/out/kernel", 3)[0] == 0
+    assert policy.rule_for("mlp/out/kernel", 2)[0] == 1
+    assert policy.rule_for("attn/out/kernel")[0] == 1  # rank unknown: a guarded rule does not match
+    two_d = {"mlp": {"out": {"kernel": jnp.ones((8, 4))}}}
+    assert jquant.quantize_params(two_d, policy)["mlp"]["out"]["kernel"].scale.shape == (1, 4)
+    assert policy.unmatched_rules(two_d) == []  # optional, and another rule matched
+    with pytest.warns(UserWarning, match=r"2 policy rule\(s\) matched no float leaf"):  # nothing matched at all
+        jquant.quantize_params({"w": jnp.ones((8, 4))}, policy)
+    assert "ndim=3, optional=True" in repr(policy.rules[0])
 
 
 def test_rules_match_the_whole_path_as_given():

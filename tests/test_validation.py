@@ -54,6 +54,7 @@ CASES = {
     "invalid regex": (lambda: Rule("(.*kernel", QuantSpec()), ValueError,
                       ["Rule.pattern '(.*kernel'", "not a valid regular expression"]),
     "pattern not a string": (lambda: Rule(3, QuantSpec()), TypeError, ["Rule.pattern", "str"]),
+    "rule rank not an int": (lambda: Rule(".*", QuantSpec(), ndim="3"), TypeError, ["Rule.ndim", "int ≥ 0", "'3'"]),
     "rule spec not a QuantSpec": (lambda: Rule(".*", {"bits": 8}), TypeError, ["Rule.spec", "QuantSpec or None"]),
     "policy of non-rules": (lambda: Policy([(".*", QuantSpec())]), TypeError, ["Policy rule 0", "jquant.Rule"]),
     "policy of a non-rule": (lambda: Policy(3), TypeError, ["Policy takes a Rule or a list of Rules", "int"]),

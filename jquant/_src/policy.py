@@ -8,8 +8,11 @@ shows it. `(.*/)?kernel` matches a kernel at any depth, under any prefix.
 Kernel conventions (what the presets and the docs assume; a rule can say anything else):
 * Dense `(in, out)`, Conv `(H, W, I, O)`, DenseGeneral/Einsum kernels whose output features are
   last: the output channel is the last axis → `channel_axes=(-1,)`; groups split the largest
-  other axis (the `group_axis` default), which is the contraction axis of Dense `(in, out)`, the
-  input-feature axis of Conv `HWIO` and the `in` axis of attention `(in, heads, head_dim)`.
+  other axis (the `group_axis` default), which is the contraction axis of Dense `(in, out)` and
+  the input-feature axis of Conv `HWIO`.
+* Flax attention kernels (by name and rank): query/key/value `(in, heads, head_dim)` →
+  `channel_axes=(-2, -1)` (per head), groups along `in`; out `(heads, head_dim, out)` → per output
+  channel and one group per head (`group_axis=0, group_size=1`).
 * Embedding tables `(vocab, features)`: one scale per token row → `channel_axes=(0,)`.
 """
 
@@ -38,15 +41,22 @@ class Rule:
       spec: QuantSpec for matching leaves, or None to keep them in float.
       act: spec for the activation that meets this weight in a matmul (used by module-level QAT;
         ignored by the parameter transforms).
+      ndim: if set, the rule matches only leaves of this rank (e.g. the 3-D attention kernels,
+        not a 2-D Dense that happens to share a name); a lookup by path alone skips it.
+      optional: a rule that may match nothing without being reported as unused, as long as some
+        other rule of the policy matches (the presets' kernel rules: a model may have no attention
+        layer, or only attention; a policy that matches nothing at all is still reported).
 
     Raises:
-      TypeError: the pattern is not a str, or a spec is not a QuantSpec.
+      TypeError: the pattern is not a str, a spec is not a QuantSpec, or ndim is not an int ≥ 0.
       ValueError: the pattern is not a valid regular expression.
     """
 
     pattern: str
     spec: Optional[QuantSpec]
     act: Optional[QuantSpec] = None
+    ndim: Optional[int] = None
+    optional: bool = False
 
     def __post_init__(self):
         if not isinstance(self.pattern, str):
@@ -59,13 +69,20 @@ class Rule:
             value = getattr(self, name)
             if value is not None and not isinstance(value, QuantSpec):
                 raise TypeError(f"Rule.{name} must be a QuantSpec or None, got {type(value).__name__}: {value!r}")
+        if self.ndim is not None and (isinstance(self.ndim, bool) or not isinstance(self.ndim, int) or self.ndim < 0):
+            raise TypeError(f"Rule.ndim must be None or an int ≥ 0 (a leaf's rank), got {self.ndim!r}")
 
-    def matches(self, path: str) -> bool:
+    def matches(self, path: str, ndim: Optional[int] = None) -> bool:
+        """Whether the rule applies to a leaf at `path` of rank `ndim` (None: unknown, which a
+        rule with an `ndim` never matches)."""
+        if self.ndim is not None and ndim != self.ndim:
+            return False
         return re.fullmatch(self.pattern, path) is not None
 
     def __repr__(self) -> str:
-        act = f", act={self.act!r}" if self.act is not None else ""
-        return f"Rule({self.pattern!r}, {self.spec!r}{act})"
+        extra = "".join(f", {name}={getattr(self, name)!r}" for name, default in
+                        (("act", None), ("ndim", None), ("optional", False)) if getattr(self, name) != default)
+        return f"Rule({self.pattern!r}, {self.spec!r}{extra})"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -89,22 +106,24 @@ class Policy:
                 raise TypeError(f"Policy rule {i} must be a jquant.Rule, got {type(rule).__name__}: {rule!r}")
         object.__setattr__(self, "rules", rules)
 
-    def rule_for(self, path: str) -> Optional[Tuple[int, Rule]]:
-        """(index, rule) of the first rule whose pattern matches the whole `path`, or None."""
+    def rule_for(self, path: str, ndim: Optional[int] = None) -> Optional[Tuple[int, Rule]]:
+        """(index, rule) of the first rule that matches a leaf at the whole `path` of rank `ndim`
+        (see `Rule.matches`), or None."""
         for i, rule in enumerate(self.rules):
-            if rule.matches(path):
+            if rule.matches(path, ndim):
                 return i, rule
         return None
 
     def assignments(self, params) -> List[Tuple[str, Optional[int]]]:
         """[(path, index of the rule it gets or None)] for every float leaf of `params`."""
-        return [(path, None if (hit := self.rule_for(path)) is None else hit[0])
+        return [(path, None if (hit := self.rule_for(path, leaf.ndim)) is None else hit[0])
                 for path, leaf in leaves_with_paths(params) if is_float_array(leaf)]
 
     def unmatched_rules(self, params) -> List[Rule]:
-        """Rules that no float leaf of `params` reaches (typos, or rules shadowed by earlier ones)."""
+        """Rules that no float leaf of `params` reaches (typos, or rules shadowed by earlier ones),
+        except `optional` ones."""
         used = {i for _, i in self.assignments(params) if i is not None}
-        return [rule for i, rule in enumerate(self.rules) if i not in used]
+        return [rule for i, rule in enumerate(self.rules) if i not in used and not (rule.optional and used)]
 
     def explain(self, params) -> str:
         """A readable table: each float leaf's path and the rule it gets, then the unused rules."""
@@ -165,13 +184,13 @@ def walk(tree, policy: Policy, fn: Callable[[Match], object], *, where: str,
     def visit(path, leaf):
         at = next(position)
         if is_qarray(leaf):
-            hit = policy.rule_for(path)
+            hit = policy.rule_for(path, leaf.ndim)
             if hit is not None:
                 quantized.setdefault(hit[0], path)
             return leaf
         if not is_float_array(leaf):
             return leaf
-        hit = policy.rule_for(path)
+        hit = policy.rule_for(path, leaf.ndim)
         if hit is None:
             return leaf
         index, rule = hit
@@ -185,7 +204,7 @@ def walk(tree, policy: Policy, fn: Callable[[Match], object], *, where: str,
             raise at_path(path, err, f"rule {index} {rule!r} does not fit shape {tuple(leaf.shape)}: ") from None
 
     out = map_with_paths(visit, tree)
-    unused = [(i, rule) for i, rule in enumerate(policy.rules) if i not in used]
+    unused = [(i, rule) for i, rule in enumerate(policy.rules) if i not in used and not (rule.optional and used)]
     if warn_unused and unused:
         notes = [f"{rule!r}" + (f" (it matches {quantized[i]!r}, already a QArray: the tree is quantized already)"
                                 if i in quantized else "") for i, rule in unused]
@@ -220,26 +239,52 @@ def _check_finite(path: str, x) -> None:
 
 KERNEL = r"(.*/)?kernel"
 EMBEDDING = r"(.*/)?embedding"
+# Flax's attention (Linen MultiHeadDotProductAttention, NNX MultiHeadAttention): 3-D kernels
+# (in, heads, head_dim) for the projections in and (heads, head_dim, out) for the one out.
+ATTENTION_IN = r"(.*/)?(query|key|value)/kernel"
+ATTENTION_OUT = r"(.*/)?out/kernel"
 
 
 def int8_weights(embeddings: bool = False) -> Policy:
-    """int8 symmetric, one scale per output channel, for every `kernel` (and `embedding` tables)."""
-    return _weights(QuantSpec(8, channel_axes=(-1,)), QuantSpec(8, channel_axes=(0,)), embeddings)
+    """int8 symmetric, one scale per output channel (and per head) for every `kernel`, and per
+    token row for `embedding` tables if asked; the layouts are `_kernel_rules`'."""
+    return Policy(_kernel_rules(8, True, None) + _embedding_rules(QuantSpec(8, channel_axes=(0,)), embeddings))
 
 
 def int4_weights(group_size: int = 128, embeddings: bool = False) -> Policy:
-    """int4 asymmetric, per output channel and `group_size` groups along the contraction axis."""
-    return _weights(QuantSpec(4, symmetric=False, channel_axes=(-1,), group_size=group_size),
-                    QuantSpec(4, symmetric=False, channel_axes=(0,), group_size=group_size), embeddings)
+    """int4 asymmetric, per output channel (and per head) and `group_size` groups along the
+    contraction axis (`_kernel_rules`); embedding rows in groups of `group_size` if asked."""
+    embedding = QuantSpec(4, symmetric=False, channel_axes=(0,), group_size=group_size)
+    return Policy(_kernel_rules(4, False, group_size) + _embedding_rules(embedding, embeddings))
 
 
 def w8a8() -> Policy:
-    """int8 per-channel kernels and int8 per-tensor dynamic activations (the integer matmul path)."""
-    return Policy((Rule(KERNEL, QuantSpec(8, channel_axes=(-1,)), act=QuantSpec(8)),))
+    """int8 per-channel (and per-head) kernels and int8 per-tensor dynamic activations (the integer
+    matmul path)."""
+    return Policy(_kernel_rules(8, True, None, act=QuantSpec(8)))
 
 
-def _weights(kernel_spec: QuantSpec, embedding_spec: QuantSpec, embeddings: bool) -> Policy:
-    rules = [Rule(KERNEL, kernel_spec)]
-    if embeddings:
-        rules.append(Rule(EMBEDDING, embedding_spec))
-    return Policy(tuple(rules))
+def _kernel_rules(bits: int, symmetric: bool, group_size: Optional[int], act: Optional[QuantSpec] = None):
+    """The presets' kernel rules, first match wins:
+
+    * attention in (query/key/value, 3-D `(in, heads, head_dim)`): a scale per head and head_dim
+      entry (`channel_axes=(-2, -1)`), groups along `in`;
+    * attention out (3-D `(heads, head_dim, out)`): a scale per head and output channel — one group
+      per head along the contraction (`group_axis=0, group_size=1`), so a head_dim of any size
+      fits, and the integer dot takes it like any contraction group;
+    * every other kernel: a scale per output channel (the last axis), groups along the largest
+      other axis (the contraction of Dense `(in, out)`, the input features of Conv `HWIO`).
+    All three are `optional` (a model without attention, or with only attention, reports nothing;
+    one that matches none of them does), and the attention ones are rank-guarded (a 2-D Dense
+    named `out` gets the general rule).
+    """
+    grouped = {} if group_size is None else {"group_size": group_size}
+    return (Rule(ATTENTION_IN, QuantSpec(bits, symmetric=symmetric, channel_axes=(-2, -1), **grouped), act=act,
+                 ndim=3, optional=True),
+            Rule(ATTENTION_OUT, QuantSpec(bits, symmetric=symmetric, channel_axes=(-1,), group_axis=0, group_size=1),
+                 act=act, ndim=3, optional=True),
+            Rule(KERNEL, QuantSpec(bits, symmetric=symmetric, channel_axes=(-1,), **grouped), act=act, optional=True))
+
+
+def _embedding_rules(spec: QuantSpec, embeddings: bool):
+    return (Rule(EMBEDDING, spec),) if embeddings else ()

@@ -112,7 +112,7 @@ def report(params, qtree, policy: Optional[Policy] = None, errors: Optional[Mapp
             continue
         nbytes_before = int(np.prod(x.shape)) * jnp.dtype(x.dtype).itemsize
         if is_qarray(q):
-            hit = policy.rule_for(path) if policy is not None else None
+            hit = policy.rule_for(path, q.ndim) if policy is not None else None
             rule = f"{hit[0]}: {hit[1].pattern}" if hit else repr(q.spec)
             rows.append(ReportRow(path, tuple(x.shape), rule, q.bits_per_weight,
                                   float(_sqnr_db(x, q.dequantize())), nbytes_before, q.nbytes,

@@ -151,7 +151,10 @@ def _hook(module):
 
 
 def _rule_for(policy: Policy, module):
-    hit = policy.rule_for(_kernel_path(module))
+    """The rule for the layer's kernel, looked up by its path and rank (as the policy walk over
+    the variables does; while initializing, before the kernel exists, by path alone)."""
+    kernel = module.variables.get("params", {}).get("kernel") if module.scope is not None else None
+    hit = policy.rule_for(_kernel_path(module), None if kernel is None else kernel.ndim)
     return None if hit is None else hit[1]
 
 
