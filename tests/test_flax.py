@@ -310,6 +310,92 @@ def test_preset_attention_rules_skip_a_2d_kernel_named_out():
     assert served["out"]["kernel"].scale.shape == (2, 1, 32)  # the general rule: per channel, groups of 32
 
 
+class _ScannedBlock(nn.Module):
+    @nn.compact
+    def __call__(self, x, _):
+        h = nn.LayerNorm()(x)
+        x = x + nn.MultiHeadDotProductAttention(num_heads=4, qkv_features=128)(h, h)
+        return x + nn.Dense(128)(nn.gelu(nn.Dense(256)(nn.LayerNorm()(x)))), None
+
+
+class _LinenStack(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        return nn.scan(_ScannedBlock, variable_axes={"params": 0}, split_rngs={"params": True}, length=3)()(x, None)[0]
+
+
+class _NnxBlock(nnx.Module):
+    def __init__(self, rngs):
+        self.attn = nnx.MultiHeadAttention(num_heads=4, in_features=128, decode=False, rngs=rngs)
+        self.up = nnx.Linear(128, 256, rngs=rngs)
+        self.down = nnx.Linear(256, 128, rngs=rngs)
+
+    def __call__(self, x):
+        x = x + self.attn(x)
+        return x + self.down(nnx.gelu(self.up(x)))
+
+
+class _NnxStack(nnx.Module):
+    def __init__(self, rngs):
+        @nnx.split_rngs(splits=3)
+        @nnx.vmap(in_axes=(0,), out_axes=0)
+        def make(rngs):
+            return _NnxBlock(rngs)
+
+        self.blocks = make(rngs)
+
+    def __call__(self, x):
+        @nnx.scan(in_axes=(0, nnx.Carry), out_axes=nnx.Carry)
+        def step(block, x):
+            return block(x)
+
+        return step(self.blocks, x)
+
+
+STACKED_PRESETS = {"int8": jquant.int8_weights(stacked=1), "int4": jquant.int4_weights(group_size=64, stacked=1),
+                   "w8a8": jquant.w8a8(stacked=1)}
+
+
+@pytest.mark.parametrize("name", STACKED_PRESETS)
+def test_scanned_stacks_serve_per_layer_scales_equal_to_qat(name):
+    policy = STACKED_PRESETS[name]
+    x = normal(5, (2, 8, 128))
+
+    def check(served_tree, served, qat):
+        qarrays = [leaf for leaf in jax.tree_util.tree_leaves(served_tree, is_leaf=lambda l: isinstance(l, jquant.QArray))
+                   if isinstance(leaf, jquant.QArray)]
+        assert len(qarrays) == 6 and all(q.scale.shape[0] == 3 for q in qarrays)  # q, k, v, out, up, down
+        # float32 compute: served = QAT to float rounding (bf16 QAT fake-quantizes the bf16-cast kernel:
+        # test_top_level_layers_with_bf16_compute_quantize_and_serve_bf16)
+        np.testing.assert_allclose(np.asarray(served), np.asarray(qat), rtol=1e-5, atol=1e-5)
+
+    linen = jquant.flax.quantize(_LinenStack(), policy)
+    params = linen.init(jax.random.key(0), x)
+    served = jquant.quantize_params(params, policy)
+    check(served, jax.jit(linen.apply)(served, x), jax.jit(linen.apply)(params, x))
+
+    model = jquant.flax.quantize(_NnxStack(nnx.Rngs(0)), policy)
+    qat = model(x)
+    served = jquant.quantize_params(nnx.state(model, nnx.Param), policy)
+    nnx.update(model, served)
+    check(served, model(x), qat)
+
+
+def test_a_stack_under_an_unstacked_rule_is_an_error_naming_the_kernel():
+    x = normal(5, (2, 8, 128))
+    with pytest.raises(ValueError, match=r"params/Scan_ScannedBlock_0/Dense_0/kernel: .*\(1 leading stack axes.*stacked=1"):
+        jquant.flax.quantize(_LinenStack(), jquant.int8_weights()).init(jax.random.key(0), x)
+    with pytest.raises(ValueError, match=r"blocks/attn/key/kernel: .*stacked=1"):
+        jquant.flax.quantize(_NnxStack(nnx.Rngs(0)), jquant.int8_weights())
+    # a tree quantized with scales shared across the stack cannot be served as if per layer
+    plain = _LinenStack()
+    params = plain.init(jax.random.key(0), x)
+    shared = jquant.quantize_params(params, Policy(Rule(r".*Dense_0/kernel", QuantSpec(8, channel_axes=(-1,)))))
+    policy = Policy(Rule(r".*Dense_0/kernel", QuantSpec(8, channel_axes=(-1,)), stacked=1))
+    with pytest.raises(ValueError, match=r"params/Scan_ScannedBlock_0/Dense_0/kernel: a QArray of shape \(3, 256, 128\).*stacked=1"):
+        jquant.flax.quantize(plain, policy).apply(shared, x)
+
+
 def test_an_unwrapped_model_given_served_params_says_so():
     dense = nn.Dense(8)
     served = jquant.quantize_params(dense.init(jax.random.key(0), jnp.ones((1, 16))), jquant.int8_weights())

@@ -111,3 +111,24 @@ def test_indexing_and_repr():
     text = repr(qa)
     assert "\n" not in text and len(text) < 120
     assert repr(qa.spec) in text and "(8, 16)" in text and "float32" in text
+
+
+@pytest.mark.parametrize("spec", [QuantSpec(8, channel_axes=(-1,)), QuantSpec(4, symmetric=False, channel_axes=(-1,), group_size=32),
+                                  QuantSpec(3, channel_axes=(1,)), QuantSpec(4, channel_axes=(-1,), group_axis=0, group_size=1)],
+                         ids=repr)
+def test_a_stack_quantized_per_layer_scans_into_each_layers_qarray(spec):
+    from jquant._src.spec import stacked
+    layers = normal(11, (3, 64, 4, 16)) if spec.group_axis == 0 else normal(11, (3, 64, 48))
+    stack = jquant.quantize(layers, stacked(spec, 1))
+    assert stack.scale.shape[0] == 3  # one scale set per layer
+
+    def body(carry, layer):
+        assert layer.spec == spec and layer.shape == layers.shape[1:]
+        return carry, (layer.value, layer.scale, layer.dequantize())
+
+    _, (values, scales, x_hat) = jax.lax.scan(body, None, stack)
+    for i in range(3):
+        alone = jquant.quantize(layers[i], spec)
+        np.testing.assert_array_equal(np.asarray(values[i]), np.asarray(alone.value))
+        np.testing.assert_array_equal(np.asarray(scales[i]), np.asarray(alone.scale))
+        np.testing.assert_array_equal(np.asarray(x_hat[i]), np.asarray(alone.dequantize()))

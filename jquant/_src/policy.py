@@ -14,6 +14,8 @@ Kernel conventions (what the presets and the docs assume; a rule can say anythin
   `channel_axes=(-2, -1)` (per head), groups along `in`; out `(heads, head_dim, out)` → per output
   channel and one group per head (`group_axis=0, group_size=1`).
 * Embedding tables `(vocab, features)`: one scale per token row → `channel_axes=(0,)`.
+* Stacked layers (`nn.scan`, `nnx.vmap`): `(L, *kernel)`; a rule written for one layer says
+  `stacked=1`, and the transforms give each layer its own scales (`Rule.stacked`).
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ import jax.numpy as jnp
 from jax.experimental import checkify
 
 from jquant._src.paths import at_path, is_float_array, is_qarray, leaves_with_paths, map_with_paths
-from jquant._src.spec import QuantSpec
+from jquant._src.spec import QuantSpec, stacked
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,6 +48,11 @@ class Rule:
       optional: a rule that may match nothing without being reported as unused, as long as some
         other rule of the policy matches (the presets' kernel rules: a model may have no attention
         layer, or only attention; a policy that matches nothing at all is still reported).
+      stacked: the number of leading axes of a matched leaf that stack layers (`nn.scan`,
+        `nnx.vmap`/`nnx.scan`: kernels of shape (L, in, out)). `spec` is one layer's, as QAT inside
+        the scan applies it; a transform over the tree quantizes each layer with its own scales
+        (`spec.stacked(spec, k)`: the stack axes become channel axes), and the scan slices the
+        resulting QArray into each layer's. `ndim` counts the stack axes too.
 
     Raises:
       TypeError: the pattern is not a str, a spec is not a QuantSpec, or ndim is not an int ≥ 0.
@@ -57,6 +64,7 @@ class Rule:
     act: Optional[QuantSpec] = None
     ndim: Optional[int] = None
     optional: bool = False
+    stacked: int = 0
 
     def __post_init__(self):
         if not isinstance(self.pattern, str):
@@ -71,17 +79,32 @@ class Rule:
                 raise TypeError(f"Rule.{name} must be a QuantSpec or None, got {type(value).__name__}: {value!r}")
         if self.ndim is not None and (isinstance(self.ndim, bool) or not isinstance(self.ndim, int) or self.ndim < 0):
             raise TypeError(f"Rule.ndim must be None or an int ≥ 0 (a leaf's rank), got {self.ndim!r}")
+        if isinstance(self.stacked, bool) or not isinstance(self.stacked, int) or self.stacked < 0:
+            raise TypeError(f"Rule.stacked must be an int ≥ 0 (leading stack axes), got {self.stacked!r}")
 
-    def matches(self, path: str, ndim: Optional[int] = None) -> bool:
+    def matches(self, path: str, ndim: Optional[int] = None, *, layer: bool = False) -> bool:
         """Whether the rule applies to a leaf at `path` of rank `ndim` (None: unknown, which a
-        rule with an `ndim` never matches)."""
-        if self.ndim is not None and ndim != self.ndim:
+        rule with an `ndim` never matches); `layer=True`: `ndim` is one layer's, inside a stack."""
+        if self.ndim is not None and (ndim is None or ndim + (self.stacked if layer else 0) != self.ndim):
             return False
         return re.fullmatch(self.pattern, path) is not None
 
+    def leaf_spec(self, ndim: int) -> Optional[QuantSpec]:
+        """The spec for a matched leaf of rank `ndim` in the tree: `spec`, per layer of a stack.
+
+        Raises:
+          ValueError: a stacked rule on a leaf with no axis left for the layer.
+        """
+        if self.spec is None or self.stacked == 0:
+            return self.spec
+        if ndim <= self.stacked:
+            raise ValueError(f"Rule.stacked={self.stacked} but the leaf has rank {ndim}: no layer axes are left")
+        return stacked(self.spec, self.stacked)
+
     def __repr__(self) -> str:
         extra = "".join(f", {name}={getattr(self, name)!r}" for name, default in
-                        (("act", None), ("ndim", None), ("optional", False)) if getattr(self, name) != default)
+                        (("act", None), ("ndim", None), ("optional", False), ("stacked", 0))
+                        if getattr(self, name) != default)
         return f"Rule({self.pattern!r}, {self.spec!r}{extra})"
 
 
@@ -106,11 +129,11 @@ class Policy:
                 raise TypeError(f"Policy rule {i} must be a jquant.Rule, got {type(rule).__name__}: {rule!r}")
         object.__setattr__(self, "rules", rules)
 
-    def rule_for(self, path: str, ndim: Optional[int] = None) -> Optional[Tuple[int, Rule]]:
+    def rule_for(self, path: str, ndim: Optional[int] = None, *, layer: bool = False) -> Optional[Tuple[int, Rule]]:
         """(index, rule) of the first rule that matches a leaf at the whole `path` of rank `ndim`
         (see `Rule.matches`), or None."""
         for i, rule in enumerate(self.rules):
-            if rule.matches(path, ndim):
+            if rule.matches(path, ndim, layer=layer):
                 return i, rule
         return None
 
@@ -145,9 +168,24 @@ def check_policy(policy, where: str) -> "Policy":
     return policy
 
 
+def check_stack(path: str, ndim: int, layer_ndim: Optional[int], rule: Rule) -> None:
+    """ValueError naming `path` if the leaf (rank `ndim`) stacks `ndim - layer_ndim` layers (what a
+    model's layer sees inside `nn.scan`/`nnx.scan`) but `rule.stacked` says otherwise: its
+    transform would share scales across the layers (or split a layer), unlike QAT inside the scan.
+    `layer_ndim` None: unknown, nothing to check."""
+    if layer_ndim is None or rule.spec is None or ndim - layer_ndim == rule.stacked:
+        return
+    raise ValueError(f"{path}: the layer sees a kernel of rank {layer_ndim}, the tree holds rank {ndim} "
+                     f"({ndim - layer_ndim} leading stack axes, e.g. nn.scan / nnx.vmap), but {rule!r} has "
+                     f"stacked={rule.stacked}; give it stacked={ndim - layer_ndim} (presets: stacked=...) so that each "
+                     "layer gets its own scales, as QAT inside the scan computes them")
+
+
 class Match(NamedTuple):
     """A float leaf, the first rule that matches its path (`index` into `Policy.rules`), and the
-    leaf's position in `jax.tree_util.tree_leaves(tree, is_leaf=is_qarray)`."""
+    leaf's position in `jax.tree_util.tree_leaves(tree, is_leaf=is_qarray)`. `rule.spec` is the
+    spec for the leaf as it is in the tree (`Rule.leaf_spec`: per layer of a stacked leaf);
+    `policy.rules[index]` is the rule as written."""
     path: str
     leaf: object
     index: int
@@ -199,7 +237,7 @@ def walk(tree, policy: Policy, fn: Callable[[Match], object], *, where: str,
             return leaf
         _check_finite(path, leaf)
         try:
-            return fn(Match(path, leaf, index, rule, at))
+            return fn(Match(path, leaf, index, dataclasses.replace(rule, spec=rule.leaf_spec(leaf.ndim)), at))
         except (TypeError, ValueError) as err:
             raise at_path(path, err, f"rule {index} {rule!r} does not fit shape {tuple(leaf.shape)}: ") from None
 
@@ -245,26 +283,29 @@ ATTENTION_IN = r"(.*/)?(query|key|value)/kernel"
 ATTENTION_OUT = r"(.*/)?out/kernel"
 
 
-def int8_weights(embeddings: bool = False) -> Policy:
+def int8_weights(embeddings: bool = False, stacked: int = 0) -> Policy:
     """int8 symmetric, one scale per output channel (and per head) for every `kernel`, and per
-    token row for `embedding` tables if asked; the layouts are `_kernel_rules`'."""
-    return Policy(_kernel_rules(8, True, None) + _embedding_rules(QuantSpec(8, channel_axes=(0,)), embeddings))
+    token row for `embedding` tables if asked; the layouts are `_kernel_rules`'. `stacked`: the
+    kernels' leading layer axes (1 for an `nn.scan`/`nnx.vmap` stack; see `Rule`)."""
+    return Policy(_kernel_rules(8, True, None, stacked) + _embedding_rules(QuantSpec(8, channel_axes=(0,)), embeddings))
 
 
-def int4_weights(group_size: int = 128, embeddings: bool = False) -> Policy:
+def int4_weights(group_size: int = 128, embeddings: bool = False, stacked: int = 0) -> Policy:
     """int4 asymmetric, per output channel (and per head) and `group_size` groups along the
-    contraction axis (`_kernel_rules`); embedding rows in groups of `group_size` if asked."""
+    contraction axis (`_kernel_rules`); embedding rows in groups of `group_size` if asked;
+    `stacked` as for `int8_weights`."""
     embedding = QuantSpec(4, symmetric=False, channel_axes=(0,), group_size=group_size)
-    return Policy(_kernel_rules(4, False, group_size) + _embedding_rules(embedding, embeddings))
+    return Policy(_kernel_rules(4, False, group_size, stacked) + _embedding_rules(embedding, embeddings))
 
 
-def w8a8() -> Policy:
+def w8a8(stacked: int = 0) -> Policy:
     """int8 per-channel (and per-head) kernels and int8 per-tensor dynamic activations (the integer
-    matmul path)."""
-    return Policy(_kernel_rules(8, True, None, act=QuantSpec(8)))
+    matmul path); `stacked` as for `int8_weights`."""
+    return Policy(_kernel_rules(8, True, None, stacked, act=QuantSpec(8)))
 
 
-def _kernel_rules(bits: int, symmetric: bool, group_size: Optional[int], act: Optional[QuantSpec] = None):
+def _kernel_rules(bits: int, symmetric: bool, group_size: Optional[int], stacked: int,
+                  act: Optional[QuantSpec] = None):
     """The presets' kernel rules, first match wins:
 
     * attention in (query/key/value, 3-D `(in, heads, head_dim)`): a scale per head and head_dim
@@ -279,11 +320,12 @@ def _kernel_rules(bits: int, symmetric: bool, group_size: Optional[int], act: Op
     named `out` gets the general rule).
     """
     grouped = {} if group_size is None else {"group_size": group_size}
-    return (Rule(ATTENTION_IN, QuantSpec(bits, symmetric=symmetric, channel_axes=(-2, -1), **grouped), act=act,
-                 ndim=3, optional=True),
+    common = dict(act=act, optional=True, stacked=stacked)
+    return (Rule(ATTENTION_IN, QuantSpec(bits, symmetric=symmetric, channel_axes=(-2, -1), **grouped),
+                 ndim=3 + stacked, **common),
             Rule(ATTENTION_OUT, QuantSpec(bits, symmetric=symmetric, channel_axes=(-1,), group_axis=0, group_size=1),
-                 act=act, ndim=3, optional=True),
-            Rule(KERNEL, QuantSpec(bits, symmetric=symmetric, channel_axes=(-1,), **grouped), act=act, optional=True))
+                 ndim=3 + stacked, **common),
+            Rule(KERNEL, QuantSpec(bits, symmetric=symmetric, channel_axes=(-1,), **grouped), **common))
 
 
 def _embedding_rules(spec: QuantSpec, embeddings: bool):

@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jquant._src import numerics, packing
-from jquant._src.spec import QuantSpec
+from jquant._src.spec import QuantSpec, unstacked
 
 
 # What converting a QArray to an array says (NumPy and jax.numpy ask through __array__ and
@@ -42,6 +42,9 @@ class QArray:
 
     `shape` is static, so a QArray made inside `jax.vmap` keeps the per-example shape while its
     leaves gain the batch axis: dequantize it inside the same `vmap` (or quantize the batch whole).
+    The other way round, a stack of layers quantized with per-layer scales (`Rule(stacked=k)`, k
+    leading channel axes) that `lax.scan`/`nn.scan`/`vmap` slices is each layer's QArray, with the
+    layer's spec and shape.
     Inside `jax.shard_map` the leaves are per-device blocks of the same rank: there `shape` is the
     block's, read off the storage (`value`) when the tree is rebuilt, so a QArray passed in with
     `in_specs` (e.g. `P(None, "model")` on each leaf of an `(in, out)` kernel) is the local
@@ -64,6 +67,7 @@ class QArray:
     @classmethod
     def tree_unflatten(cls, aux, children):
         spec, shape, dtype = aux
+        spec, shape = _layer_of_stack(spec, shape, children[0])
         return cls(*children, spec=spec, shape=_shape_of_storage(spec, shape, children[0]), dtype=dtype)
 
     @property
@@ -124,6 +128,19 @@ class QArray:
     def __repr__(self) -> str:
         return (f"QArray({self.spec!r}, shape={self.shape}, dtype={self.dtype.name}, "
                 f"bits/weight={self.bits_per_weight:.3f})")
+
+
+def _layer_of_stack(spec: QuantSpec, shape, value):
+    """(spec, shape) of one layer when storage `value` has k fewer leading axes than `shape`: a
+    stack of layers quantized with per-layer scales (`Rule(stacked=k)`: its k leading axes are
+    channel axes) and sliced by `lax.scan` / `nn.scan` / `vmap`, each slice a layer's QArray.
+    Otherwise (spec, shape) unchanged."""
+    block = getattr(value, "shape", None)
+    layers = len(shape) - len(block) if isinstance(block, tuple) else 0
+    if layers <= 0 or len(block) == 0:
+        return spec, shape
+    layer = unstacked(spec, layers, len(shape))
+    return (spec, shape) if layer is None else (layer, tuple(shape[layers:]))
 
 
 def _shape_of_storage(spec: QuantSpec, shape, value):

@@ -138,5 +138,28 @@ class QuantSpec:
         return f"QuantSpec({', '.join(parts)})"
 
 
+def stacked(spec: QuantSpec, layers: int) -> QuantSpec:
+    """`spec` for a stack of layers along `layers` new leading axes (`nn.scan`, `nnx.vmap`): each
+    layer keeps its own scales (the leading axes become channel axes) and every axis `spec` names
+    moves with its layer (non-negative axes shift by `layers`, negative ones count from the end
+    already). `unstacked` undoes it."""
+    if layers == 0:
+        return spec
+    shift = lambda a: a + layers if a >= 0 else a
+    return dataclasses.replace(spec, channel_axes=tuple(range(layers)) + tuple(shift(a) for a in spec.channel_axes),
+                               group_axis=None if spec.group_axis is None else shift(spec.group_axis))
+
+
+def unstacked(spec: QuantSpec, layers: int, ndim: int) -> Optional[QuantSpec]:
+    """The spec of one layer of a `stacked` spec on a stack of rank `ndim`, or None if its
+    `layers` leading axes are not all channel axes (it was not made for a stack)."""
+    own = [a % ndim for a in spec.channel_axes]
+    if not set(range(layers)) <= set(own):
+        return None
+    shift = lambda a: a - layers if a >= 0 else a
+    return dataclasses.replace(spec, channel_axes=tuple(shift(a) for a in spec.channel_axes if a % ndim >= layers),
+                               group_axis=None if spec.group_axis is None else shift(spec.group_axis))
+
+
 def _is_int(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)

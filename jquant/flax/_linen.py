@@ -36,7 +36,7 @@ from jquant._src import learned
 from jquant.flax import _observers as observers
 from jquant._src.ops import QuantConv, QuantDot
 from jquant._src.paths import at_path, leaves_with_paths, nest
-from jquant._src.policy import Policy, check_policy, matches
+from jquant._src.policy import Policy, check_policy, check_stack, matches
 from jquant._src.qarray import QArray
 
 STATS = "quant_stats"
@@ -44,7 +44,7 @@ STATS = "quant_stats"
 
 _INSIDE = contextvars.ContextVar("jquant_linen_inside", default=False)
 _CALIBRATION = contextvars.ContextVar("jquant_linen_calibration", default=None)  # momentum while calibrating
-_LAYERS = contextvars.ContextVar("jquant_linen_layers", default=None)  # kernel paths of supported layers, in init
+_LAYERS = contextvars.ContextVar("jquant_linen_layers", default=None)  # {kernel path: one layer's rank}, in init
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,7 +58,7 @@ class QuantizedLinen:
         """The model's `init`. Afterwards the policy is checked against the new variables by the
         policy walk: a rule that matches no parameter, or a kernel that no supported layer
         (Dense, DenseGeneral, Conv, Einsum) uses — it would stay float — is reported in a warning."""
-        layers = set()
+        layers = {}
         token = _LAYERS.set(layers)
         try:
             with self._intercepting():
@@ -68,6 +68,8 @@ class QuantizedLinen:
         left = [m for m in matches(variables, self.policy, where="jquant.flax.quantize (Linen init)",
                                    selects=lambda rule: rule.spec is not None or rule.act is not None)
                 if m.path not in layers]
+        for m in matches(variables, self.policy, where="jquant.flax.quantize (Linen init)", warn_unused=False):
+            check_stack(m.path, m.leaf.ndim, layers.get(m.path), self.policy.rules[m.index])
         if left:
             warnings.warn(f"jquant.flax.quantize: {len(left)} parameter(s) matched by the policy are not the kernel "
                           f"of a Dense, DenseGeneral, Conv or Einsum layer, so QAT leaves them float: "
@@ -151,10 +153,10 @@ def _hook(module):
 
 
 def _rule_for(policy: Policy, module):
-    """The rule for the layer's kernel, looked up by its path and rank (as the policy walk over
-    the variables does; while initializing, before the kernel exists, by path alone)."""
+    """The rule for the layer's kernel, looked up by its path and rank — one layer's, inside a
+    stack (`Rule.matches(layer=True)`; while initializing, before the kernel exists, by path)."""
     kernel = module.variables.get("params", {}).get("kernel") if module.scope is not None else None
-    hit = policy.rule_for(_kernel_path(module), None if kernel is None else kernel.ndim)
+    hit = policy.rule_for(_kernel_path(module), None if kernel is None else kernel.ndim, layer=True)
     return None if hit is None else hit[1]
 
 
@@ -168,14 +170,22 @@ def _intercept(policy, next_fun, args, kwargs, context):
     if context.method_name != "__call__" or _INSIDE.get():
         return next_fun(*args, **kwargs)
     hook = _hook(module)
-    if hook is not None and _LAYERS.get() is not None:
-        _LAYERS.get().add(_kernel_path(module))
     rule = _rule_for(policy, module) if hook is not None else None
     if rule is None or (rule.spec is None and rule.act is None) or module.is_initializing():
-        return next_fun(*args, **kwargs)
+        out = next_fun(*args, **kwargs)
+        if hook is not None and _LAYERS.get() is not None:  # init: the layer's kernel exists now
+            kernel = module.variables.get("params", {}).get("kernel")
+            _LAYERS.get()[_kernel_path(module)] = None if kernel is None else kernel.ndim
+        return out
     attribute, op_class, cleared = hook
     variables = module.variables
     kernel = variables.get("params", {}).get("kernel")
+    if isinstance(kernel, QArray) and kernel.value.ndim != kernel.ndim:
+        layers = kernel.ndim - kernel.value.ndim
+        raise ValueError(f"{_kernel_path(module)}: a QArray of shape {kernel.shape} that a scan slices into layers "
+                         f"of shape {kernel.shape[layers:]}, quantized with scales shared across the stack; quantize "
+                         f"each layer on its own, as QAT inside the scan does: Rule(..., stacked={layers}) "
+                         f"(presets: stacked={layers})")
     rule, variables, args = _apply_learned(rule, variables, args, kernel)
     op = op_class(rule.spec, rule.act, *_static_activation(module, args[0], rule))
     if isinstance(kernel, QArray):

@@ -24,7 +24,7 @@ from jquant.flax import _observers as observers
 from jquant.flax._dtypes import promote_dtype_nnx
 from jquant._src.ops import QuantConv, QuantDot, QuantEinsum, _QuantOp
 from jquant._src.numerics import layout
-from jquant._src.policy import Policy, walk
+from jquant._src.policy import Policy, check_stack, walk
 
 
 def quantize_nnx(model, policy: Policy):
@@ -38,9 +38,9 @@ def quantize_nnx(model, policy: Policy):
     rules = {}
 
     def record(match):  # a spec that does not fit the kernel fails here, with its path (as Linen's init)
-        if match.rule.spec is not None:
+        if match.rule.spec is not None:  # (per layer of a stacked kernel: Rule.leaf_spec)
             layout(match.leaf.shape, match.rule.spec)
-        rules[match.path] = match.rule
+        rules[match.path] = policy.rules[match.index]  # the op quantizes one layer at a time
         return match.leaf
 
     walk(nnx.state(model, nnx.Param), policy, record, where="jquant.flax.quantize",
@@ -49,6 +49,7 @@ def quantize_nnx(model, policy: Policy):
         rule = rules.get(kernel_path(path))
         if rule is None or not isinstance(node, (nnx.Linear, nnx.LinearGeneral, nnx.Einsum, nnx.Conv)):
             continue
+        check_stack(kernel_path(path), node.kernel.get_value().ndim, _layer_rank(node), rule)
         node.promote_dtype = promote_dtype_nnx
         if isinstance(node, nnx.Conv):
             node.conv_general_dilated = QuantConv(rule.spec, rule.act)
@@ -59,6 +60,18 @@ def quantize_nnx(model, policy: Policy):
             if getattr(node, "dot_general_cls", None) is not None:
                 node.dot_general_cls = None
     return model
+
+
+def _layer_rank(node) -> int:
+    """The rank of the kernel the layer itself uses (inside `nnx.scan` over a stack of layers, the
+    stored kernel has the stack's axes in front)."""
+    if isinstance(node, nnx.Conv):
+        return len(node.kernel_size) + 2
+    if isinstance(node, nnx.Einsum):
+        return len(node.kernel_shape)
+    if isinstance(node, nnx.LinearGeneral):
+        return len(node.in_features) + len(node.out_features)
+    return 2
 
 
 class QuantStat(nnx.Variable):
