@@ -352,8 +352,7 @@ class _NnxStack(nnx.Module):
         return step(self.blocks, x)
 
 
-STACKED_PRESETS = {"int8": jquant.int8_weights(stacked=1), "int4": jquant.int4_weights(group_size=64, stacked=1),
-                   "w8a8": jquant.w8a8(stacked=1)}
+STACKED_PRESETS = {"int4": jquant.int4_weights(group_size=64, stacked=1), "w8a8": jquant.w8a8(stacked=1)}
 
 
 @pytest.mark.parametrize("name", STACKED_PRESETS)

@@ -113,7 +113,7 @@ def test_indexing_and_repr():
     assert repr(qa.spec) in text and "(8, 16)" in text and "float32" in text
 
 
-@pytest.mark.parametrize("spec", [QuantSpec(8, channel_axes=(-1,)), QuantSpec(4, symmetric=False, channel_axes=(-1,), group_size=32),
+@pytest.mark.parametrize("spec", [QuantSpec(4, symmetric=False, channel_axes=(-1,), group_size=32),
                                   QuantSpec(3, channel_axes=(1,)), QuantSpec(4, channel_axes=(-1,), group_axis=0, group_size=1)],
                          ids=repr)
 def test_a_stack_quantized_per_layer_scans_into_each_layers_qarray(spec):
