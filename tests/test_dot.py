@@ -230,6 +230,39 @@ def test_a_nan_activation_poisons_exactly_the_outputs_it_reaches(per_token):
     np.testing.assert_array_equal(np.isnan(y), reached)
 
 
+@pytest.mark.parametrize("spec", [QuantSpec(8, channel_axes=(-1,)), QuantSpec(8, symmetric=False, channel_axes=(-1,), group_size=128),
+                                  QuantSpec(4, symmetric=False, channel_axes=(-1,), group_size=64), QuantSpec(1, method="sign", channel_axes=(-1,)),
+                                  QuantSpec(8)], ids=repr)
+@pytest.mark.parametrize("lhs_shape,dtype", [((1, 1024), jnp.float32), ((2, 8, 1024), jnp.float32), ((16, 1024), jnp.bfloat16)])
+def test_chunked_weight_only_equals_dequantize_then_dot(spec, lhs_shape, dtype):
+    x, w = normal(12, lhs_shape, dtype), normal(13, (1024, 96), dtype)
+    qa = jquant.quantize(w, spec)
+    dn = (((len(lhs_shape) - 1,), (0,)), ((), ()))
+    y = jax.jit(lambda a, b: jquant.dot_general(a, b, dn))(x, qa)
+    assert y.dtype == dtype and y.shape == lhs_shape[:-1] + (96,)
+    assert "while" in jax.jit(lambda a, b: jquant.dot_general(a, b, dn)).lower(x, qa).as_text()  # the chunked path
+    ref = np.asarray(x, np.float64) @ np.asarray(qa.dequantize(), np.float64)
+    bound = (2e-2 if dtype == jnp.bfloat16 else 1e-5) * np.max(np.abs(ref))
+    assert np.max(np.abs(np.asarray(y, np.float64) - ref)) <= bound
+
+
+def test_weight_only_serving_holds_no_float_copy_of_the_weight():
+    # 4096²: a float copy would be 64 MiB; the chunked dot holds one 512-row float chunk (8 MiB)
+    spec = QuantSpec(8, channel_axes=(-1,))
+    qa = jax.eval_shape(lambda w: jquant.quantize(w, spec), jax.ShapeDtypeStruct((4096, 4096), jnp.float32))
+    float_bytes = 4096 * 4096 * 4
+
+    def decode(x, qa, steps=8):  # a generation loop: the same weight at every step
+        return jax.lax.fori_loop(0, steps, lambda i, h: jnp.tanh(jquant.dot_general(h, qa, DN)), x)
+
+    for fn, x in ((lambda x, qa: jquant.dot_general(x, qa, DN), jax.ShapeDtypeStruct((1, 4096), jnp.float32)),
+                  (decode, jax.ShapeDtypeStruct((1, 4096), jnp.float32)),
+                  (lambda x, qa: jquant.dot_general(x, qa, DN), jax.ShapeDtypeStruct((64, 4096), jnp.float32))):
+        compiled = jax.jit(fn).lower(x, qa).compile()
+        assert compiled.memory_analysis().temp_size_in_bytes < float_bytes / 4
+        assert "f32[4096,4096]" not in compiled.as_text()
+
+
 def test_weight_only_dequantizes_the_qarray():
     x = normal(3, (4, 32), jnp.bfloat16)
     rq = jquant.quantize(normal(4, (32, 8), jnp.bfloat16), QuantSpec(4, channel_axes=(1,), group_size=8))

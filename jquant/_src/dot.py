@@ -28,6 +28,20 @@ Path choice, measured on XLA:CPU (jax 0.10.2, 2 cores; see benchmarks/ for the s
   padded dot.
 * Operands whose scales vary along a contracted axis (other than one shared group split) cannot
   take the integer path; that is a configuration error, reported, never a silent float fallback.
+
+Weight-only (a QArray weight, a float activation), measured the same way at K = N = 4096:
+dequantizing the whole weight and then running the float dot costs 11–12× the float time at
+M = 1, 5–6× at M = 16, 2× at M = 256 (XLA:CPU materialises the float weight and converts it at
+a fraction of memory speed). Dequantizing `_WEIGHT_CHUNK` = 512 rows at a time inside a
+`lax.scan` (each chunk converted while it is in cache, multiplied at once, partial products
+summed in float32) keeps the weight quantized in memory (temporaries: one float chunk, 8 MiB for
+a 64 MiB float weight) and runs int8 at 0.8–1.0× the float time for M ≤ 64 and 1.0–1.2× at
+M = 128–256 (chunks of 128: 1.0–1.7×, 256: 0.9–1.0×, 1024: 0.9–1.6×). Sub-byte codes packed
+along N unpack slowly: int4 chunked is 4–6× float at M = 1 and 1.3–1.5× at M = 256 — still about
+half the time of dequantizing it whole, so it takes the same path. Taken on CPU for a Dense
+layout (x `(..., K)` · w `(K, N)`), at most `_WEIGHT_ONLY_MAX_ROWS` rows (the largest measured),
+integer-grid formats (uniform, sign), K a multiple of the chunk; anything else (GPU/TPU, which
+fuse the dequantization into the dot themselves; codebooks; other layouts) dequantizes whole.
 """
 
 from __future__ import annotations
@@ -39,13 +53,17 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from jquant._src import numerics
+from jquant._src import numerics, packing
 from jquant._src.qarray import QArray, quantize
 from jquant._src.spec import QuantSpec
 
 _INT32_LIMIT = 2 ** 31
 # Chunk lengths for splitting a single row's contraction (module docstring, "M = 1").
 _GEMV_CHUNK_MIN, _GEMV_CHUNK_MAX = 128, 512
+# Weight-only dot on XLA:CPU (module docstring, "Weight-only"): rows of the weight per scan step,
+# and the most rows of the other operand for which the chunked path is taken.
+_WEIGHT_CHUNK = 512
+_WEIGHT_ONLY_MAX_ROWS = 256
 
 
 @jax.tree_util.register_pytree_with_keys_class
@@ -117,10 +135,53 @@ def dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_element_t
                          "for the raw int32 accumulator use jquant.int_dot_general")
     if isinstance(lhs, QArray) and isinstance(rhs, QArray):
         return int_dot_general(lhs, rhs, dimension_numbers).dequantize(out_dtype)
+    if isinstance(rhs, QArray) and not isinstance(lhs, QArray) and (chunk := _weight_chunk(lhs, rhs, dimension_numbers)):
+        return _chunked_weight_only(lhs, rhs, chunk, precision, out_dtype)
     lhs = lhs.dequantize() if isinstance(lhs, QArray) else lhs
     rhs = rhs.dequantize() if isinstance(rhs, QArray) else rhs
     return lax.dot_general(lhs, rhs, dimension_numbers, precision=precision,
                            preferred_element_type=preferred_element_type)
+
+
+def _weight_chunk(x, w: QArray, dimension_numbers) -> int:
+    """Rows of the weight per step of the chunked weight-only dot, or 0 to dequantize it whole
+    (module docstring, "Weight-only"): XLA:CPU, a Dense layout (x `(..., K)` · w `(K, N)`), at
+    most `_WEIGHT_ONLY_MAX_ROWS` rows of x, unpacked integer storage, and K a multiple of the
+    chunk (itself a multiple of the weight's group size)."""
+    (contract, batch) = dimension_numbers
+    if (jax.default_backend() != "cpu" or w.ndim != 2 or tuple(batch[0]) or tuple(batch[1])
+            or tuple(contract[1]) != (0,) or tuple(a % x.ndim for a in contract[0]) != (x.ndim - 1,)
+            or not w.spec.method.integer_grid):
+        return 0
+    lay = w.layout
+    if lay.group_axis not in (None, 0) or 0 in lay.channel_axes:
+        return 0
+    k, rows = w.shape[0], x.size // max(x.shape[-1], 1)
+    chunk = math.lcm(_WEIGHT_CHUNK, w.spec.group_size or 1)
+    return chunk if rows <= _WEIGHT_ONLY_MAX_ROWS and k % chunk == 0 and k > chunk else 0
+
+
+def _chunked_weight_only(x, w: QArray, chunk: int, precision, out_dtype):
+    """x · ŵ with ŵ dequantized `chunk` rows at a time inside a `lax.scan` (each chunk converted
+    while it is in cache and multiplied at once), the partial products summed in float32."""
+    k, n = w.shape
+    steps = k // chunk
+    split = lambda a, axis: None if a is None else jnp.moveaxis(
+        jnp.reshape(a, a.shape[:axis] + (steps, a.shape[axis] // steps) + a.shape[axis + 1:]), axis, 0)
+    grouped = w.spec.group_size is not None  # scales vary along K: they are cut with the rows
+    xs = (split(x, x.ndim - 1), split(w.value, 0),
+          split(w.scale, 0) if grouped else None, split(w.zero_point, 0) if grouped else None)
+
+    def step(acc, chunk_xs):
+        xc, value, scale, zero_point = chunk_xs
+        part = QArray(value, w.scale if scale is None else scale, w.zero_point if scale is None else zero_point,
+                      spec=w.spec, shape=(chunk, n), dtype=w.dtype)
+        dims = (((xc.ndim - 1,), (0,)), ((), ()))
+        return acc + lax.dot_general(xc, part.dequantize(), dims, precision=precision,
+                                     preferred_element_type=jnp.float32), None
+
+    acc = jnp.zeros(x.shape[:-1] + (n,), jnp.float32)
+    return lax.scan(step, acc, xs)[0].astype(out_dtype)
 
 
 def _quantize_operand(x, spec, name):
