@@ -27,8 +27,8 @@ NOTES = [
     "Converting a whole 4096² int8 kernel to float32 on XLA:CPU costs several times the f32 dot at "
     "small batch (Qwix pays that). jquant converts 512 rows at a time inside a `lax.scan` while "
     "they are in cache and never holds a float copy of the weight; int8 then runs near the float "
-    "time. Sub-byte codes, packed along the output axis, still unpack slowly (issue 15's storage "
-    "layout is open work).",
+    "time. Sub-byte codes packed along the output axis are decoded by bit planes (the columns of "
+    "each nibble multiplied on their own, the outputs interleaved), never shuffled.",
 ]
 
 

@@ -36,9 +36,12 @@ a fraction of memory speed). Dequantizing `_WEIGHT_CHUNK` = 512 rows at a time i
 `lax.scan` (each chunk converted while it is in cache, multiplied at once, partial products
 summed in float32) keeps the weight quantized in memory (temporaries: one float chunk, 8 MiB for
 a 64 MiB float weight) and runs int8 at 0.8–1.0× the float time for M ≤ 64 and 1.0–1.2× at
-M = 128–256 (chunks of 128: 1.0–1.7×, 256: 0.9–1.0×, 1024: 0.9–1.6×). Sub-byte codes packed
-along N unpack slowly: int4 chunked is 4–6× float at M = 1 and 1.3–1.5× at M = 256 — still about
-half the time of dequantizing it whole, so it takes the same path. Taken on CPU for a Dense
+M = 128–256 (chunks of 128: 1.0–1.7×, 256: 0.9–1.0×, 1024: 0.9–1.6×). Sub-byte codes are packed
+along N (8/b per byte for b = 1, 2, 4); unpacking a chunk interleaves them (a shuffle) and ran at
+4–6× float at M = 1. So each bit plane of the bytes (the columns ≡ i mod 8/b) is decoded with its
+columns' scales and multiplied on its own — shifts and masks on whole bytes — and the planes'
+outputs are interleaved at the end: int4 g128 then runs at 1.0–1.3× float for M = 1, 0.9–1.0×
+for M = 16–64, 1.06× at M = 256 (3-bit codes straddle bytes and are unpacked). Taken on CPU for a Dense
 layout (x `(..., K)` · w `(K, N)`), at most `_WEIGHT_ONLY_MAX_ROWS` rows (the largest measured),
 integer-grid formats (uniform, sign), K a multiple of the chunk; anything else (GPU/TPU, which
 fuse the dequantization into the dot themselves; codebooks; other layouts) dequantizes whole.
@@ -54,7 +57,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from jquant._src import numerics, packing
-from jquant._src.qarray import QArray, quantize
+from jquant._src.qarray import QArray, decode, quantize
 from jquant._src.spec import QuantSpec
 
 _INT32_LIMIT = 2 ** 31
@@ -172,16 +175,33 @@ def _chunked_weight_only(x, w: QArray, chunk: int, precision, out_dtype):
     xs = (split(x, x.ndim - 1), split(w.value, 0),
           split(w.scale, 0) if grouped else None, split(w.zero_point, 0) if grouped else None)
 
+    bits = w.spec.bits
+    # Codes packed b bits apiece along N (b = 1, 2, 4): plane i of the bytes holds the columns
+    # ≡ i mod 8/b. Each plane is decoded with its columns' scales and multiplied on its own, and
+    # the planes' outputs are interleaved at the end — shifting and masking whole bytes, where
+    # unpacking the weight first would interleave (shuffle) every chunk.
+    planes = 8 // bits if packing.is_packed(bits) and 8 % bits == 0 and n % (8 // bits) == 0 else 1
+    mask = jnp.uint8((1 << bits) - 1)
+
     def step(acc, chunk_xs):
         xc, value, scale, zero_point = chunk_xs
-        part = QArray(value, w.scale if scale is None else scale, w.zero_point if scale is None else zero_point,
-                      spec=w.spec, shape=(chunk, n), dtype=w.dtype)
+        scale, zero_point = (w.scale, w.zero_point) if scale is None else (scale, zero_point)
         dims = (((xc.ndim - 1,), (0,)), ((), ()))
-        return acc + lax.dot_general(xc, part.dequantize(), dims, precision=precision,
-                                     preferred_element_type=jnp.float32), None
+        if planes == 1:
+            part = QArray(value, scale, zero_point, spec=w.spec, shape=(chunk, n), dtype=w.dtype).dequantize()
+            return acc + lax.dot_general(xc, part, dims, precision=precision, preferred_element_type=jnp.float32), None
+        columns = lambda a, i: a if a is None or a.shape[-1] == 1 else a[..., i::planes]
+        parts = []
+        for i in range(planes):
+            q = w.spec.method.from_codes((value >> jnp.uint8(bits * i)) & mask, w.spec)
+            plane = decode(q, columns(scale, i), columns(zero_point, i), w.spec, (chunk, n // planes), w.dtype)
+            parts.append(lax.dot_general(xc, plane, dims, precision=precision, preferred_element_type=jnp.float32))
+        return acc + jnp.stack(parts), None
 
-    acc = jnp.zeros(x.shape[:-1] + (n,), jnp.float32)
-    return lax.scan(step, acc, xs)[0].astype(out_dtype)
+    acc = jnp.zeros((planes,) + x.shape[:-1] + (n // planes,), jnp.float32)
+    acc = lax.scan(step, acc, xs)[0]
+    # plane i holds the columns i, i + planes, ...: interleave them back (a small output array)
+    return jnp.reshape(jnp.moveaxis(acc, 0, -1), x.shape[:-1] + (n,)).astype(out_dtype)
 
 
 def _quantize_operand(x, spec, name):

@@ -111,8 +111,7 @@ class QArray:
 
     def dequantize(self):
         """x̂ = s · (q - z) (codebook methods: the indexed level) in the original shape and dtype."""
-        values = self.spec.method.decode(self.q, self.scale, self.zero_point, self.spec, self.layout)
-        return numerics.cast_saturating(values, self.dtype)
+        return decode(self.q, self.scale, self.zero_point, self.spec, self.shape, self.dtype)
 
     @property
     def nbytes(self) -> int:
@@ -128,6 +127,13 @@ class QArray:
     def __repr__(self) -> str:
         return (f"QArray({self.spec!r}, shape={self.shape}, dtype={self.dtype.name}, "
                 f"bits/weight={self.bits_per_weight:.3f})")
+
+
+def decode(q, scale, zero_point, spec: QuantSpec, shape, dtype):
+    """`QArray.dequantize` of unpacked integers `q` of `shape` (for callers that unpack storage
+    piecewise, e.g. the weight-only dot's bit planes)."""
+    values = spec.method.decode(q, scale, zero_point, spec, numerics.layout(tuple(shape), spec))
+    return numerics.cast_saturating(values, dtype)
 
 
 def _layer_of_stack(spec: QuantSpec, shape, value):
