@@ -395,6 +395,25 @@ def test_a_stack_under_an_unstacked_rule_is_an_error_naming_the_kernel():
         jquant.flax.quantize(plain, policy).apply(shared, x)
 
 
+@pytest.mark.parametrize("policy", [jquant.int8_weights(), jquant.int4_weights()], ids=["int8", "int4"])
+def test_a_served_model_holds_no_float_copy_of_its_weights(policy):
+    # two Dense(4096) layers served weight-only under jit and in a jitted generation loop: a float
+    # copy of one kernel would be 64 MiB (shapes only: nothing this size is computed)
+    model = nn.Sequential([nn.Dense(4096), nn.Dense(4096)])
+    x = jax.ShapeDtypeStruct((1, 4096), jnp.float32)
+    params = jax.eval_shape(model.init, jax.random.key(0), x)
+    served = jax.eval_shape(lambda p: jquant.quantize_params(p, policy), params)
+    wrapped = jquant.flax.quantize(model, policy)
+
+    def generate(p, h):
+        return jax.lax.fori_loop(0, 4, lambda i, h: jnp.tanh(wrapped.apply(p, h)), h)
+
+    for fn in (wrapped.apply, generate):
+        compiled = jax.jit(fn).lower(served, x).compile()
+        assert compiled.memory_analysis().temp_size_in_bytes < 4096 * 4096 * 4 / 4
+        assert "f32[4096,4096]" not in compiled.as_text()
+
+
 def test_an_unwrapped_model_given_served_params_says_so():
     dense = nn.Dense(8)
     served = jquant.quantize_params(dense.init(jax.random.key(0), jnp.ones((1, 16))), jquant.int8_weights())
