@@ -40,8 +40,10 @@ M = 128–256 (chunks of 128: 1.0–1.7×, 256: 0.9–1.0×, 1024: 0.9–1.6×).
 along N (8/b per byte for b = 1, 2, 4); unpacking a chunk interleaves them (a shuffle) and ran at
 4–6× float at M = 1. So each bit plane of the bytes (the columns ≡ i mod 8/b) is decoded with its
 columns' scales and multiplied on its own — shifts and masks on whole bytes — and the planes'
-outputs are interleaved at the end: int4 g128 then runs at 1.0–1.3× float for M = 1, 0.9–1.0×
-for M = 16–64, 1.06× at M = 256 (3-bit codes straddle bytes and are unpacked). Taken on CPU for a Dense
+outputs are interleaved at the end: int4 g128 then runs at 1.0–1.3× float for M = 1 with the
+weight in cache (2.1× through a 4-layer model whose weights are not: benchmarks/RESULTS.md,
+table 4), 0.7–1.0× for M = 16–64, about 1.0× at M = 256 (3-bit codes straddle bytes and are
+unpacked). Taken on CPU for a Dense
 layout (x `(..., K)` · w `(K, N)`), at most `_WEIGHT_ONLY_MAX_ROWS` rows (the largest measured),
 integer-grid formats (uniform, sign), K a multiple of the chunk; anything else (GPU/TPU, which
 fuse the dequantization into the dot themselves; codebooks; other layouts) dequantizes whole.
