@@ -151,8 +151,8 @@ def dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_element_t
 def _weight_chunk(x, w: QArray, dimension_numbers) -> int:
     """Rows of the weight per step of the chunked weight-only dot, or 0 to dequantize it whole
     (module docstring, "Weight-only"): XLA:CPU, a Dense layout (x `(..., K)` · w `(K, N)`), at
-    most `_WEIGHT_ONLY_MAX_ROWS` rows of x, unpacked integer storage, and K a multiple of the
-    chunk (itself a multiple of the weight's group size)."""
+    most `_WEIGHT_ONLY_MAX_ROWS` rows of x, an integer-grid format, and K a multiple of the chunk
+    (itself a multiple of the weight's group size)."""
     (contract, batch) = dimension_numbers
     if (jax.default_backend() != "cpu" or w.ndim != 2 or tuple(batch[0]) or tuple(batch[1])
             or tuple(contract[1]) != (0,) or tuple(a % x.ndim for a in contract[0]) != (x.ndim - 1,)
@@ -185,20 +185,20 @@ def _chunked_weight_only(x, w: QArray, chunk: int, precision, out_dtype):
     planes = 8 // bits if packing.is_packed(bits) and 8 % bits == 0 and n % (8 // bits) == 0 else 1
     mask = jnp.uint8((1 << bits) - 1)
 
+    columns = lambda a, i: a if a is None or a.shape[-1] == 1 else a[..., i::planes]
+
     def step(acc, chunk_xs):
         xc, value, scale, zero_point = chunk_xs
         scale, zero_point = (w.scale, w.zero_point) if scale is None else (scale, zero_point)
+        if planes == 1:  # int8 storage, or 3-bit codes that straddle bytes: the chunk's integers
+            qs = [QArray(value, scale, zero_point, spec=w.spec, shape=(chunk, n), dtype=w.dtype).q]
+        else:
+            qs = [w.spec.method.from_codes((value >> jnp.uint8(bits * i)) & mask, w.spec) for i in range(planes)]
         dims = (((xc.ndim - 1,), (0,)), ((), ()))
-        if planes == 1:
-            part = QArray(value, scale, zero_point, spec=w.spec, shape=(chunk, n), dtype=w.dtype).dequantize()
-            return acc + lax.dot_general(xc, part, dims, precision=precision, preferred_element_type=jnp.float32), None
-        columns = lambda a, i: a if a is None or a.shape[-1] == 1 else a[..., i::planes]
-        parts = []
-        for i in range(planes):
-            q = w.spec.method.from_codes((value >> jnp.uint8(bits * i)) & mask, w.spec)
-            plane = decode(q, columns(scale, i), columns(zero_point, i), w.spec, (chunk, n // planes), w.dtype)
-            parts.append(lax.dot_general(xc, plane, dims, precision=precision, preferred_element_type=jnp.float32))
-        return acc + jnp.stack(parts), None
+        return acc + jnp.stack([
+            lax.dot_general(xc, decode(q, columns(scale, i), columns(zero_point, i), w.spec, (chunk, n // planes),
+                                       w.dtype), dims, precision=precision, preferred_element_type=jnp.float32)
+            for i, q in enumerate(qs)]), None
 
     acc = jnp.zeros((planes,) + x.shape[:-1] + (n // planes,), jnp.float32)
     acc = lax.scan(step, acc, xs)[0]

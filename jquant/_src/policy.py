@@ -145,8 +145,7 @@ class Policy:
     def unmatched_rules(self, params) -> List[Rule]:
         """Rules that no float leaf of `params` reaches (typos, or rules shadowed by earlier ones),
         except `optional` ones."""
-        used = {i for _, i in self.assignments(params) if i is not None}
-        return [rule for i, rule in enumerate(self.rules) if i not in used and not (rule.optional and used)]
+        return [rule for _, rule in _unused(self.rules, {i for _, i in self.assignments(params) if i is not None})]
 
     def explain(self, params) -> str:
         """A readable table: each float leaf's path and the rule it gets, then the unused rules."""
@@ -166,6 +165,12 @@ def check_policy(policy, where: str) -> "Policy":
     if not isinstance(policy, Policy):
         raise TypeError(f"{where}: policy must be a jquant.Policy, got {type(policy).__name__}")
     return policy
+
+
+def _unused(rules, used) -> List[Tuple[int, Rule]]:
+    """(index, rule) of the rules whose index is not in `used`, except `optional` ones while any
+    rule is used."""
+    return [(i, rule) for i, rule in enumerate(rules) if i not in used and not (rule.optional and used)]
 
 
 def check_stack(path: str, ndim: int, layer_ndim: Optional[int], rule: Rule) -> None:
@@ -242,7 +247,7 @@ def walk(tree, policy: Policy, fn: Callable[[Match], object], *, where: str,
             raise at_path(path, err, f"rule {index} {rule!r} does not fit shape {tuple(leaf.shape)}: ") from None
 
     out = map_with_paths(visit, tree)
-    unused = [(i, rule) for i, rule in enumerate(policy.rules) if i not in used and not (rule.optional and used)]
+    unused = _unused(policy.rules, used)
     if warn_unused and unused:
         notes = [f"{rule!r}" + (f" (it matches {quantized[i]!r}, already a QArray: the tree is quantized already)"
                                 if i in quantized else "") for i, rule in unused]

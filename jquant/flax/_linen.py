@@ -57,7 +57,8 @@ class QuantizedLinen:
     def init(self, *args, **kwargs):
         """The model's `init`. Afterwards the policy is checked against the new variables by the
         policy walk: a rule that matches no parameter, or a kernel that no supported layer
-        (Dense, DenseGeneral, Conv, Einsum) uses — it would stay float — is reported in a warning."""
+        (Dense, DenseGeneral, Conv, Einsum) uses — it would stay float — is reported in a warning;
+        a stacked kernel (`nn.scan`) whose rule does not say so is an error (`check_stack`)."""
         layers = {}
         token = _LAYERS.set(layers)
         try:
@@ -65,11 +66,13 @@ class QuantizedLinen:
                 variables = self.model.init(*args, **kwargs)
         finally:
             _LAYERS.reset(token)
-        left = [m for m in matches(variables, self.policy, where="jquant.flax.quantize (Linen init)",
-                                   selects=lambda rule: rule.spec is not None or rule.act is not None)
-                if m.path not in layers]
-        for m in matches(variables, self.policy, where="jquant.flax.quantize (Linen init)", warn_unused=False):
-            check_stack(m.path, m.leaf.ndim, layers.get(m.path), self.policy.rules[m.index])
+        left = []
+        for m in matches(variables, self.policy, where="jquant.flax.quantize (Linen init)",
+                         selects=lambda rule: rule.spec is not None or rule.act is not None):
+            if m.path in layers:
+                check_stack(m.path, m.leaf.ndim, layers[m.path], self.policy.rules[m.index])
+            else:
+                left.append(m)
         if left:
             warnings.warn(f"jquant.flax.quantize: {len(left)} parameter(s) matched by the policy are not the kernel "
                           f"of a Dense, DenseGeneral, Conv or Einsum layer, so QAT leaves them float: "
