@@ -1,14 +1,15 @@
 """jquant: functional quantization transforms for JAX.
 
-Public namespaces: `jquant` (specs, formats, QArray, fake quantization, the integer dot,
-quantized ops, policies and the transforms over parameter trees, reports, checkpoints),
+Public namespaces: `jquant` (specs, formats, QArray, fake quantization, the integer dot and
+convolution, quantized ops, policies and the transforms over parameter trees, reports,
+checkpoints),
 `jquant.ptq` (GPTQ, AWQ, SmoothQuant, mixed-precision search on any JAX function),
 `jquant.learned` (LSQ steps, PACT clips) and `jquant.flax` (Linen and NNX). The subpackages are
 imported on first use, so `import jquant` does not import Flax.
 
 The implementation lives in `jquant._src` (private); its layers, each importing only those
 before it: calibration → numerics → formats (one module per format family) → spec → packing →
-qarray → ste, dot → ops → tree (paths, the one walk over a tree by policy) → policy →
+qarray → ste, dot → conv → ops → tree (paths, the one walk over a tree by policy) → policy →
 transforms, report, checkpoint → learned, ptq; `jquant.flax` sits on top and is the only place
 that knows Flax.
 """
@@ -21,6 +22,7 @@ from jquant._src.spec import QuantSpec
 from jquant._src.qarray import QArray, dequantize, quantize
 from jquant._src.ste import fake_quant, ste_round
 from jquant._src.dot import Accumulator, dot_general, int_dot_general, requantize
+from jquant._src.conv import conv_general_dilated, int_conv_general_dilated
 from jquant._src.ops import QuantConv, QuantDot, QuantEinsum
 from jquant._src.policy import Policy, Rule, int4_weights, int8_weights, w8a8
 from jquant._src.transforms import checked, dequantize_params, fake_quant_params, quantize_params
@@ -32,7 +34,8 @@ _SUBPACKAGES = ("flax", "learned", "ptq")
 __all__ = [
     "QuantSpec", "Format", "Uniform", "Sign", "KMeans", "NF4", "MinMax", "Percentile", "MSE", "QArray", "quantize",
     "dequantize", "fake_quant", "ste_round", "Accumulator", "dot_general", "int_dot_general", "requantize",
-    "QuantDot", "QuantEinsum", "QuantConv", "Rule", "Policy", "int8_weights", "int4_weights", "w8a8",
+    "conv_general_dilated", "int_conv_general_dilated", "QuantDot", "QuantEinsum", "QuantConv", "Rule", "Policy",
+    "int8_weights", "int4_weights", "w8a8",
     "quantize_params", "dequantize_params", "fake_quant_params", "checked", "report", "Report", "save", "load",
     *_SUBPACKAGES,
 ]

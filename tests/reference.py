@@ -186,3 +186,43 @@ def dot_general(lhs, rhs, dimension_numbers) -> np.ndarray:
     out = [ls[a] for a in lb] + [ls[a] for a in range(len(ls)) if a not in tuple(lc) + tuple(lb)] + \
           [rs[b] for b in range(len(rs)) if b not in tuple(rc) + tuple(rb)]
     return np.einsum(f"{''.join(ls)},{''.join(rs)}->{''.join(out)}", lhs, rhs)
+
+
+def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation, specs,
+                         feature_group_count: int = 1) -> np.ndarray:
+    """`lax.conv_general_dilated` in NumPy, written from its definition: the input dilated (zeros
+    between elements), padded by explicit `(low, high)` pairs (negative crops), then for every
+    kernel tap t the strided input window at offset t·rhs_dilation times the tap's (O, I) matrix,
+    per feature group, summed. `specs` = (lhs_spec, rhs_spec, out_spec) as in
+    `lax.ConvDimensionNumbers` ((batch, feature, spatial…), (out, in, spatial…), (batch, feature,
+    spatial…)). Integer operands are multiplied as float64 (BLAS) and checked to stay below 2^53,
+    so the int64 result is exact."""
+    lhs_spec, rhs_spec, out_spec = specs
+    integer = np.issubdtype(np.asarray(lhs).dtype, np.integer) and np.issubdtype(np.asarray(rhs).dtype, np.integer)
+    x = np.transpose(np.asarray(lhs, np.float64), lhs_spec)  # (N, C, spatial...)
+    w = np.transpose(np.asarray(rhs, np.float64), rhs_spec)  # (O, I, spatial...)
+    if integer:
+        assert np.abs(x).max(initial=0) * np.abs(w).max(initial=0) * w[0].size < 2.0 ** 53
+    nsp = x.ndim - 2
+    dilated = np.zeros(x.shape[:2] + tuple((s - 1) * d + 1 for s, d in zip(x.shape[2:], lhs_dilation)))
+    dilated[(slice(None), slice(None)) + tuple(slice(None, None, d) for d in lhs_dilation)] = x
+    pads = [(max(lo, 0), max(hi, 0)) for lo, hi in padding]
+    x = np.pad(dilated, [(0, 0), (0, 0)] + pads)
+    x = x[(slice(None), slice(None)) + tuple(slice(max(-lo, 0), x.shape[2 + i] - max(-hi, 0))
+                                             for i, (lo, hi) in enumerate(padding))]
+    n, c = x.shape[:2]
+    o, i = w.shape[:2]
+    g = feature_group_count
+    span = [(k - 1) * d + 1 for k, d in zip(w.shape[2:], rhs_dilation)]
+    out_sp = [max((s - k) // st + 1, 0) for s, k, st in zip(x.shape[2:], span, window_strides)]
+    out = np.zeros((n, g, o // g) + tuple(out_sp))
+    for tap in np.ndindex(*w.shape[2:]) if min(out_sp, default=1) > 0 else ():
+        window = x[(slice(None), slice(None)) + tuple(
+            slice(t * d, t * d + st * (m - 1) + 1, st) for t, d, st, m in zip(tap, rhs_dilation, window_strides, out_sp))]
+        window = window.reshape((n, g, i) + tuple(out_sp))
+        taps = w[(slice(None), slice(None)) + tap].reshape(g, o // g, i)
+        out += np.einsum("ngi...,goi->ngo...", window, taps, optimize=True)
+    out = out.reshape((n, o) + tuple(out_sp))
+    assert out.ndim == nsp + 2
+    out = np.transpose(out, np.argsort(out_spec))
+    return np.rint(out).astype(np.int64) if integer else out

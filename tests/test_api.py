@@ -22,6 +22,7 @@ def test_top_level_names():
     assert sorted(jquant.__all__) == sorted([
         "QuantSpec", "Format", "Uniform", "Sign", "KMeans", "NF4", "MinMax", "Percentile", "MSE", "QArray",
         "quantize", "dequantize", "fake_quant", "ste_round", "Accumulator", "dot_general", "int_dot_general",
+        "conv_general_dilated", "int_conv_general_dilated",
         "requantize", "QuantDot", "QuantEinsum", "QuantConv", "Rule", "Policy", "int8_weights", "int4_weights",
         "w8a8", "quantize_params", "dequantize_params", "fake_quant_params", "checked", "report", "Report", "save",
         "load", "flax", "learned", "ptq"])

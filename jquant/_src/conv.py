@@ -1,0 +1,278 @@
+"""The quantized `conv_general_dilated`: integers in, an exact int32 bracket out, scales applied once.
+
+Math. For an activation x̂ = s_x (q_x − z_x) whose scale and zero-point are constant over its
+spatial and feature axes (per tensor, or per batch entry) and a kernel ŵ = s_w (q_w − z_w) whose
+scale and zero-point are constant over its spatial and input-feature axes (per tensor, or per output
+channel o), every output element y[n, p, o] sums over one window W(p) of K = (kernel spatial size) ·
+(input features per group) taps:
+
+    y = s_x s_w Σ_W (q_x − z_x)(q_w − z_w)
+      = s_x s_w [ Σ_W q_x q_w − z_w Σ_W q_x − z_x Σ_W q_w + z_x z_w |W| ],
+
+where the sums run over the taps that fall inside the input. Padding (and the holes of an
+`lhs_dilation`) are real zeros, i.e. q_x = z_x there, so they contribute nothing to the left-hand
+side; the convolution's implicit zero padding makes the right-hand sums "inside taps only" by
+itself: Σ_W q_x is a convolution of Σ_features q_x with a kernel of ones, Σ_W q_w a convolution of
+a ones image (zero-padded) with the kernel's input-feature sums, |W| one of ones with ones. Those
+corrections are convolutions with one input feature, cheap beside the main one, and vanish for
+symmetric operands. The bracket is exact in int32 (wrapping intermediate sums included) when
+K · max|q_x − z_x| · max|q_w − z_w| < 2^31, checked at trace time (ValueError otherwise), as for the
+dot.
+
+Routes to the same exact bracket (`_route`), measured on XLA:CPU (jax 0.10.2, 2 shared cores; the
+conv table in benchmarks/, `python benchmarks/conv_paths.py`; ratios are against the f32 conv of
+the same shape, the candidates timed in alternating rounds):
+* "int": `lax.conv_general_dilated(int8, int8, preferred_element_type=int32)` plus the corrections
+  above. XLA:CPU runs it through YNNPACK when the layout is channels-last (lhs `(N, spatial…, C)`,
+  rhs `(spatial…, I, O)`, output `(N, spatial…, O)`, as `nn.Conv` uses) and the input features per
+  group I are a multiple of 4: 0.4–0.95× the f32 conv at ResNet-like shapes (56×56×64→64 3×3 batch
+  8: 0.6×; 14×14×256→256: 0.5×; 4 groups of 32: 0.24×). With I = 2, 3, 5, 6 it takes 2.4–9× the f32
+  time (a 7×7 stem on RGB: 7×), with I = 1 (depthwise, a grey-scale first layer) 1.05–1.15×, and in
+  any other layout (NCHW/OIHW: 45×, transposing to channels-last inside the program does not help:
+  XLA folds the transposes into the conv's layout and leaves YNNPACK) it falls to a slow generic
+  int8 kernel.
+* "float": the centred integers q − z as float32 in an f32 conv (`Precision.HIGHEST`, no TF32),
+  exact because every partial sum is an integer below 2^24 when K · max|q_x − z_x| · max|q_w − z_w|
+  < 2^24 (the zero-points are subtracted first, so padding needs no correction): ~1.0× the f32 conv
+  (plus the conversion). Taken on CPU where the int route falls off its fast kernel and this bound
+  holds, and on other backends (GPU, TPU: not measured here; XLA's int8 convolutions there depend
+  on cuDNN layouts and sizes, while an f32 conv always compiles and is exact under the bound).
+  Where the bound does not hold the int route runs (exact, possibly slow).
+Scales that vary along a contracted axis (spatial or input feature) or grouped scales
+(`group_size`) have no integer convolution: `integer_conv_problem` says so, and `jquant.QuantConv`
+then serves the dequantized kernel (the QAT numbers), never silently.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from jquant._src import numerics
+from jquant._src.dot import Accumulator
+from jquant._src.qarray import QArray, quantize
+
+_INT32_LIMIT = 2 ** 31
+_FLOAT32_EXACT = 2 ** 24  # integers up to here are exact in float32, so are sums that stay below it
+# XLA:CPU's fast int8 convolution (YNNPACK) needs input features per group in multiples of this.
+_INT_FEATURE_MULTIPLE = 4
+
+
+def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=None,
+                         dimension_numbers=None, feature_group_count=1, batch_group_count=1, precision=None,
+                         preferred_element_type=None, *, lhs_spec=None, rhs_spec=None):
+    """`lax.conv_general_dilated` for quantized operands; a drop-in for `nn.Conv(conv_general_dilated=...)`.
+
+    lhs is the activation, rhs the kernel, as in lax. A float operand with a spec is quantized on
+    the fly (dynamic quantization: its scale comes from this call's values).
+    * QArray × QArray → the exact integer convolution (`int_conv_general_dilated`), then one
+      multiply by s_x·s_w (per batch entry × per output channel).
+    * float lhs × QArray rhs (no lhs spec) → weight-only: the kernel is dequantized, a float conv runs.
+    * float × float → plain `lax.conv_general_dilated`.
+
+    Args:
+      lhs: activation, QArray or float array, `(N, C, spatial…)` up to `dimension_numbers`.
+      rhs: kernel, QArray or float array, `(O, I, spatial…)` up to `dimension_numbers`, I = C / groups.
+      window_strides, padding, lhs_dilation, rhs_dilation, dimension_numbers, feature_group_count,
+        batch_group_count, precision: as in `lax.conv_general_dilated` (`precision` reaches the float
+        conv only; the integer conv is exact).
+      preferred_element_type: float output dtype; default the operands' float result type.
+      lhs_spec, rhs_spec: specs to quantize float operands with.
+
+    Returns:
+      float array shaped like `lax.conv_general_dilated`'s output.
+
+    Raises:
+      TypeError: a spec is not a QuantSpec, or an operand to quantize is not float.
+      ValueError: a spec given for a QArray; an integer preferred_element_type; what
+        `integer_conv_problem` says for two QArrays.
+    """
+    lhs = _quantize_operand(lhs, lhs_spec, "lhs")
+    rhs = _quantize_operand(rhs, rhs_spec, "rhs")
+    out_dtype = preferred_element_type or jnp.result_type(lhs.dtype, rhs.dtype)
+    if not jnp.issubdtype(out_dtype, jnp.floating):
+        raise ValueError(f"preferred_element_type={jnp.dtype(out_dtype).name} must be a float dtype; "
+                         "for the raw int32 accumulator use jquant.int_conv_general_dilated")
+    if isinstance(lhs, QArray) and isinstance(rhs, QArray):
+        if batch_group_count != 1:
+            raise ValueError(f"batch_group_count={batch_group_count}: the integer convolution supports only 1")
+        acc = int_conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation,
+                                       dimension_numbers, feature_group_count)
+        return acc.dequantize(out_dtype)
+    lhs = lhs.dequantize() if isinstance(lhs, QArray) else lhs
+    rhs = rhs.dequantize() if isinstance(rhs, QArray) else rhs
+    return lax.conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation, dimension_numbers,
+                                    feature_group_count, batch_group_count, precision=precision,
+                                    preferred_element_type=preferred_element_type)
+
+
+def int_conv_general_dilated(lhs: QArray, rhs: QArray, window_strides, padding, lhs_dilation=None,
+                             rhs_dilation=None, dimension_numbers=None, feature_group_count=1) -> Accumulator:
+    """The exact integer convolution of two QArrays: the int32 bracket (module docstring) and s_x·s_w.
+
+    Args:
+      lhs: the activation QArray; its scale may vary along the batch axis only.
+      rhs: the kernel QArray; its scale may vary along the output-feature axis only.
+      the rest: as in `lax.conv_general_dilated`.
+
+    Returns:
+      `Accumulator` whose `value` (int32, shaped like `lax.conv_general_dilated`'s output) is
+      Σ_W (q_x − z_x)(q_w − z_w) exactly, and whose `scale` (float32, 1 except on the output's batch
+      and feature axes) is s_x·s_w.
+
+    Raises:
+      TypeError: an operand is not a QArray.
+      ValueError: what `integer_conv_problem` says.
+    """
+    for name, op in (("lhs", lhs), ("rhs", rhs)):
+        if not isinstance(op, QArray):
+            raise TypeError(f"int_conv_general_dilated: {name} must be a QArray, got {type(op).__name__}")
+    problem = integer_conv_problem(lhs, rhs, dimension_numbers, feature_group_count)
+    if problem is not None:
+        raise ValueError(problem)
+    dn = lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers)
+    qx, sx = lhs.spec.method.integer_operand(lhs.q, lhs.scale, lhs.spec)
+    qw, sw = rhs.spec.method.integer_operand(rhs.q, rhs.scale, rhs.spec)
+    zx, zw = lhs.zero_point, rhs.zero_point
+
+    def conv(a, b, groups=1, out_type=jnp.int32, precision=None):
+        return lax.conv_general_dilated(a, b, window_strides, padding, lhs_dilation, rhs_dilation, dn, groups,
+                                        precision=precision, preferred_element_type=out_type)
+
+    if _route(lhs, rhs, dn, feature_group_count) == "float":
+        centred = lambda q, z: q.astype(jnp.float32) - (0 if z is None else z.astype(jnp.float32))
+        value = conv(centred(qx, zx), centred(qw, zw), feature_group_count, jnp.float32,
+                     lax.Precision.HIGHEST).astype(jnp.int32)
+    else:
+        value = conv(qx, qw, feature_group_count)
+        value = value - _zero_point_terms(qx, qw, zx, zw, dn, feature_group_count, conv)
+    out_ndim = value.ndim
+    scale = _on_output(_per(sx, dn.lhs_spec[0]), _per(sw, dn.rhs_spec[0]), dn.out_spec, out_ndim)
+    return Accumulator(value, scale.astype(jnp.float32))
+
+
+def _quantize_operand(x, spec, name):
+    if spec is None:
+        return x
+    if isinstance(x, QArray):
+        raise ValueError(f"conv_general_dilated: {name}_spec given but {name} is already a QArray ({x.spec!r})")
+    try:
+        return quantize(x, spec)
+    except (TypeError, ValueError) as err:  # say which operand
+        raise type(err)(f"conv_general_dilated: {name} of shape {jnp.shape(x)} with {name}_spec={spec!r}: "
+                        f"{err}") from None
+
+
+def _zero_point_terms(qx, qw, zx, zw, dn, groups, conv):
+    """z_w Σ_W q_x + z_x Σ_W q_w − z_x z_w |W| (int32, broadcastable to the output): what the
+    zero-points take off Σ_W q_x q_w, with W the taps inside the input (module docstring)."""
+    terms = jnp.int32(0)
+    if zx is None and zw is None:
+        return terms
+    lb, lf = dn.lhs_spec[0], dn.lhs_spec[1]
+    ro, ri = dn.rhs_spec[0], dn.rhs_spec[1]
+    of = dn.out_spec[1]
+    n_out = qw.shape[ro]
+    ones_kernel = jnp.ones(tuple(1 if a in (ro, ri) else d for a, d in enumerate(qw.shape)), jnp.int32)
+    if zw is not None:
+        # Σ over each group's input features, then a window sum per group; repeated over the
+        # group's output channels (contiguous in XLA's grouped convolution).
+        c = qx.shape[lf]
+        grouped = jnp.reshape(qx, qx.shape[:lf] + (groups, c // groups) + qx.shape[lf + 1:])
+        feature_sums = jnp.sum(grouped, axis=lf + 1, dtype=jnp.int32)
+        window_sums = conv(feature_sums, jnp.broadcast_to(ones_kernel, _with(ones_kernel.shape, ro, groups)), groups)
+        window_sums = jnp.repeat(window_sums, n_out // groups, axis=of) if groups > 1 else window_sums
+        terms = terms + _on_output(None, _per(zw, ro), dn.out_spec, window_sums.ndim) * window_sums
+    if zx is not None:
+        ones_image = jnp.ones(tuple(1 if a in (lb, lf) else d for a, d in enumerate(qx.shape)), jnp.int32)
+        kernel_sums = conv(ones_image, jnp.sum(qw, axis=ri, keepdims=True, dtype=jnp.int32))
+        terms = terms + _on_output(_per(zx, lb), None, dn.out_spec, kernel_sums.ndim) * kernel_sums
+        if zw is not None:
+            taps = conv(ones_image, ones_kernel) * qw.shape[ri]
+            terms = terms - _on_output(_per(zx, lb), _per(zw, ro), dn.out_spec, taps.ndim) * taps
+    return terms
+
+
+def _with(shape, axis, size):
+    return tuple(size if a == axis else d for a, d in enumerate(shape))
+
+
+def _per(a, axis):
+    """A scale-shaped array (1 on every axis but `axis`) as a vector along `axis` (int8 → int32)."""
+    v = jnp.reshape(a, (a.shape[axis],))
+    return v.astype(jnp.int32) if jnp.issubdtype(v.dtype, jnp.integer) else v
+
+
+def _on_output(batch_vector, feature_vector, out_spec, ndim):
+    """The product of a per-batch and a per-output-feature vector (either may be None) shaped to
+    broadcast against the output: its batch axis `out_spec[0]`, feature axis `out_spec[1]`."""
+    result = None
+    for vector, axis in ((batch_vector, out_spec[0]), (feature_vector, out_spec[1])):
+        if vector is None:
+            continue
+        v = jnp.reshape(vector, tuple(vector.shape[0] if a == axis else 1 for a in range(ndim)))
+        result = v if result is None else result * v
+    return result
+
+
+def integer_conv_problem(lhs, rhs, dimension_numbers=None, feature_group_count=1) -> Optional[str]:
+    """Why `int_conv_general_dilated` cannot convolve these operands (None: it can), from their
+    shapes and specs alone (`lhs`, `rhs`: anything with `.shape` and `.spec`, e.g. QArrays or
+    `jquant._src.dot.Operand`s): a format without an integer grid, grouped scales, a scale that
+    varies along a contracted axis (the activation's spatial or feature axes, the kernel's spatial
+    or input-feature axes), mismatched ranks or features, or an int32 overflow risk."""
+    for name, op in (("lhs", lhs), ("rhs", rhs)):
+        problem = op.spec.method.integer_problem(op.spec)
+        if problem is not None:
+            return f"int_conv_general_dilated: {name} {problem}"
+    if len(lhs.shape) != len(rhs.shape) or len(lhs.shape) < 3:
+        return (f"int_conv_general_dilated: lhs {tuple(lhs.shape)} and rhs {tuple(rhs.shape)} must have the same "
+                "rank, at least 3 (batch, feature, one or more spatial axes)")
+    dn = lax.conv_dimension_numbers(tuple(lhs.shape), tuple(rhs.shape), dimension_numbers)
+    groups = feature_group_count
+    if not isinstance(groups, int) or groups < 1 or lhs.shape[dn.lhs_spec[1]] != groups * rhs.shape[dn.rhs_spec[1]] \
+            or rhs.shape[dn.rhs_spec[0]] % groups:
+        return (f"int_conv_general_dilated: lhs features {lhs.shape[dn.lhs_spec[1]]} must equal feature_group_count "
+                f"({groups}) × rhs input features {rhs.shape[dn.rhs_spec[1]]}, and rhs output features "
+                f"{rhs.shape[dn.rhs_spec[0]]} be a multiple of it")
+    for name, op, free, role in (("lhs", lhs, dn.lhs_spec[0], "batch"), ("rhs", rhs, dn.rhs_spec[0], "output-feature")):
+        lay = numerics.layout(tuple(op.shape), op.spec)
+        if lay.group_axis is not None:
+            return (f"int_conv_general_dilated: {name} has grouped scales ({op.spec!r} on shape {tuple(op.shape)}); "
+                    f"an integer convolution needs one scale per {role} entry (channel_axes=({free},)) or per tensor")
+        varying = [a for a in lay.channel_axes if a != free]
+        if varying:
+            return (f"int_conv_general_dilated: {name} scale varies along axis {varying[0]}, which the convolution "
+                    f"sums over ({op.spec!r} on shape {tuple(op.shape)}); allowed: per tensor or "
+                    f"channel_axes=({free},) (its {role} axis)")
+    k = _taps(rhs, dn)
+    magnitude = lhs.spec.integer_magnitude * rhs.spec.integer_magnitude
+    if k * magnitude >= _INT32_LIMIT:
+        return (f"int32 accumulator could overflow: K={k} taps (kernel window × input features per group) × "
+                f"{lhs.spec.integer_magnitude} × {rhs.spec.integer_magnitude} = {k * magnitude} ≥ 2^31; allowed: "
+                f"K ≤ {(_INT32_LIMIT - 1) // magnitude} for these specs — use fewer bits or fewer input features")
+    return None
+
+
+def _taps(rhs, dn) -> int:
+    """K: the kernel's window size times its input features (per group)."""
+    return math.prod(rhs.shape[a] for a in dn.rhs_spec[1:])
+
+
+def _route(lhs, rhs, dn, feature_group_count) -> str:
+    """"int" or "float": which exact convolution computes the bracket (module docstring, "Routes")."""
+    exact_in_float = _taps(rhs, dn) * lhs.spec.integer_magnitude * rhs.spec.integer_magnitude < _FLOAT32_EXACT
+    if not exact_in_float:
+        return "int"
+    if jax.default_backend() != "cpu":
+        return "float"
+    nd = len(rhs.shape)
+    channels_last = (tuple(dn.lhs_spec) == (0, nd - 1) + tuple(range(1, nd - 1))
+                     and tuple(dn.rhs_spec) == (nd - 1, nd - 2) + tuple(range(nd - 2))
+                     and tuple(dn.out_spec) == tuple(dn.lhs_spec))
+    features = rhs.shape[dn.rhs_spec[1]]
+    return "int" if channels_last and features % _INT_FEATURE_MULTIPLE == 0 else "float"
