@@ -8,6 +8,10 @@ final LayerNorm and an untied head over the 256 byte values. No biases in the li
 are unrolled in Python (no `scan`), so every kernel meets its input in its own `dot_general`.
 The text it learns, and how it is trained and cached, are in `_common.py` (shared by the
 char_lm examples).
+
+`Decoder` is the same model as a Flax Linen module, for serving with a KV cache: Flax's own
+`nn.MultiHeadDotProductAttention` (3-D `DenseGeneral` kernels, `decode=True` keeps the cache)
+and `nn.Dense` MLP; `linen_params` maps `init`'s tree onto it.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ import dataclasses
 import math
 from typing import Dict
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
@@ -81,3 +86,60 @@ def forward(params, tokens):
         x = x + jax.nn.gelu(layer_norm(x, p["ln2"]) @ p["mlp"]["up"]["kernel"]) @ p["mlp"]["down"]["kernel"]
     return layer_norm(x, params["ln_f"]) @ params["head"]["kernel"]
 
+
+
+class _Block(nn.Module):
+    config: Config
+    decode: bool
+
+    @nn.compact
+    def __call__(self, x, mask):
+        d = self.config.width
+        norm = lambda name: nn.LayerNorm(epsilon=1e-5, use_fast_variance=False, name=name)
+        x = x + nn.MultiHeadDotProductAttention(max(1, d // HEAD_DIM), qkv_features=d, out_features=d, use_bias=False,
+                                                decode=self.decode, name="attn")(norm("ln1")(x), mask=mask)
+        mlp = _Mlp(d, name="mlp")
+        return x + mlp(norm("ln2")(x))
+
+
+class _Mlp(nn.Module):
+    width: int
+
+    @nn.compact
+    def __call__(self, x):
+        return nn.Dense(self.width, use_bias=False, name="down")(
+            jax.nn.gelu(nn.Dense(4 * self.width, use_bias=False, name="up")(x)))
+
+
+class Decoder(nn.Module):
+    """`forward` as a Linen module. `decode=False`: `(tokens (batch, time), positions (batch,
+    time)) -> logits`, causal over the given time steps. `decode=True`: one token per call
+    (time = 1) attending to the KV cache (the `"cache"` collection, sized by `init` with a
+    `(batch, context)` input, updated with `mutable=["cache"]`); `positions` is the token's index."""
+    config: Config
+    decode: bool = False
+
+    @nn.compact
+    def __call__(self, tokens, positions):
+        d = self.config.width
+        x = nn.Embed(VOCAB, d, name="embed")(tokens) + nn.Embed(self.config.context, d, name="pos")(positions)
+        mask = None if self.decode else nn.make_causal_mask(tokens)
+        for i in range(self.config.depth):
+            x = _Block(self.config, self.decode, name=f"block_{i}")(x, mask)
+        x = nn.LayerNorm(epsilon=1e-5, use_fast_variance=False, name="ln_f")(x)
+        return nn.Dense(VOCAB, use_bias=False, name="head")(x)
+
+
+def linen_params(params: Dict) -> Dict:
+    """`init`'s tree as `Decoder`'s params: the attention kernels reshaped to Flax's 3-D layouts,
+    query/key/value `(width, heads, HEAD_DIM)` and out `(heads, HEAD_DIM, width)`; the rest as is."""
+    heads = max(1, params["embed"]["embedding"].shape[1] // HEAD_DIM)
+
+    def block(p):
+        d = p["attn"]["query"]["kernel"].shape[0]
+        attn = {name: {"kernel": p["attn"][name]["kernel"].reshape(d, heads, d // heads)}
+                for name in ("query", "key", "value")}
+        attn["out"] = {"kernel": p["attn"]["out"]["kernel"].reshape(heads, d // heads, d)}
+        return {**p, "attn": attn}
+
+    return {name: block(p) if name.startswith("block_") else p for name, p in params.items()}

@@ -232,7 +232,8 @@ def test_a_nan_activation_poisons_exactly_the_outputs_it_reaches(per_token):
 
 @pytest.mark.parametrize("spec", [QuantSpec(8, channel_axes=(-1,)), QuantSpec(8, symmetric=False, channel_axes=(-1,), group_size=128),
                                   QuantSpec(4, symmetric=False, channel_axes=(-1,), group_size=64), QuantSpec(1, method="sign", channel_axes=(-1,)),
-                                  QuantSpec(8)], ids=repr)
+                                  QuantSpec(8), QuantSpec(4, method="nf4", channel_axes=(-1,), group_size=64),
+                                  QuantSpec(3, method="kmeans", channel_axes=(-1,))], ids=repr)
 @pytest.mark.parametrize("lhs_shape,dtype", [((1, 1024), jnp.float32), ((2, 8, 1024), jnp.float32), ((16, 1024), jnp.bfloat16)])
 def test_chunked_weight_only_equals_dequantize_then_dot(spec, lhs_shape, dtype):
     x, w = normal(12, lhs_shape, dtype), normal(13, (1024, 96), dtype)
@@ -246,9 +247,26 @@ def test_chunked_weight_only_equals_dequantize_then_dot(spec, lhs_shape, dtype):
     assert np.max(np.abs(np.asarray(y, np.float64) - ref)) <= bound
 
 
-def test_weight_only_serving_holds_no_float_copy_of_the_weight():
+@pytest.mark.parametrize("policy", [jquant.int8_weights(), jquant.int4_weights(group_size=64)], ids=["int8", "int4"])
+@pytest.mark.parametrize("lhs_shape,w_shape,dn", [
+    ((1, 1, 512), (512, 8, 64), (((2,), (0,)), ((), ()))),  # attention query/key/value (in, heads, head_dim)
+    ((2, 3, 8, 64), (8, 64, 512), (((2, 3), (0, 1)), ((), ()))),  # attention out (heads, head_dim, out)
+], ids=["qkv", "out"])
+def test_chunked_weight_only_takes_attention_kernels(policy, lhs_shape, w_shape, dn):
+    # the presets' per-head layouts: contracted axes merged into one K, chunked like a Dense kernel
+    rule = next(r for r in policy.rules if r.matches("attn/out/kernel" if w_shape[0] == 8 else "attn/query/kernel",
+                                                     len(w_shape)))
+    x, qa = normal(14, lhs_shape), jquant.quantize(normal(15, w_shape), rule.spec)
+    fn = jax.jit(lambda a, b: jquant.dot_general(a, b, dn))
+    assert "while" in fn.lower(x, qa).as_text()
+    ref = np.asarray(jax.lax.dot_general(np.asarray(x, np.float64), np.asarray(qa.dequantize(), np.float64), dn))
+    assert np.max(np.abs(np.asarray(fn(x, qa), np.float64) - ref)) <= 1e-5 * np.max(np.abs(ref))
+
+
+@pytest.mark.parametrize("spec", [QuantSpec(8, channel_axes=(-1,)),
+                                  QuantSpec(4, method="nf4", channel_axes=(-1,), group_size=64)], ids=repr)
+def test_weight_only_serving_holds_no_float_copy_of_the_weight(spec):
     # 4096²: a float copy would be 64 MiB; the chunked dot holds one 512-row float chunk (8 MiB)
-    spec = QuantSpec(8, channel_axes=(-1,))
     qa = jax.eval_shape(lambda w: jquant.quantize(w, spec), jax.ShapeDtypeStruct((4096, 4096), jnp.float32))
     float_bytes = 4096 * 4096 * 4
 

@@ -1,5 +1,6 @@
 """The examples run end to end (small settings) and print what they promise."""
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -67,4 +68,13 @@ def test_char_lm_search(lm_cache):
 def test_char_lm_lsq(lm_cache):
     out = _run("char_lm_lsq.py", *TINY_LM, "--train-steps", "5", "--steps", "3", "--bits", "2", "--cache", lm_cache)
     for text in ("| weights (block kernels, g128) | bits/weight | PTQ (RTN) | STE QAT | LSQ |", "2-bit asymmetric"):
+        assert text in out, text
+
+
+def test_decode_lm(lm_cache):
+    out = _run("decode_lm.py", *TINY_LM, "--width", "128", "--steps", "5", "--prompt", "16", "--rounds", "1",
+               "--cache", lm_cache)
+    gap = float(re.search(r"max \|cached decode - forward\| logits over the prompt: (\S+)", out).group(1))
+    assert gap < 1e-4
+    for text in ("| weights | weight MB |", "| float32 |", "| int8 |", "| int4 g128 |", "| W8A8 |"):
         assert text in out, text

@@ -1,6 +1,7 @@
 """jquant.flax: quantize (Linen and NNX) — QAT trains, serving matches QAT — and calibrate, whose
 observers keep an EMA of each activation's range as its spec's calibration picks it."""
 
+import re
 import warnings
 
 import jax
@@ -395,12 +396,16 @@ def test_a_stack_under_an_unstacked_rule_is_an_error_naming_the_kernel():
         jquant.flax.quantize(plain, policy).apply(shared, x)
 
 
-@pytest.mark.parametrize("policy", [jquant.int8_weights(), jquant.int4_weights()], ids=["int8", "int4"])
-def test_a_served_model_holds_no_float_copy_of_its_weights(policy):
-    # two Dense(4096) layers served weight-only under jit and in a jitted generation loop: a float
-    # copy of one kernel would be 64 MiB (shapes only: nothing this size is computed)
-    model = nn.Sequential([nn.Dense(4096), nn.Dense(4096)])
-    x = jax.ShapeDtypeStruct((1, 4096), jnp.float32)
+@pytest.mark.parametrize("policy", [jquant.int8_weights(), jquant.int4_weights(), jquant.int4_weights(group_size=None)],
+                         ids=["int8", "int4", "int4-per-channel"])
+@pytest.mark.parametrize("model,x", [
+    (nn.Sequential([nn.Dense(4096), nn.Dense(4096)]), jax.ShapeDtypeStruct((1, 4096), jnp.float32)),
+    # Flax's attention: 3-D DenseGeneral kernels (4096, 32, 128) and (32, 128, 4096)
+    (nn.MultiHeadDotProductAttention(32, qkv_features=4096, out_features=4096), jax.ShapeDtypeStruct((1, 1, 4096), jnp.float32)),
+], ids=["dense", "attention"])
+def test_a_served_model_holds_no_float_copy_of_its_weights(policy, model, x):
+    # served weight-only under jit and in a jitted generation loop: a float copy of one kernel
+    # would be 64 MiB (shapes only: nothing this size is computed)
     params = jax.eval_shape(model.init, jax.random.key(0), x)
     served = jax.eval_shape(lambda p: jquant.quantize_params(p, policy), params)
     wrapped = jquant.flax.quantize(model, policy)
@@ -411,7 +416,7 @@ def test_a_served_model_holds_no_float_copy_of_its_weights(policy):
     for fn in (wrapped.apply, generate):
         compiled = jax.jit(fn).lower(served, x).compile()
         assert compiled.memory_analysis().temp_size_in_bytes < 4096 * 4096 * 4 / 4
-        assert "f32[4096,4096]" not in compiled.as_text()
+        assert not re.search(r"f32\[(4096,4096|4096,32,128|32,128,4096)\]", compiled.as_text())
 
 
 def test_an_unwrapped_model_given_served_params_says_so():

@@ -51,6 +51,7 @@ fuse the dequantization into the dot themselves; codebooks; other layouts) dequa
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import NamedTuple, Optional, Tuple
 
@@ -67,7 +68,7 @@ _INT32_LIMIT = 2 ** 31
 _GEMV_CHUNK_MIN, _GEMV_CHUNK_MAX = 128, 512
 # Weight-only dot on XLA:CPU (module docstring, "Weight-only"): rows of the weight per scan step,
 # and the most rows of the other operand for which the chunked path is taken.
-_WEIGHT_CHUNK = 512
+_WEIGHT_CHUNKS = (512, 256, 128)
 _WEIGHT_ONLY_MAX_ROWS = 256
 
 
@@ -140,30 +141,72 @@ def dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_element_t
                          "for the raw int32 accumulator use jquant.int_dot_general")
     if isinstance(lhs, QArray) and isinstance(rhs, QArray):
         return int_dot_general(lhs, rhs, dimension_numbers).dequantize(out_dtype)
-    if isinstance(rhs, QArray) and not isinstance(lhs, QArray) and (chunk := _weight_chunk(lhs, rhs, dimension_numbers)):
-        return _chunked_weight_only(lhs, rhs, chunk, precision, out_dtype)
+    if isinstance(rhs, QArray) and not isinstance(lhs, QArray):
+        return _weight_only(lhs, rhs, dimension_numbers, precision, preferred_element_type, out_dtype)
     lhs = lhs.dequantize() if isinstance(lhs, QArray) else lhs
     rhs = rhs.dequantize() if isinstance(rhs, QArray) else rhs
     return lax.dot_general(lhs, rhs, dimension_numbers, precision=precision,
                            preferred_element_type=preferred_element_type)
 
 
-def _weight_chunk(x, w: QArray, dimension_numbers) -> int:
-    """Rows of the weight per step of the chunked weight-only dot, or 0 to dequantize it whole
-    (module docstring, "Weight-only"): XLA:CPU, a Dense layout (x `(..., K)` · w `(K, N)`), at
-    most `_WEIGHT_ONLY_MAX_ROWS` rows of x, an integer-grid format, and K a multiple of the chunk
-    (itself a multiple of the weight's group size)."""
+def _weight_only(x, w: QArray, dimension_numbers, precision, preferred_element_type, out_dtype):
+    """x · ŵ for a float x and a QArray weight w (module docstring, "Weight-only"): chunked on
+    XLA:CPU where `_dense_view` applies, otherwise w dequantized whole next to the dot."""
+    view = _dense_view(x, w, dimension_numbers)
+    if view is not None and (chunk := _weight_chunk(*view[:2])):
+        x2, w2, out_shape = view
+        return jnp.reshape(_chunked_weight_only(x2, w2, chunk, precision, out_dtype), out_shape)
+    return lax.dot_general(x, w.dequantize(), dimension_numbers, precision=precision,
+                           preferred_element_type=preferred_element_type)
+
+
+def _dense_view(x, w: QArray, dimension_numbers):
+    """(x2, w2, output shape): the dot as x2 `(..., K)` · w2 `(K, N)`, with w2 a 2-D QArray over
+    the same storage (contracted axes merged into K, free axes into N; scales broadcast along N,
+    a group along the contraction becomes a group of K), or None where that is no free reshape:
+    batch axes, w's contracted axes not its leading ones in x's trailing order, scales that vary
+    along the contraction other than by one group axis, or
+    sub-byte codes padded at the end of a row of a weight with several free axes."""
     (contract, batch) = dimension_numbers
-    if (jax.default_backend() != "cpu" or w.ndim != 2 or tuple(batch[0]) or tuple(batch[1])
-            or tuple(contract[1]) != (0,) or tuple(a % x.ndim for a in contract[0]) != (x.ndim - 1,)
-            or not w.spec.method.integer_grid):
+    c = len(contract[1])
+    if (tuple(batch[0]) or tuple(batch[1]) or not 0 < c < w.ndim or tuple(contract[1]) != tuple(range(c))
+            or tuple(a % x.ndim for a in contract[0]) != tuple(range(x.ndim - c, x.ndim))):
+        return None
+    lay, spec = w.layout, w.spec
+    if any(a < c for a in lay.channel_axes) or (lay.group_axis is not None and lay.group_axis >= c):
+        return None
+    k, free = math.prod(w.shape[:c]), w.shape[c:]
+    n = math.prod(free)
+    per_byte = 8 // spec.bits if packing.is_packed(spec.bits) else 1
+    if w.ndim - c > 1 and free[-1] % per_byte:
+        return None
+    levels = tuple(w.scale.shape[len(lay.scale_shape):])  # a codebook's levels per group (k-means)
+    if lay.group_axis is None:
+        group, scale_shape = None, (1,) * c + free
+    else:
+        a, g = lay.group_axis, spec.group_size
+        group = g * math.prod(w.shape[a + 1:c])
+        scale_shape = w.shape[:a] + (w.shape[a] // g, 1) + (1,) * (c - a - 1) + free
+    flat = lambda s: None if s is None else jnp.reshape(
+        jnp.broadcast_to(s, scale_shape + levels[:s.ndim - len(scale_shape)]),
+        ((1, n) if group is None else (k // group, 1, n)) + levels[:s.ndim - len(scale_shape)])
+    spec2 = dataclasses.replace(spec, channel_axes=(1,), group_axis=None if group is None else 0, group_size=group)
+    value = jnp.reshape(w.value, (k, w.value.size // k))
+    w2 = QArray(value, flat(w.scale), flat(w.zero_point), spec=spec2, shape=(k, n), dtype=w.dtype)
+    return jnp.reshape(x, x.shape[:x.ndim - c] + (k,)), w2, x.shape[:x.ndim - c] + free
+
+
+def _weight_chunk(x, w: QArray) -> int:
+    """Rows of the 2-D weight per step of the chunked weight-only dot, or 0 to dequantize it whole
+    (module docstring, "Weight-only"): XLA:CPU, at most `_WEIGHT_ONLY_MAX_ROWS` rows of x, and
+    the largest of `_WEIGHT_CHUNKS` (each a multiple of the weight's group size) that cuts K into
+    two or more chunks."""
+    rows = x.size // max(x.shape[-1], 1)
+    if jax.default_backend() != "cpu" or rows > _WEIGHT_ONLY_MAX_ROWS:
         return 0
-    lay = w.layout
-    if lay.group_axis not in (None, 0) or 0 in lay.channel_axes:
-        return 0
-    k, rows = w.shape[0], x.size // max(x.shape[-1], 1)
-    chunk = math.lcm(_WEIGHT_CHUNK, w.spec.group_size or 1)
-    return chunk if rows <= _WEIGHT_ONLY_MAX_ROWS and k % chunk == 0 and k > chunk else 0
+    k = w.shape[0]
+    chunks = [math.lcm(c, w.spec.group_size or 1) for c in _WEIGHT_CHUNKS]
+    return next((c for c in chunks if k % c == 0 and k > c), 0)
 
 
 def _chunked_weight_only(x, w: QArray, chunk: int, precision, out_dtype):
@@ -185,7 +228,8 @@ def _chunked_weight_only(x, w: QArray, chunk: int, precision, out_dtype):
     planes = 8 // bits if packing.is_packed(bits) and 8 % bits == 0 and n % (8 // bits) == 0 else 1
     mask = jnp.uint8((1 << bits) - 1)
 
-    columns = lambda a, i: a if a is None or a.shape[-1] == 1 else a[..., i::planes]
+    n_axis = len(w.layout.scale_shape) - 1  # of the scales (a k-means codebook's levels follow it)
+    columns = lambda a, i: a if a is None or a.shape[n_axis] == 1 else lax.slice_in_dim(a, i, None, planes, n_axis)
 
     def step(acc, chunk_xs):
         xc, value, scale, zero_point = chunk_xs
