@@ -4,7 +4,7 @@ profiles in tests/conftest.py):
 * data: `normal` (seeded), `correlated_batches` (GPTQ calibration), `outlier_batches` (AWQ);
 * compiled quantization: `jit_quantize`, `quantize_jit` (QArray, q, x̂ in one program) — one
   compilation per shape instead of one per eager op;
-* `assert_same_bits` for pytrees (QArrays included);
+* `assert_same_bits` for pytrees (QArrays included); `int8_convs` counts integer convolutions;
 * models: Linen `Mlp`, `NnxMlp`, the plain functions `tanh_mlp` and `transformer_block`;
 * hypothesis: `COMPILING` settings, `uniform_specs`, `fixed_ranges`, `per_element`.
 """
@@ -57,6 +57,16 @@ def quantize_jit(x, spec, scale=None, zero_point=None):
     cheaper than compiling each eager op for it, which matters with hypothesis' many shapes."""
     qa = jquant.quantize(x, spec, scale=scale, zero_point=zero_point)
     return qa, qa.q, qa.dequantize()
+
+
+def int8_convs(jaxpr) -> int:
+    """How many int8 × int8 convolutions a (closed) jaxpr runs, nested jaxprs (jit) included."""
+    jaxpr = getattr(jaxpr, "jaxpr", jaxpr)
+    count = 0
+    for eqn in jaxpr.eqns:
+        count += eqn.primitive.name == "conv_general_dilated" and all(v.aval.dtype == jnp.int8 for v in eqn.invars)
+        count += sum(int8_convs(p) for p in eqn.params.values() if hasattr(p, "eqns") or hasattr(p, "jaxpr"))
+    return count
 
 
 def assert_same_bits(a, b, what: str = ""):

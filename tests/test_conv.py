@@ -6,6 +6,7 @@ from unittest import mock
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from jax import lax
@@ -15,7 +16,7 @@ from jquant import QuantSpec
 from jquant._src import conv as conv_module
 
 import reference
-from helpers import normal
+from helpers import int8_convs, normal
 
 EPS32 = np.finfo(np.float32).eps
 LAYOUTS = {1: [("NWC", "WIO", "NWC"), ("NCW", "OIW", "NCW"), ("WNC", "OWI", "CWN")],
@@ -108,3 +109,83 @@ def test_integer_conv_equals_int64_reference(case, route, seed):
     groups, on either route: the int32 bracket equals NumPy's int64 convolution bit for bit."""
     lshape, rshape, lspec, rspec, conv_args = case
     _check(normal(seed, lshape), normal(seed + 1, rshape), lspec, rspec, conv_args, route)
+
+
+def test_resnet_sized_conv_is_exact():
+    """56×56×64 → 64, 3×3, batch 8 (the int route, SAME padding, an asymmetric activation so the
+    padding corrections are exercised), and the same conv NCHW/OIHW (the float route)."""
+    x, w = normal(0, (8, 56, 56, 64)), normal(1, (3, 3, 64, 64))
+    lspec, rspec = QuantSpec(8, symmetric=False), QuantSpec(8, channel_axes=(3,))
+    assert conv_module._route(jquant.quantize(x, lspec), jquant.quantize(w, rspec),
+                              lax.conv_dimension_numbers(x.shape, w.shape, ("NHWC", "HWIO", "NHWC")), 1) == "int"
+    _check(x, w, lspec, rspec, ((1, 1), "SAME", None, None, ("NHWC", "HWIO", "NHWC"), 1), "int")
+    xt, wt = jnp.transpose(x[:2], (0, 3, 1, 2)), jnp.transpose(w, (3, 2, 0, 1))
+    _check(xt, wt, lspec, QuantSpec(8, channel_axes=(0,)), ((2, 2), "SAME", None, None, ("NCHW", "OIHW", "NCHW"), 1),
+           "float")
+
+
+def test_route_choice():
+    """Channels-last with input features a multiple of 4 → int; 1 or 3 input features, another
+    layout → the exact float route; a contraction too long for float32 → int in any layout."""
+    dn = lambda x, w, spec=("NHWC", "HWIO", "NHWC"): lax.conv_dimension_numbers(x.shape, w.shape, spec)
+    route = lambda xs, ws, spec=("NHWC", "HWIO", "NHWC"), rspec=QuantSpec(8): conv_module._route(
+        Operand(xs, QuantSpec(8)), Operand(ws, rspec), dn(jnp.zeros(xs), jnp.zeros(ws), spec), 1)
+    from jquant._src.dot import Operand
+    assert route((1, 8, 8, 8), (3, 3, 8, 4)) == "int"
+    assert route((1, 8, 8, 3), (3, 3, 3, 4)) == "float"
+    assert route((1, 8, 8, 1), (3, 3, 1, 4)) == "float"
+    assert route((1, 8, 8, 8), (8, 8, 3, 3), ("NCHW", "OIHW", "NCHW")) == "float"
+    assert route((1, 1152, 8, 8), (8, 1152, 1, 1), ("NCHW", "OIHW", "NCHW")) == "int"  # 1152·127² ≥ 2^24
+    assert route((1, 8, 8, 8), (8, 8, 3, 3), ("NCHW", "OIHW", "NCHW"), QuantSpec(4)) == "float"
+
+
+def test_bad_operands_raise_clear_errors():
+    x, w = jnp.ones((2, 6, 6, 4)), jnp.ones((3, 3, 4, 8))
+    q = lambda a, spec: jquant.quantize(a, spec)
+    args = ((1, 1), "SAME", None, None, ("NHWC", "HWIO", "NHWC"))
+    with pytest.raises(ValueError, match="sums over"):  # a scale per input feature
+        jquant.int_conv_general_dilated(q(x, QuantSpec(8)), q(w, QuantSpec(8, channel_axes=(2,))), *args)
+    with pytest.raises(ValueError, match="sums over"):  # an activation scale per spatial row
+        jquant.conv_general_dilated(x, w, *args, lhs_spec=QuantSpec(8, channel_axes=(1,)), rhs_spec=QuantSpec(8))
+    with pytest.raises(ValueError, match="grouped scales"):
+        jquant.int_conv_general_dilated(q(x, QuantSpec(8)), q(w, QuantSpec(8, channel_axes=(3,), group_size=2)), *args)
+    with pytest.raises(ValueError, match="no integer grid"):
+        jquant.int_conv_general_dilated(q(x, QuantSpec(8)), q(w, QuantSpec(4, method="nf4", group_size=4)), *args)
+    with pytest.raises(ValueError, match="could overflow"):  # K = 9·4096 taps of 255 × 255 ≥ 2^31
+        big_x, big_w = jnp.ones((1, 3, 3, 4096)), jnp.ones((3, 3, 4096, 1))
+        jax.eval_shape(lambda a, b: jquant.int_conv_general_dilated(
+            q(a, QuantSpec(8, symmetric=False)), q(b, QuantSpec(8, symmetric=False)), *args), big_x, big_w)
+    with pytest.raises(TypeError, match="must be a QArray"):
+        jquant.int_conv_general_dilated(x, q(w, QuantSpec(8)), *args)
+    with pytest.raises(ValueError, match="float dtype"):
+        jquant.conv_general_dilated(x, w, *args, preferred_element_type=jnp.int32, lhs_spec=QuantSpec(8),
+                                    rhs_spec=QuantSpec(8))
+    with pytest.raises(ValueError, match="already a QArray"):
+        jquant.conv_general_dilated(q(x, QuantSpec(8)), w, *args, lhs_spec=QuantSpec(8))
+    with pytest.raises(TypeError, match="lhs of shape"):
+        jquant.conv_general_dilated(x.astype(jnp.int32), w, *args, lhs_spec=QuantSpec(8))
+
+
+def test_quant_conv_qat_forward_on_the_integer_path_equals_serving():
+    """Above the QuantDot size threshold the QAT forward is the integer conv (what serving
+    computes, to the rounding of s_x·s_w) with the fake-quantized float conv's STE gradient; below it, the float conv
+    of the fake-quantized operands (equal to float rounding)."""
+    op = jquant.QuantConv(weight=QuantSpec(8, channel_axes=(3,)), act=QuantSpec(8, symmetric=False))
+    args = ((1, 1), "SAME", None, None, ("NHWC", "HWIO", "NHWC"))
+    for x, w, integer in ((normal(0, (8, 32, 32, 32)), normal(1, (3, 3, 32, 64)), True),
+                          (normal(0, (2, 8, 8, 8)), normal(1, (3, 3, 8, 8)), False)):
+        macs = x.shape[0] * x.shape[1] * x.shape[2] * w.size
+        assert (macs >= jquant._src.ops.INTEGER_QAT_MIN_MACS) == integer
+        assert int8_convs(jax.make_jaxpr(lambda a, b: op(a, b, *args))(x, w)) == integer
+        qat = jax.jit(lambda a, b: op(a, b, *args))(x, w)
+        served = jax.jit(lambda a, b: op(a, b, *args))(x, jquant.quantize(w, op.weight))
+        if integer:  # the same int32 brackets; only the order of the scale products may differ
+            np.testing.assert_allclose(np.asarray(qat), np.asarray(served), rtol=0,
+                                       atol=4 * EPS32 * float(jnp.max(jnp.abs(served))))
+        else:
+            np.testing.assert_allclose(np.asarray(qat), np.asarray(served), rtol=1e-5, atol=1e-5)
+        grad = jax.jit(jax.grad(lambda a, b: jnp.sum(op(a, b, *args) ** 2), argnums=(0, 1)))(x, w)
+        ste = jax.grad(lambda a, b: jnp.sum(op._fake_quant_conv(a, b, args + (1, 1, None, None), None, None) ** 2),
+                       argnums=(0, 1))(x, w)
+        for g, s in zip(grad, ste):
+            np.testing.assert_allclose(np.asarray(g), np.asarray(s), rtol=1e-3, atol=1e-3 * float(jnp.max(jnp.abs(s))))

@@ -19,7 +19,7 @@ from jquant._src import paths
 from jquant import MSE, MinMax, Percentile, Policy, QuantSpec, Rule
 from jquant.flax import _observers as observers
 
-from helpers import Mlp, NnxMlp, normal
+from helpers import Mlp, NnxMlp, int8_convs, normal
 
 W8A8 = Policy([Rule(r".*kernel", QuantSpec(8, channel_axes=(1,)), act=QuantSpec(8))])
 W2A8 = Policy([Rule(r".*kernel", QuantSpec(2, symmetric=False, channel_axes=(1,)), act=QuantSpec(8))])
@@ -107,6 +107,52 @@ def test_linen_conv_qat_gradients_and_serving(digits):
     assert float(jnp.sum(jnp.abs(grads["params"]["Conv_0"]["kernel"]))) > 0
     qat = jax.jit(qmodel.apply)(params, x)
     served = jax.jit(qmodel.apply)(jquant.quantize_params(params, policy), x)
+    np.testing.assert_allclose(np.asarray(served), np.asarray(qat), rtol=1e-4, atol=1e-4)
+
+
+class DeepCnn(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        x = nn.relu(nn.Conv(8, (3, 3))(x))
+        x = nn.relu(nn.Conv(16, (3, 3), strides=(2, 2))(x))
+        return nn.Dense(10)(x.reshape(x.shape[0], -1))
+
+
+W8A8_CONV = Policy([Rule(r".*kernel", QuantSpec(8, channel_axes=(-1,)), act=QuantSpec(8, symmetric=False))])
+
+
+def test_linen_cnn_serves_w8a8_on_the_integer_conv(digits):
+    """The second conv (8 input features) runs int8 × int8 → int32 (the first, one input feature,
+    takes the exact float route: jquant._src.conv); served equals QAT to float rounding."""
+    x = digits[0][:32].reshape(32, 8, 8, 1)
+    qmodel = jquant.flax.quantize(DeepCnn(), W8A8_CONV)
+    params = qmodel.init(jax.random.key(0), x)
+    qat = jax.jit(qmodel.apply)(params, x)
+    served_params = jquant.quantize_params(params, W8A8_CONV)
+    assert int8_convs(jax.make_jaxpr(qmodel.apply)(served_params, x)) == 1
+    served = jax.jit(qmodel.apply)(served_params, x)
+    np.testing.assert_allclose(np.asarray(served), np.asarray(qat), rtol=1e-4, atol=1e-4)
+
+
+def test_nnx_cnn_serves_w8a8_on_the_integer_conv(digits):
+    class Net(nnx.Module):
+        def __init__(self, rngs):
+            self.conv1 = nnx.Conv(1, 8, (3, 3), rngs=rngs)
+            self.conv2 = nnx.Conv(8, 16, (3, 3), strides=2, rngs=rngs)
+            self.head = nnx.Linear(256, 10, rngs=rngs)
+
+        def __call__(self, x):
+            x = nnx.relu(self.conv2(nnx.relu(self.conv1(x))))
+            return self.head(x.reshape(x.shape[0], -1))
+
+    x = digits[0][:32].reshape(32, 8, 8, 1)
+    model = Net(nnx.Rngs(0))
+    jquant.flax.quantize(model, W8A8_CONV)
+    qat = _forward(model, x)
+    nnx.update(model, jquant.quantize_params(nnx.state(model, nnx.Param), W8A8_CONV))
+    assert isinstance(model.conv2.kernel.get_value(), jquant.QArray)
+    assert int8_convs(jax.make_jaxpr(lambda m, x: m(x))(model, x)) == 1
+    served = _forward(model, x)
     np.testing.assert_allclose(np.asarray(served), np.asarray(qat), rtol=1e-4, atol=1e-4)
 
 

@@ -32,6 +32,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from jquant._src.conv import conv_general_dilated, integer_conv_problem
 from jquant._src.dot import Operand, dot_general, integer_dot_problem
 from jquant._src.packing import is_packed
 from jquant._src.qarray import QArray, quantize
@@ -182,14 +183,84 @@ def einsum_dimension_numbers(subscripts: str):
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class QuantConv(_QuantOp):
-    """A `lax.conv_general_dilated` replacement (`nn.Conv(conv_general_dilated=...)`).
+    """A `lax.conv_general_dilated` replacement (`nn.Conv(conv_general_dilated=...)`,
+    `nnx.Conv(conv_general_dilated=...)`): lhs is the activation, rhs the kernel.
 
-    A QArray weight is dequantized on the fly (the activation is still fake-quantized by `act`, so
-    served and QAT outputs agree); integer convolution is not implemented.
+    * Serving (a QArray kernel) with an activation spec: the activation is quantized per call and
+      the exact integer convolution runs (`jquant.conv_general_dilated`). A kernel or activation
+      spec the integer convolution cannot take (a codebook, grouped scales, a scale varying along
+      the window or the input features: `integer_conv_problem` says which) serves the dequantized
+      kernel on the fake-quantized activation instead — the QAT numbers; without an activation
+      spec the kernel is dequantized (weight-only).
+    * QAT (a float kernel): both operands fake-quantized and a float conv, or — both specs with an
+      integer grid, the integer convolution accepting them, and at least `INTEGER_QAT_MIN_MACS`
+      multiply-adds (8× that for a packed ≤ 4-bit kernel), the same threshold as `QuantDot` — the
+      forward on the integer convolution with the fake-quantized float conv's derivatives (STE).
+    Served outputs equal QAT outputs up to float rounding.
     """
 
-    def __call__(self, lhs, rhs, *args, **kwargs):
-        lhs, rhs = self.fake_quant_inputs(lhs, rhs)
+    def __call__(self, lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=None,
+                 dimension_numbers=None, feature_group_count=1, batch_group_count=1, precision=None,
+                 preferred_element_type=None, **unused):
+        # `unused`: keyword arguments newer Flax passes (out_sharding), ignored as QuantDot does
+        args = (tuple(window_strides), _hashable(padding), _hashable(lhs_dilation), _hashable(rhs_dilation),
+                _hashable(dimension_numbers), feature_group_count, batch_group_count, precision,
+                preferred_element_type)
         if isinstance(rhs, QArray):
-            rhs = rhs.dequantize()
-        return lax.conv_general_dilated(lhs, rhs, *args, **kwargs)
+            if self.act is not None and self._integer_operands(lhs, rhs, args):
+                lhs = quantize(lhs, self.act, scale=self.act_scale, zero_point=self.act_zero_point)
+            else:
+                lhs = self.fake_quant_inputs(lhs, rhs)[0]
+            return conv_general_dilated(lhs, rhs, *args)
+        if self.weight is not None and self._integer_operands(lhs, rhs, args) and self._large(lhs, rhs, args):
+            return _integer_qat_conv(self, args, lhs, rhs, self.act_scale, self.act_zero_point)
+        return self._fake_quant_conv(lhs, rhs, args, self.act_scale, self.act_zero_point)
+
+    def _fake_quant_conv(self, lhs, rhs, args, act_scale, act_zero_point):
+        op = dataclasses.replace(self, act_scale=act_scale, act_zero_point=act_zero_point)
+        lhs, rhs = op.fake_quant_inputs(lhs, rhs)
+        return lax.conv_general_dilated(lhs, rhs.dequantize() if isinstance(rhs, QArray) else rhs, *args)
+
+    def _integer_operands(self, lhs, rhs, args) -> bool:
+        """Whether the activation (quantized by `act`) and the kernel (a QArray, or a float one
+        quantized by `weight`) can meet on the integer convolution (shapes and specs only)."""
+        weight = rhs.spec if isinstance(rhs, QArray) else self.weight
+        if self.act is None or weight is None or args[6] != 1:
+            return False
+        return integer_conv_problem(Operand(jnp.shape(lhs), self.act), Operand(jnp.shape(rhs), weight),
+                                    args[4], args[5]) is None
+
+    def _large(self, lhs, rhs, args) -> bool:
+        """At least the `QuantDot` threshold of multiply-adds (output size × taps per output)."""
+        out = jax.eval_shape(lambda a, b: lax.conv_general_dilated(a, b, *args[:7]),
+                             jax.ShapeDtypeStruct(jnp.shape(lhs), jnp.float32),
+                             jax.ShapeDtypeStruct(jnp.shape(rhs), jnp.float32))
+        dn = lax.conv_dimension_numbers(jnp.shape(lhs), jnp.shape(rhs), args[4])
+        taps = jnp.size(rhs) // jnp.shape(rhs)[dn.rhs_spec[0]]
+        smallest = INTEGER_QAT_MIN_MACS * (PACKED_WEIGHT_MACS_FACTOR if is_packed(self.weight.bits) else 1)
+        return math.prod(out.shape) * taps >= smallest
+
+
+def _hashable(a):
+    """Sequences (padding pairs, dilations, dimension numbers) as tuples, so they can be static."""
+    if isinstance(a, (list, tuple)) and not hasattr(a, "_fields"):  # a ConvDimensionNumbers stays one
+        return tuple(_hashable(b) for b in a)
+    return a
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(0, 1))
+def _integer_qat_conv(op, args, lhs, rhs, act_scale, act_zero_point):
+    served = quantize(lhs, op.act, scale=act_scale, zero_point=act_zero_point), quantize(rhs, op.weight)
+    return conv_general_dilated(*served, *args)
+
+
+@_integer_qat_conv.defjvp
+def _integer_qat_conv_jvp(op, args, primals, tangents):
+    lhs, rhs, act_scale, act_zero_point = primals
+    out = _integer_qat_conv(op, args, *primals)
+
+    def float_path(a, b):  # the STE derivative: that of the fake-quantized float conv
+        return op._fake_quant_conv(a, b, args, act_scale, act_zero_point)
+
+    _, tangent = jax.jvp(float_path, (lhs, rhs), tangents[:2])
+    return out, tangent.astype(out.dtype)
