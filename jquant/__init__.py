@@ -10,7 +10,8 @@ imported on first use, so `import jquant` does not import Flax.
 The implementation lives in `jquant._src` (private); its layers, each importing only those
 before it: calibration → numerics → formats (one module per format family) → spec → packing →
 qarray → ste, dot → conv → ops → tree (paths, the one walk over a tree by policy) → policy →
-transforms, report, checkpoint → learned, ptq; `jquant.flax` sits on top and is the only place
+transforms, report, checkpoint (on Orbax; spec_json, checkpoint_v1), safetensors_io →
+learned, ptq; `jquant.flax` sits on top and is the only place
 that knows Flax.
 """
 
@@ -27,7 +28,8 @@ from jquant._src.ops import QuantConv, QuantDot, QuantEinsum
 from jquant._src.policy import Policy, Rule, int4_weights, int8_weights, w8a8
 from jquant._src.transforms import checked, dequantize_params, fake_quant_params, quantize_params
 from jquant._src.report import Report, report
-from jquant._src.checkpoint import load, save
+from jquant._src.checkpoint import QuantRestore, QuantSave, load, save
+from jquant._src.safetensors_io import export_safetensors, import_safetensors
 
 _SUBPACKAGES = ("flax", "learned", "ptq")
 
@@ -37,6 +39,7 @@ __all__ = [
     "conv_general_dilated", "int_conv_general_dilated", "QuantDot", "QuantEinsum", "QuantConv", "Rule", "Policy",
     "int8_weights", "int4_weights", "w8a8",
     "quantize_params", "dequantize_params", "fake_quant_params", "checked", "report", "Report", "save", "load",
+    "QuantSave", "QuantRestore", "export_safetensors", "import_safetensors",
     *_SUBPACKAGES,
 ]
 

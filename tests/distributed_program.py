@@ -13,6 +13,7 @@ os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_p
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
+import orbax.checkpoint as ocp  # noqa: E402
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P  # noqa: E402
 
 import jquant  # noqa: E402
@@ -123,19 +124,25 @@ def shard_map_facts(mesh, x, w):
 
 
 def checkpoint_facts(mesh, w, directory):
+    """jquant.save of a tree sharded over the 8 devices (Orbax writes it shard by shard) and
+    jquant.load with and without a target."""
     facts = {}
     sharded = jax.device_put(w, NamedSharding(mesh, P("data", "model")))
     policy = Policy([Rule(r"int8/kernel", QuantSpec(8, channel_axes=(-1,))),
                      Rule(r"int4/kernel", QuantSpec(4, symmetric=False, channel_axes=(-1,), group_size=32))])
     tree = {"int8": {"kernel": sharded}, "int4": {"kernel": sharded},
-            "bias": jax.device_put(jnp.arange(32.0), NamedSharding(mesh, P("model")))}
+            "bias": jax.device_put(jnp.arange(32.0), NamedSharding(mesh, P("model"))), "step": 3}
     qtree = jax.jit(jquant.quantize_params, static_argnums=1)(tree, policy)
-    path = os.path.join(directory, "sharded.jqc")
+    path = os.path.join(directory, "sharded")
     jquant.save(path, qtree)
 
     def shardings(t):
-        return [a.sharding for a in jax.tree_util.tree_leaves(t)]
+        return [a.sharding for a in jax.tree_util.tree_leaves(t) if isinstance(a, jax.Array)]
 
+    # what Orbax recorded: each array's NamedSharding, so it was written per shard, not gathered
+    meta = ocp.StandardCheckpointer().metadata(path).item_metadata.tree
+    facts["stored_shardings"] = sorted({type(m.sharding).__name__ for m in jax.tree_util.tree_leaves(meta)
+                                        if isinstance(m, ocp.metadata.ArrayMetadata)})
     plain = jquant.load(path)
     facts["load_plain_equal"] = _equal(plain, qtree)
     facts["load_plain_devices"] = sorted({len(s.device_set) for s in shardings(plain)})
@@ -144,16 +151,19 @@ def checkpoint_facts(mesh, w, directory):
     facts["load_target_same_shardings"] = all(
         a == b for a, b in zip(shardings(restored), shardings(qtree), strict=True))
     facts["load_target_devices"] = sorted({len(s.device_set) for s in shardings(restored)})
+    facts["load_target_shards"] = sorted({len(a.addressable_shards) for a in jax.tree_util.tree_leaves(restored)
+                                          if isinstance(a, jax.Array)})
     # abstract target: ShapeDtypeStructs with the shardings, no arrays needed
-    abstract = jax.tree_util.tree_map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding), qtree)
+    abstract = jax.tree_util.tree_map(
+        lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding) if isinstance(a, jax.Array) else a,
+        qtree)
     from_abstract = jquant.load(path, target=abstract)
     facts["load_abstract_same_shardings"] = all(
         a == b for a, b in zip(shardings(from_abstract), shardings(qtree), strict=True))
     facts["load_abstract_equal"] = _equal(from_abstract, qtree)
     # a target whose sharding cannot hold the stored array is an error naming the leaf
     bad = dict(qtree, bias=jax.ShapeDtypeStruct((32,), jnp.float32, sharding=NamedSharding(mesh, P(("data", "model")))))
-    bad_bias = np.arange(30.0, dtype=np.float32)
-    jquant.save(path, dict(qtree, bias=jnp.asarray(bad_bias)))
+    jquant.save(path, dict(qtree, bias=jnp.arange(30.0)), overwrite=True)
     try:
         jquant.load(path, target=bad)
         facts["misfit_error"] = ""

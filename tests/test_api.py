@@ -25,7 +25,7 @@ def test_top_level_names():
         "conv_general_dilated", "int_conv_general_dilated",
         "requantize", "QuantDot", "QuantEinsum", "QuantConv", "Rule", "Policy", "int8_weights", "int4_weights",
         "w8a8", "quantize_params", "dequantize_params", "fake_quant_params", "checked", "report", "Report", "save",
-        "load", "flax", "learned", "ptq"])
+        "load", "QuantSave", "QuantRestore", "export_safetensors", "import_safetensors", "flax", "learned", "ptq"])
     for name in jquant.__all__:
         assert getattr(jquant, name) is not None
     for namespace in (jquant.ptq, jquant.learned, jquant.flax):

@@ -1,7 +1,8 @@
 """8 simulated devices (tests/distributed_program.py, one process for all): sharded trees stay
 sharded when quantized under jit and in the integer dot, `jquant.dot_general` inside
 `jax.shard_map` equals the unsharded result, QArrays pass through shard_map's in/out specs, and
-checkpoints of sharded trees load back with the same NamedShardings."""
+checkpoints of sharded trees (Orbax, written per shard) load back with the same NamedShardings,
+shard by shard."""
 
 import json
 import subprocess
@@ -49,8 +50,9 @@ def test_qarray_through_shard_map_out_specs(facts):
 
 
 def test_sharded_checkpoint_round_trip(facts):
+    assert facts["stored_shardings"] == ["NamedShardingMetadata"]  # written shard by shard
     assert facts["load_plain_equal"] and facts["load_plain_devices"] == [1]  # no target: default device
     assert facts["load_target_equal"] and facts["load_target_same_shardings"]
-    assert facts["load_target_devices"] == [8]
+    assert facts["load_target_devices"] == [8] and facts["load_target_shards"] == [8]
     assert facts["load_abstract_equal"] and facts["load_abstract_same_shardings"]
     assert "'bias' of shape (30,)" in facts["misfit_error"] and "sharding" in facts["misfit_error"]

@@ -1,466 +1,511 @@
-"""Checkpoints: `save` a pytree of arrays and QArrays to one file, `load` it back bit-exactly.
+"""Checkpoints on Orbax: `save` / `load` a pytree of arrays and QArrays, bit-exactly, and the
+Orbax handler and args (`QuantSave`, `QuantRestore`) that put such trees in an
+`orbax.checkpoint.CheckpointManager` beside optimizer state and step counters.
 
-Format "jquant-checkpoint", version 1: one zip archive, every member stored uncompressed
-(ZIP_STORED), so the file is the array bytes plus a few hundred bytes per array — for a quantized
-tree about Σ `QArray.nbytes`. Members:
+Format "jquant-checkpoint", version 2: an Orbax `StandardCheckpointHandler` item directory
+(OCDBT/TensorStore: every array written shard by shard by the processes that hold it, nothing
+gathered to one host) of the tree with each QArray replaced by the dict of its arrays
+`{"value", "scale", "zero_point"}` (`zero_point` None when symmetric), so
+`orbax.checkpoint.StandardCheckpointer().restore(path)` reads it without jquant. The item's
+Orbax custom metadata (its `_METADATA` file, committed with the arrays) holds, under "jquant":
 
-* `arrays/<n>.npy`: one NumPy .npy file (`numpy.lib.format`, no pickle) per array, in C order.
-  Dtypes .npy does not know (bfloat16, float8_*, int4, … from ml_dtypes) are stored as their raw
-  bits (uint8/16/32/64, recorded as `stored_as`) and viewed back by their `jnp.dtype` name.
-* `manifest.json`: `{"format": "jquant-checkpoint", "version": 1, "sharding": <note>, "tree": node}`
-  where a node describes one subtree, its children in `jax.tree_util` flattening order:
-    {"type": "none"}
-    {"type": "scalar", "pytype": "bool" | "int" | "float" | "complex" | "str", "value": ...}
-    {"type": "array", "file", "dtype", "shape", "sha256"[, "stored_as"][, "prng_impl"]}
-    {"type": "qarray", "spec": {QuantSpec fields}, "shape", "dtype", "value", "scale", "zero_point": node}
-    {"type": "list" | "tuple", "items": [node, ...]}
-    {"type": "dict", "keys": [str | int, ...], "values": [node, ...][, "class"]}
-    {"type": "node", "class", "keys": [[kind, key], ...], "values": [node, ...]}
-  `sha256` is the digest of the array's C-order data bytes as stored (the .npy payload after its
-  header). Non-finite Python floats are written as the strings "nan", "inf", "-inf".
+    {"format": "jquant-checkpoint", "version": 2, "leaves": [entry, ...]}
 
-Preserved: every array's bytes, dtype and shape; QArray storage (packed sub-byte codes included),
-spec, shape and dtype; Python scalars (bool, int, float, complex, str) with their type; the
-structure of dicts, lists, tuples and None. Not stored: sharding and device placement (arrays
-are gathered to this host with `np.asarray`; the manifest says so) — `load` puts them back on the
-default device, or with the `NamedSharding`s of a `target` tree; which leaves were NumPy rather
-than jax arrays, and jax weak types; the classes of other pytree nodes (FrozenDict, NNX State
-and Variables, namedtuples, dataclasses) — they load as dicts unless `load` is given a `target`
-to take the structure from.
+one entry per leaf in `jax.tree_util` flattening order (a QArray is one leaf), named by its
+"/"-joined path (`jquant._src.paths`):
+
+    {"path", "array": record}
+    {"path", "qarray": {"spec": spec_json, "shape", "dtype", "value": record, "scale": record,
+                        "zero_point": record | null}}
+    {"path", "scalar": "bool" | "int" | "float"}          (a Python scalar, stored by Orbax)
+
+    record = {"dtype", "shape", "digest"[, "prng_impl"]}
+
+`digest` is a checksum of the array's bits, computed where the array lives (sharded arrays on
+their devices): the array's bits as uint32 words w_i in C order (elements under 32 bits
+zero-extended, 64-bit ones as two words, low word first; complex as real then imaginary), each
+weighted by the odd constant c_i = (2i + 1) · 0x9E3779B1:
+
+    digest = Σ_i w_i · c_i  (mod 2^32)
+
+so any single flipped bit changes it. Arrays of size 0 have no data for Orbax to store: their
+record has no digest and the Orbax tree holds None in their place. Typed PRNG key arrays are
+stored as their key data (`prng_impl` names the implementation).
+
+Atomicity is Orbax's: a checkpoint is written to a temporary directory and renamed into place
+when complete (`save` adds the swap that replaces an existing checkpoint). Version-1 checkpoints
+(one zip file, `checkpoint_v1`) still load.
 """
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import errno
-import hashlib
-import json
-import math
 import os
+import shutil
 import uuid
-import zipfile
-from collections.abc import Mapping
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import orbax.checkpoint as ocp
+from etils import epath
 
-from jquant._src import calibration
+from jquant._src import checkpoint_v1
 from jquant._src.paths import boxed_leaves, is_qarray, path_to_str
 from jquant._src.qarray import QArray
-from jquant._src.spec import QuantSpec
+from jquant._src.spec_json import spec_from_json, spec_to_json
 
 FORMAT = "jquant-checkpoint"
-VERSION = 1
+VERSION = 2
 """The format version `save` writes; `load` reads this version and older."""
 
-_MANIFEST = "manifest.json"
-_SHARDING_NOTE = ("not stored: arrays were gathered to one host with numpy.asarray; "
-                  "load places them on the default device, or as the target's NamedShardings say")
-# A fixed timestamp makes the same tree give the same bytes.
-_ZIP_EPOCH = (1980, 1, 1, 0, 0, 0)
-# zipfile must be told in advance that a streamed member may pass 2 GiB (the .npy header is < 1 KiB).
-_ZIP64_FROM = 1 << 30
-_BITS_DTYPES = {1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint64}
-_KEY_KINDS = {jax.tree_util.DictKey: ("dict", "key"), jax.tree_util.GetAttrKey: ("attr", "name"),
-              jax.tree_util.SequenceKey: ("index", "idx"), jax.tree_util.FlattenedIndexKey: ("flat", "key")}
-_KEY_CLASSES = {kind: cls for cls, (kind, _) in _KEY_KINDS.items()}
+_ENTRY = "jquant"  # the key of jquant's metadata in the Orbax item's custom metadata
+_QARRAY_ARRAYS = ("value", "scale", "zero_point")
+_SCALARS = {"bool": bool, "int": int, "float": float}
+_GOLDEN = 0x9E3779B1
 
 
-def save(path, tree) -> None:
-    """Write `tree` to a checkpoint file at `path`, atomically (format in the module docstring).
+class QuantCheckpointHandler(ocp.StandardCheckpointHandler):
+    """The Orbax handler of jquant checkpoints: a `StandardCheckpointHandler` item (module
+    docstring) whose custom metadata records each QArray's spec, shape and dtype and every
+    array's digest. Use it through `QuantSave` / `QuantRestore`, with which it is registered, so
+    an `ocp.CheckpointManager` or `ocp.Checkpointer` picks it by the args' type."""
 
-    The archive is written to a temporary file in the same directory, flushed and `fsync`ed, then
-    `os.replace`d onto `path`: an exception (or a crash) during `save` never leaves a partial file
-    at `path`, and a checkpoint already there stays intact until the replace. After an exception
-    the temporary file is removed; a hard crash can leave a hidden `.<name>.<hex>.tmp` behind.
+    async def async_save(self, directory, item=None, save_args=None, args=None):
+        if not isinstance(args, QuantSave):
+            raise TypeError(f"QuantCheckpointHandler saves jquant.QuantSave(tree) args, got {type(args).__name__}")
+        storage, meta, arrays = _encode(args.tree)
+        for record, digest in zip((r for r, _ in arrays), _digests([a for _, a in arrays])):
+            record["digest"] = digest
+        return await super().async_save(directory, args=ocp.args.StandardSave(storage, custom_metadata={_ENTRY: meta}))
+
+    def restore(self, directory, item=None, args=None):
+        if args is not None and not isinstance(args, QuantRestore):
+            raise TypeError(f"QuantCheckpointHandler restores with jquant.QuantRestore(target) args, got "
+                            f"{type(args).__name__}")
+        return _restore(self, os.fspath(directory), None if args is None else args.target)
+
+
+@ocp.args.register_with_handler(QuantCheckpointHandler, for_save=True)
+@dataclasses.dataclass
+class QuantSave(ocp.args.CheckpointArgs):
+    """Orbax args that save `tree` (arrays, QArrays, Python bool/int/float, None, in any pytree)
+    as a jquant checkpoint item, e.g. `ocp.args.Composite(params=jquant.QuantSave(qparams),
+    opt_state=ocp.args.StandardSave(opt_state))` in `CheckpointManager.save`.
+
+    Raises (when constructed, before anything is written):
+      TypeError: naming the path of a leaf that cannot be stored (a tracer, an object or string
+        array, a str or complex scalar, an int outside int64, an arbitrary object).
+      ValueError: two leaves whose paths print the same (e.g. keys "a/b" and "a" → "b").
+    """
+
+    tree: Any
+
+    def __post_init__(self):
+        _encode(self.tree)
+
+
+@ocp.args.register_with_handler(QuantCheckpointHandler, for_restore=True)
+@dataclasses.dataclass
+class QuantRestore(ocp.args.CheckpointArgs):
+    """Orbax args that restore a jquant checkpoint item; `target` as in `load` (None: QArrays are
+    rebuilt from the metadata and arrays land on the default device)."""
+
+    target: Any = None
+
+
+def save(path, tree, *, overwrite: bool = False) -> None:
+    """Write `tree` to a new checkpoint directory at `path` (format in the module docstring).
+
+    The checkpoint is written by Orbax under a temporary name next to `path` and renamed into
+    place once complete: an exception, Ctrl-C or a killed process during `save` leaves nothing at
+    `path` and an existing checkpoint there intact (a hard crash may leave a hidden
+    `.<name>.jquant-*` directory). With `overwrite=True` an existing checkpoint is replaced only
+    after the new one is complete: it is renamed aside, the new one renamed in, the old one
+    deleted. Call it on every process of a multi-process job (Orbax writes each process's shards;
+    the renames happen on the primary process).
 
     Args:
-      path: file path (str or os.PathLike); its directory must exist.
-      tree: a pytree whose leaves are jax or NumPy arrays (any numeric or bool dtype, bfloat16 and
-        the other ml_dtypes included, 0-d and size-0 too; typed PRNG key arrays), Python scalars,
-        None, or `QArray` nodes. dict keys must be str or int.
+      path: directory path (str or os.PathLike); its parent must exist.
+      tree: a pytree (not a bare array) whose leaves are jax or NumPy arrays (any numeric or bool
+        dtype, ml_dtypes included, 0-d and size-0, sharded or not; typed PRNG key arrays), Python
+        bool/int/float, None, or `QArray`s.
+      overwrite: replace a checkpoint already at `path`.
 
     Raises:
-      TypeError: naming the path of a leaf that cannot be stored (a tracer, an object or string
-        array, an arbitrary object) or of a dict key that is neither str nor int.
-      FileNotFoundError: the directory of `path` does not exist.
+      FileExistsError: something is at `path` and `overwrite` is False.
+      FileNotFoundError: the parent directory does not exist.
+      TypeError, ValueError: as `QuantSave`, before anything is written.
     """
-    path = os.fspath(path)
-    directory = os.path.dirname(os.path.abspath(path))
-    if not os.path.isdir(directory):
-        raise FileNotFoundError(errno.ENOENT, f"cannot save checkpoint {path!r}: no such directory", directory)
-    tmp = os.path.join(directory, f".{os.path.basename(path)}.{uuid.uuid4().hex[:16]}.tmp")
-    # O_EXCL: never write into a file someone else made; mode 0o666 lets the umask decide, as open() does.
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
+    path = os.path.abspath(os.fspath(path))
+    parent, name = os.path.split(path)
+    if os.path.lexists(path) and not overwrite:
+        raise FileExistsError(errno.EEXIST, "cannot save checkpoint: something is there already (pass "
+                                            "overwrite=True to replace it)", path)
+    if not os.path.isdir(parent):
+        raise FileNotFoundError(errno.ENOENT, f"cannot save checkpoint {path!r}: no such directory", parent)
+    args = QuantSave(tree)
+    staging = os.path.join(parent, f".{name}.jquant-{uuid.uuid4().hex[:16]}")
+    primary = ocp.multihost.is_primary_host(0)
     try:
-        with os.fdopen(fd, "wb") as f:
-            with zipfile.ZipFile(f, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as zf:
-                root = _Writer(zf).node(tree, ())
-                manifest = {"format": FORMAT, "version": VERSION, "sharding": _SHARDING_NOTE, "tree": root}
-                text = json.dumps(manifest, ensure_ascii=False, allow_nan=False, separators=(",", ":"))
-                zf.writestr(_zip_info(_MANIFEST), text.encode("utf-8"))
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        ocp.Checkpointer(QuantCheckpointHandler()).save(staging, args=args)
+        if primary:
+            if os.path.lexists(path):
+                old = staging + ".old"
+                os.rename(path, old)
+                os.rename(staging, path)
+                _remove(old)
+            else:
+                os.rename(staging, path)
     except BaseException:
-        with contextlib.suppress(OSError):
-            os.remove(tmp)
+        if primary:  # Orbax's unfinished temporary directory (or the finished one, not yet renamed)
+            for leftover in os.listdir(parent):
+                if leftover.startswith(os.path.basename(staging)) and not leftover.endswith(".old"):
+                    _remove(os.path.join(parent, leftover))
         raise
-    _fsync_directory(directory)  # makes the rename itself durable
+    ocp.multihost.sync_global_processes(f"jquant.save:{staging}")
 
 
 def load(path, target=None):
-    """Read a checkpoint written by `save`; arrays and QArrays come back bit-exactly.
-
-    Every stored array's sha256 is checked. Arrays load as jax arrays on the default device
-    (`jnp.asarray`), except 64-bit ones while `jax_enable_x64` is off, which stay NumPy arrays so
-    that they are not narrowed to 32 bits. QArrays are rebuilt with their spec, shape and dtype.
+    """Read a checkpoint written by `save` (or a version-1 file); arrays and QArrays come back
+    bit-exactly, every array checked against its digest.
 
     Args:
-      path: the checkpoint file (str or os.PathLike).
+      path: the checkpoint directory (or version-1 file), str or os.PathLike; also the directory
+        of a `QuantSave` item inside a `CheckpointManager` step (`<root>/<step>/<item name>`).
       target: optional pytree with the checkpoint's structure (an NNX State, a FrozenDict, a
         custom pytree node, abstract `jax.ShapeDtypeStruct` leaves, …): the result takes its tree
-        structure (`jax.tree_util.tree_structure(target, is_leaf=is_qarray)`, so a QArray is one
-        leaf). Leaf paths are compared as "a/b/0" strings, with or without a box's inner key (the
-        `value` of an NNX Variable: `jquant._src.paths`), so a dict checkpoint loads into an NNX State. Where a
-        target leaf — a `jax.Array` or `jax.ShapeDtypeStruct`, or an array of a target QArray —
-        has a `NamedSharding`, the loaded array is placed with it (`jax.device_put`), so a tree
-        saved from sharded arrays comes back sharded the same way given the same tree (or its
-        `jax.eval_shape`) as target. Otherwise only the target's structure is used: its leaf
+        structure (`jax.tree_util.tree_structure(target, is_leaf=is_qarray)`, a QArray one leaf).
+        Leaf paths are compared as "a/b/0" strings, with or without a box's inner key (the `value`
+        of an NNX Variable), so a dict checkpoint loads into an NNX State. Each array — the
+        arrays of a QArray too — is restored with the `jax.sharding.Sharding` of the target leaf
+        (a `jax.Array` or `ShapeDtypeStruct` with one), each process reading only its shards, so a
+        tree saved sharded comes back sharded the same way given the same tree or its
+        `jax.eval_shape` with shardings. Otherwise only the target's structure is used: its leaf
         values, shapes and dtypes are not checked.
 
     Returns:
-      The tree. Without `target`, dicts, lists, tuples and None come back as such and other pytree
-      nodes (FrozenDict, NNX State and Variables, namedtuples, …) as dicts keyed by their keys.
+      The tree. Without `target`: arrays on the default device (64-bit ones as NumPy arrays while
+      `jax_enable_x64` is off, so they are not narrowed), QArrays rebuilt with their spec, shape
+      and dtype, Python scalars, and the structure as Orbax restores it: dicts (other pytree
+      nodes — FrozenDict, NNX State, dataclasses — as dicts keyed by their key names), lists
+      (tuples too), None.
 
     Raises:
-      FileNotFoundError: no file at `path`.
-      ValueError: "<path> is corrupt: ..." (not a zip archive, truncated, unreadable manifest, an
-        array whose bytes fail the CRC or the sha256 in the manifest); a format name other than
-        "jquant-checkpoint" or a version newer than `VERSION` (naming both versions); `target`
-        with a different number of leaves, other paths, or a QArray where the checkpoint has none
-        or vice versa (naming the first differing path); a loaded array that a target's sharding
-        cannot hold (naming its path).
+      FileNotFoundError: nothing at `path`.
+      ValueError: "<path> is corrupt: ..." (Orbax cannot read it, truncated or missing files, an
+        array whose bits fail its digest — naming the leaf —, metadata that disagrees with the
+        Orbax tree); "<path> is not a jquant checkpoint" (an Orbax checkpoint without jquant's
+        metadata, or another format); a version newer than `VERSION` (naming both); a spec this
+        jquant cannot build (naming the leaf); `target` with a different number of leaves, other
+        paths, or a QArray where the checkpoint has none or vice versa (naming the first differing
+        path); a target sharding that cannot hold the stored array (naming the leaf).
     """
     path = os.fspath(path)
-    with open(path, "rb") as f:  # a missing file raises FileNotFoundError naming `path`
-        try:
-            zf = zipfile.ZipFile(f)
-        except (zipfile.BadZipFile, EOFError) as err:
-            raise _corrupt(path, f"not a readable zip archive ({err})") from None
-        with zf:
-            manifest = _read_manifest(zf, path)
-            if target is None:
-                return _Reader(zf, path).node(manifest["tree"], ())
-            # Check the structure before reading any array bytes.
-            shape_only = _Reader(zf, path, read_arrays=False)
-            shape_only.node(manifest["tree"], ())
-            treedef = _match_target(shape_only.leaves, target, path)
-            reader = _Reader(zf, path)
-            reader.node(manifest["tree"], ())
-            likes = jax.tree_util.tree_leaves(target, is_leaf=is_qarray)
-            leaves = [_place(leaf, like, where, path) for (where, leaf), like in zip(reader.leaves, likes)]
-            return jax.tree_util.tree_unflatten(treedef, leaves)
+    if not os.path.exists(path):
+        raise FileNotFoundError(errno.ENOENT, "no checkpoint", path)
+    if os.path.isdir(path):
+        return ocp.Checkpointer(QuantCheckpointHandler()).restore(path, args=QuantRestore(target))
+    tree, leaves = checkpoint_v1.read(path)
+    if target is None:
+        return tree
+    entries = [{"path": path_to_str(p), **({"qarray": {}} if isinstance(leaf, QArray) else {})} for p, leaf in leaves]
+    treedef, shardings = _match_target(entries, target, path)
+    out = []
+    for (where, leaf), entry in zip(leaves, entries):
+        if isinstance(leaf, QArray):
+            arrays = [_put(getattr(leaf, n), shardings.get(f"{entry['path']}/{n}"), f"{entry['path']}/{n}", path)
+                      for n in _QARRAY_ARRAYS]
+            leaf = QArray(*arrays, spec=leaf.spec, shape=leaf.shape, dtype=leaf.dtype)
+        else:
+            leaf = _put(leaf, shardings.get(entry["path"]), entry["path"], path)
+        out.append(leaf)
+    return jax.tree_util.tree_unflatten(treedef, out)
 
 
-class _Writer:
-    """Encodes a tree as manifest nodes, writing each array to the archive as it goes (so at most
-    one array at a time is on the host)."""
+def _encode(tree):
+    """(the tree Orbax stores, jquant's metadata, [(record, array) to digest]); TypeError/ValueError
+    naming the leaf for what cannot be stored."""
+    flat, treedef = jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_qarray)
+    stored, entries, arrays, seen = [], [], [], set()
+    for key_path, leaf in flat:
+        where = path_to_str(key_path)
+        if where in seen:
+            raise ValueError(f"{where}: two leaves have this path; checkpoint leaf paths must differ")
+        seen.add(where)
+        if isinstance(leaf, QArray):
+            entry = {"spec": spec_to_json(leaf.spec), "shape": list(leaf.shape), "dtype": leaf.dtype.name}
+            storage = {}
+            for name in _QARRAY_ARRAYS:
+                a = getattr(leaf, name)
+                entry[name], storage[name] = (None, None) if a is None else _encode_array(a, f"{where}/{name}", arrays)
+            stored.append(storage)
+            entries.append({"path": where, "qarray": entry})
+        elif isinstance(leaf, (bool, int, float)) and not isinstance(leaf, np.generic):
+            if isinstance(leaf, int) and not isinstance(leaf, bool) and not -2**63 <= leaf < 2**63:
+                raise TypeError(f"{where}: the int {leaf} does not fit in int64, which Orbax stores Python ints as")
+            stored.append(leaf)
+            entries.append({"path": where, "scalar": next(k for k, t in _SCALARS.items() if isinstance(leaf, t))})
+        else:
+            record, array = _encode_array(leaf, where, arrays)
+            stored.append(array)
+            entries.append({"path": where, "array": record})
+    meta = {"format": FORMAT, "version": VERSION, "leaves": entries}
+    return jax.tree_util.tree_unflatten(treedef, stored), meta, arrays
 
-    def __init__(self, zf: zipfile.ZipFile):
-        self.zf = zf
-        self.count = 0
 
-    def node(self, x, path):
-        if x is None:
-            return {"type": "none"}
-        if isinstance(x, QArray):
-            node = {"type": "qarray", "spec": _spec_to_json(x.spec), "shape": list(x.shape), "dtype": x.dtype.name}
-            for name in ("value", "scale", "zero_point"):
-                node[name] = self.node(getattr(x, name), path + (jax.tree_util.DictKey(name),))
-            return node
-        if isinstance(x, (jax.Array, np.ndarray, np.generic)):
-            return self.array(x, path)
-        if isinstance(x, (bool, int, float, complex, str)):
-            return _scalar_to_json(x)
-        # One level of flattening: everything below `x` counts as a leaf here.
-        flat, _ = jax.tree_util.tree_flatten_with_path(x, is_leaf=lambda y: y is not x)
-        if len(flat) == 1 and flat[0][0] == ():
-            raise TypeError(f"{_where(path)}: cannot save a leaf of type {type(x).__qualname__}; leaves must be "
-                            "arrays, Python scalars or None")
-        keys = [p[0] for p, _ in flat]
-        values = [self.node(child, path + (key,)) for key, (_, child) in zip(keys, flat)]
-        if type(x) in (list, tuple):
-            return {"type": type(x).__name__, "items": values}
-        if isinstance(x, Mapping) and all(isinstance(k, jax.tree_util.DictKey) for k in keys):
-            for k in keys:
-                if not isinstance(k.key, (str, int)):
-                    raise TypeError(f"{_where(path + (k,))}: dict key {k.key!r} of type {type(k.key).__name__}; "
-                                    "checkpoint dict keys must be str or int")
-            node = {"type": "dict", "keys": [k.key for k in keys], "values": values}
-            if type(x) is not dict:
-                node["class"] = _class_name(type(x))
-            return node
-        return {"type": "node", "class": _class_name(type(x)), "keys": [_key_to_json(k) for k in keys],
-                "values": values}
-
-    def array(self, x, path):
-        if isinstance(x, jax.core.Tracer):
-            raise TypeError(f"{_where(path)}: cannot save a traced value; call save outside jit/grad/vmap")
-        extra = {}
-        if isinstance(x, jax.Array) and jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
-            extra["prng_impl"] = str(jax.random.key_impl(x))
-            x = jax.random.key_data(x)
-        a = np.asarray(x, order="C")  # gathers a sharded array onto this host
+def _encode_array(a, where, arrays):
+    """(record, what Orbax stores) of one array leaf; appends it to `arrays` to be digested."""
+    if isinstance(a, jax.core.Tracer):
+        raise TypeError(f"{where}: cannot save a traced value; call save outside jit/grad/vmap")
+    record = {}
+    if isinstance(a, jax.Array) and jax.dtypes.issubdtype(a.dtype, jax.dtypes.prng_key):
+        record["prng_impl"] = str(jax.random.key_impl(a))
+        a = jax.random.key_data(a)
+    if isinstance(a, np.generic):
+        a = np.asarray(a)
+    if not isinstance(a, (jax.Array, np.ndarray)):
+        raise TypeError(f"{where}: cannot save a leaf of type {type(a).__qualname__}; leaves must be arrays, "
+                        "QArrays, Python bool/int/float or None")
+    if isinstance(a, np.ndarray):
+        if a.dtype.kind not in "biufcV" or a.dtype.fields is not None or (a.dtype.kind == "V" and a.dtype.isbuiltin != 2):
+            raise TypeError(f"{where}: cannot save an array of dtype {a.dtype}; supported: bool, integer, float "
+                            "and complex dtypes (ml_dtypes included)")
         if not a.dtype.isnative:
             a = a.astype(a.dtype.newbyteorder("="))
-        dtype = a.dtype
-        if dtype.isbuiltin == 2:  # ml_dtypes (bfloat16, float8_*, int4, …): .npy has no name for them
-            a = a.view(_BITS_DTYPES[dtype.itemsize])
-            extra["stored_as"] = a.dtype.name
-        elif dtype.kind not in "biufc" or dtype.fields is not None:
-            raise TypeError(f"{_where(path)}: cannot save an array of dtype {dtype}; supported: bool, integer, "
-                            "float and complex dtypes (ml_dtypes included)")
-        node = {"type": "array", "file": f"arrays/{self.count}.npy", "dtype": dtype.name, "shape": list(a.shape),
-                "sha256": _sha256(a), **extra}
-        self.count += 1
-        with self.zf.open(_zip_info(node["file"]), "w", force_zip64=a.nbytes >= _ZIP64_FROM) as out:
-            np.lib.format.write_array(out, a, allow_pickle=False)
+    record.update(dtype=a.dtype.name, shape=list(a.shape))
+    if a.size == 0:
+        return record, None
+    arrays.append((record, a))
+    return record, a
+
+
+def _restore(handler: QuantCheckpointHandler, directory: str, target):
+    """`load` of an Orbax directory (module docstring), with `handler`'s Orbax methods."""
+    try:
+        tree_meta = handler.metadata(epath.Path(directory))
+    except FileNotFoundError:
+        raise ValueError(f"{directory} is not a jquant checkpoint: it has no Orbax PyTree metadata") from None
+    except Exception as err:  # Orbax's errors for unreadable metadata vary; this names the path
+        raise _corrupt(directory, f"Orbax cannot read its metadata ({type(err).__name__}: {_first_line(err)})") from err
+    entries = _read_entries(tree_meta.custom_metadata, directory)
+    records = {}
+    for entry in entries:
+        if "qarray" in entry:
+            for name in _QARRAY_ARRAYS:
+                if entry["qarray"][name] is not None:
+                    records[f"{entry['path']}/{name}"] = entry["qarray"][name]
+        else:
+            records[entry["path"]] = entry.get("array", entry)
+    treedef, shardings = (None, {}) if target is None else _match_target(entries, target, directory)
+    default = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+
+    def abstract(key_path, meta):
+        where = path_to_str(key_path)
+        record = records.get(where)
+        kind = ocp.metadata.ScalarMetadata if "scalar" in (record or {}) else ocp.metadata.ArrayMetadata
+        if record is None or not isinstance(meta, kind):
+            raise _corrupt(directory, f"the Orbax tree has {type(meta).__name__} {where!r}, which jquant's metadata "
+                                      "does not list as such")
+        if "scalar" in record:
+            return _SCALARS[record["scalar"]](0)
+        shape, dtype = tuple(record["shape"]), jnp.dtype(record["dtype"])
+        if (tuple(meta.shape), jnp.dtype(meta.dtype)) != (shape, dtype):
+            raise _corrupt(directory, f"{where!r} is {meta.dtype}{list(meta.shape)} in the Orbax tree, "
+                                      f"{dtype}{list(shape)} in jquant's metadata")
+        if jax.dtypes.canonicalize_dtype(dtype) != dtype:
+            return np.empty(shape, dtype)  # 64-bit with jax_enable_x64 off: restored as NumPy, not narrowed
+        return jax.ShapeDtypeStruct(shape, dtype, sharding=_fitting(shardings.get(where, default), shape, where,
+                                                                    directory))
+
+    item = jax.tree_util.tree_map_with_path(abstract, tree_meta.tree)
+    try:
+        raw = ocp.StandardCheckpointHandler.restore(handler, epath.Path(directory), args=ocp.args.StandardRestore(item))
+    except Exception as err:  # TensorStore/Orbax errors for missing or truncated files
+        raise _corrupt(directory, f"Orbax cannot read it ({type(err).__name__}: {_first_line(err)})") from err
+    stored = {path_to_str(p): a for p, a in jax.tree_util.tree_flatten_with_path(raw)[0]}
+    checked = [(where, stored[where]) for where, r in records.items() if "digest" in r]
+    for (where, a), digest in zip(checked, _digests([a for _, a in checked])):
+        if digest != records[where]["digest"]:
+            raise _corrupt(directory, f"{where!r}: its data does not match the digest recorded at save")
+    leaves = {entry["path"]: _decode(entry, stored, shardings, default, directory) for entry in entries}
+    if target is not None:
+        return jax.tree_util.tree_unflatten(treedef, [leaves[entry["path"]] for entry in entries])
+
+    def rebuild(node, where):
+        if where in leaves:
+            return leaves[where]
+        if isinstance(node, dict):
+            return {k: rebuild(v, f"{where}/{k}" if where else str(k)) for k, v in node.items()}
+        if isinstance(node, list):
+            return [rebuild(v, f"{where}/{i}" if where else str(i)) for i, v in enumerate(node)]
         return node
 
-
-class _Reader:
-    """Decodes manifest nodes back into a tree; collects (key path, leaf) in flattening order.
-
-    With `read_arrays=False` it reads no array bytes (array leaves are None) — used to compare the
-    structure with a `target` first.
-    """
-
-    def __init__(self, zf: zipfile.ZipFile, path: str, read_arrays: bool = True):
-        self.zf, self.path, self.read_arrays = zf, path, read_arrays
-        self.leaves = []
-
-    def node(self, node, path):
-        try:
-            kind = node["type"]
-            if kind == "none":
-                return None
-            if kind in ("array", "scalar", "qarray"):
-                leaf = getattr(self, kind)(node, path)
-                self.leaves.append((path, leaf))
-                return leaf
-            if kind in ("list", "tuple"):
-                items = [self.node(n, path + (jax.tree_util.SequenceKey(i),)) for i, n in enumerate(node["items"])]
-                return items if kind == "list" else tuple(items)
-            if kind in ("dict", "node"):
-                keys = node["keys"]
-                if kind == "dict":
-                    entries = [jax.tree_util.DictKey(k) for k in keys]
-                else:
-                    entries = [_key_from_json(k) for k in keys]
-                    keys = [k[1] for k in keys]
-                if len(keys) != len(node["values"]):
-                    raise _corrupt(self.path, f"malformed manifest at {_where(path)!r}: {len(keys)} keys but "
-                                              f"{len(node['values'])} values")
-                return {k: self.node(n, path + (e,)) for k, e, n in zip(keys, entries, node["values"])}
-            raise _corrupt(self.path, f"malformed manifest at {_where(path)!r}: unknown node type {kind!r}")
-        except (KeyError, TypeError, IndexError, AttributeError) as err:
-            raise _corrupt(self.path, f"malformed manifest at {_where(path)!r} ({type(err).__name__}: {err})") from err
-
-    def scalar(self, node, path):
-        pytype, value = node["pytype"], node["value"]
-        try:
-            if pytype == "complex":
-                return complex(float(value[0]), float(value[1]))
-            return {"bool": bool, "int": int, "float": float, "str": str}[pytype](value)
-        except (KeyError, ValueError):
-            raise _corrupt(self.path, f"malformed manifest at {_where(path)!r}: scalar {node}") from None
-
-    def qarray(self, node, path):
-        try:
-            spec = _spec_from_json(node["spec"])
-        except (TypeError, ValueError) as err:
-            raise ValueError(f"{self.path}: the QArray at {_where(path)!r} has spec {node['spec']} which this "
-                             f"jquant cannot build: {err}") from None
-        mark = len(self.leaves)
-        children = [self.node(node[name], path + (jax.tree_util.DictKey(name),))
-                    for name in ("value", "scale", "zero_point")]
-        del self.leaves[mark:]  # the QArray is the leaf, not its arrays
-        return QArray(*children, spec=spec, shape=tuple(node["shape"]), dtype=jnp.dtype(node["dtype"]))
-
-    def array(self, node, path):
-        file, where = node["file"], _where(path)
-        stored = np.dtype(node.get("stored_as", node["dtype"]))
-        dtype = jnp.dtype(node["dtype"])
-        if not self.read_arrays:
-            return None
-        try:
-            with self.zf.open(file) as f:
-                a = np.lib.format.read_array(f, allow_pickle=False)
-                trailing = f.read(1)
-        except KeyError:
-            raise _corrupt(self.path, f"array {where!r}: member {file} is missing from the archive") from None
-        except (zipfile.BadZipFile, EOFError, ValueError) as err:
-            raise _corrupt(self.path, f"array {where!r} ({file}): {err}") from None
-        if trailing or a.dtype != stored or list(a.shape) != list(node["shape"]):
-            raise _corrupt(self.path, f"array {where!r} ({file}) holds {a.dtype}{list(a.shape)}, the manifest "
-                                      f"says {stored}{list(node['shape'])}")
-        a = np.asarray(a, order="C")
-        if _sha256(a) != node["sha256"]:
-            raise _corrupt(self.path, f"array {where!r} ({file}): its bytes do not match the sha256 in the manifest")
-        if stored != dtype:
-            a = a.view(dtype)
-        if "prng_impl" in node:
-            return jax.random.wrap_key_data(jnp.asarray(a), impl=node["prng_impl"])
-        if jax.dtypes.canonicalize_dtype(a.dtype) != a.dtype:
-            return a  # 64-bit with jax_enable_x64 off: jnp.asarray would narrow it
-        return jnp.asarray(a)
+    return rebuild(raw, "")
 
 
-def _read_manifest(zf: zipfile.ZipFile, path: str) -> dict:
+def _decode(entry, stored, shardings, default, directory):
+    """The leaf of one metadata entry, from the restored arrays `stored` (by path)."""
+    where = entry["path"]
+
+    def array(record, at):
+        if "digest" not in record:  # size 0: nothing stored
+            dtype = jnp.dtype(record["dtype"])
+            a = np.zeros(record["shape"], dtype)
+            a = a if jax.dtypes.canonicalize_dtype(dtype) != dtype else jax.device_put(a, shardings.get(at, default))
+        else:
+            a = stored[at]
+        return jax.random.wrap_key_data(a, impl=record["prng_impl"]) if "prng_impl" in record else a
+
+    if "scalar" in entry:
+        return stored[where]
+    if "array" in entry:
+        return array(entry["array"], where)
+    q = entry["qarray"]
     try:
-        raw = zf.read(_MANIFEST)
-    except KeyError:
-        raise _corrupt(path, f"no {_MANIFEST} in the archive") from None
-    except (zipfile.BadZipFile, EOFError) as err:
-        raise _corrupt(path, f"{_MANIFEST}: {err}") from None
-    try:
-        manifest = json.loads(raw.decode("utf-8"))
-    except ValueError as err:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
-        raise _corrupt(path, f"{_MANIFEST} is not valid JSON ({err})") from None
-    if not isinstance(manifest, dict):
-        raise _corrupt(path, f"{_MANIFEST} is not a JSON object")
-    if manifest.get("format") != FORMAT:
-        raise ValueError(f"{path} is not a jquant checkpoint: its manifest names format {manifest.get('format')!r}, "
-                         f"expected {FORMAT!r}")
-    version = manifest.get("version")
-    if not isinstance(version, int) or isinstance(version, bool) or version < 1:
-        raise _corrupt(path, f"manifest version {version!r} is not a positive integer")
+        spec = spec_from_json(q["spec"])
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"{directory}: the QArray at {where!r} has spec {q['spec']} which this jquant cannot "
+                         f"build: {err}") from None
+    arrays = [None if q[n] is None else array(q[n], f"{where}/{n}") for n in _QARRAY_ARRAYS]
+    return QArray(*arrays, spec=spec, shape=tuple(q["shape"]), dtype=jnp.dtype(q["dtype"]))
+
+
+def _read_entries(custom, directory):
+    meta = (custom or {}).get(_ENTRY) if isinstance(custom, dict) else None
+    if meta is None:
+        raise ValueError(f"{directory} is not a jquant checkpoint: its Orbax metadata has no {_ENTRY!r} entry "
+                         "(read a plain Orbax checkpoint with orbax.checkpoint directly)")
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        raise ValueError(f"{directory} is not a jquant checkpoint: its metadata names format "
+                         f"{meta.get('format') if isinstance(meta, dict) else meta!r}, expected {FORMAT!r}")
+    version = meta.get("version")
+    if not isinstance(version, int) or isinstance(version, bool) or version < 2:
+        raise _corrupt(directory, f"metadata version {version!r} is not an integer ≥ 2")
     if version > VERSION:
-        raise ValueError(f"{path} is a {FORMAT} of version {version}; this jquant supports versions up to "
+        raise ValueError(f"{directory} is a {FORMAT} of version {version}; this jquant supports versions up to "
                          f"{VERSION} — upgrade jquant to load it")
-    if "tree" not in manifest:
-        raise _corrupt(path, f"{_MANIFEST} has no 'tree'")
-    return manifest
+    entries = meta.get("leaves")
+    if not isinstance(entries, list) or not all(isinstance(e, dict) and isinstance(e.get("path"), str)
+                                                and len(e) == 2 for e in entries):
+        raise _corrupt(directory, "jquant's metadata has no valid 'leaves' list")
+    return entries
 
 
-def _match_target(leaves, target, path):
-    """The target's treedef, after checking that its leaves line up with the checkpoint's."""
+def _match_target(entries, target, path):
+    """(the target's treedef, {array path: the target's sharding}) after checking that the target's
+    leaves line up with the checkpoint's `entries`."""
     treedef = jax.tree_util.tree_structure(target, is_leaf=is_qarray)
     flat = boxed_leaves(target)
-    have = [path_to_str(p) for p, _ in leaves]
-    want = [full for _, full, _ in flat]
+    have = [e["path"] for e in entries]
+    shardings = {}
     for i, (h, (boxed, w, leaf)) in enumerate(zip(have, flat)):
         if h not in (w, boxed):  # a leaf may be named with or without its box's inner key
             raise ValueError(f"target does not match checkpoint {path}: leaf {i} is {h!r} in the checkpoint "
                              f"but {w!r} in target")
-        if isinstance(leaves[i][1], QArray) != is_qarray(leaf):
-            which = "the checkpoint" if isinstance(leaves[i][1], QArray) else "target"
+        if ("qarray" in entries[i]) != is_qarray(leaf):
+            which = "the checkpoint" if "qarray" in entries[i] else "target"
             raise ValueError(f"target does not match checkpoint {path}: {h!r} is a QArray only in {which}")
-    if len(have) != len(want):
-        extra, where = (have[len(want)], "checkpoint") if len(have) > len(want) else (want[len(have)], "target")
+        named = [(f"{h}/{n}", getattr(leaf, n)) for n in _QARRAY_ARRAYS] if is_qarray(leaf) else [(h, leaf)]
+        for where, like in named:
+            sharding = getattr(like, "sharding", None)
+            if isinstance(sharding, jax.sharding.Sharding):
+                shardings[where] = sharding
+    if len(have) != len(flat):
+        extra, where = ((have[len(flat)], "checkpoint") if len(have) > len(flat)
+                        else (flat[len(have)][1], "target"))
         raise ValueError(f"target does not match checkpoint {path}: the checkpoint has {len(have)} leaves, target "
-                         f"has {len(want)}; the first unmatched is {extra!r} (only in {where})")
-    return treedef
+                         f"has {len(flat)}; the first unmatched is {extra!r} (only in {where})")
+    return treedef, shardings
 
 
-def _place(leaf, like, where, path):
-    """`leaf` put with the NamedSharding of `like`, its target leaf (array by array for a QArray)."""
-    if isinstance(leaf, QArray):
-        names = ("value", "scale", "zero_point")
-        children = [_place(getattr(leaf, n), getattr(like, n), where + (jax.tree_util.DictKey(n),), path)
-                    for n in names]
-        return QArray(*children, spec=leaf.spec, shape=leaf.shape, dtype=leaf.dtype)
-    sharding = getattr(like, "sharding", None)
-    # jax arrays only: a 64-bit NumPy leaf (x64 off) stays on the host rather than be narrowed
-    if not isinstance(sharding, jax.sharding.NamedSharding) or not isinstance(leaf, jax.Array):
-        return leaf
+def _fitting(sharding, shape, where, path):
+    """`sharding`, after a ValueError naming the leaf unless it can hold an array of `shape`."""
     try:
-        return jax.device_put(leaf, sharding)
+        sharding.shard_shape(shape)
     except ValueError as err:
-        raise ValueError(f"{path}: {_where(where)!r} of shape {leaf.shape} does not fit the target's sharding "
-                         f"{sharding.spec} on mesh {dict(sharding.mesh.shape)}: {err}") from None
+        raise ValueError(f"{path}: {where!r} of shape {shape} does not fit the target's sharding "
+                         f"{getattr(sharding, 'spec', sharding)}: {err}") from None
+    return sharding
 
 
-def _spec_to_json(spec: QuantSpec) -> dict:
-    # Every dataclass field, so a field added to QuantSpec is saved without touching this module.
-    fields = {f.name: getattr(spec, f.name) for f in dataclasses.fields(spec)}
-    fields["calibration"] = {"type": type(spec.calibration).__name__, **dataclasses.asdict(spec.calibration)}
-    fields["method"] = spec.method.name  # the format's registered name, which QuantSpec resolves back
-    return {name: list(v) if isinstance(v, tuple) else v for name, v in fields.items()}
+def _put(leaf, sharding, where, path):
+    """A version-1 leaf placed with the target's `sharding` (jax arrays only: a 64-bit NumPy leaf
+    stays on the host rather than be narrowed)."""
+    if sharding is None or not isinstance(leaf, jax.Array):
+        return leaf
+    return jax.device_put(leaf, _fitting(sharding, leaf.shape, where, path))
 
 
-def _spec_from_json(fields: dict) -> QuantSpec:
-    fields = {k: tuple(v) if isinstance(v, list) else v for k, v in fields.items()}
-    if "calibration" in fields:
-        options = dict(fields["calibration"])
-        kinds = {cls.__name__: cls for cls in calibration.CALIBRATIONS}
-        kind = options.pop("type", None)
-        if kind not in kinds:
-            raise ValueError(f"unknown calibration {kind!r}; allowed: {', '.join(kinds)}")
-        fields["calibration"] = kinds[kind](**options)
-    return QuantSpec(**fields)
+def _digests(arrays) -> list:
+    """The digest (module docstring) of each array: jax arrays on their devices (one program per
+    set of devices), 64-bit NumPy arrays on the host (jax would narrow them)."""
+    arrays, out = list(arrays), [None] * len(arrays)
+    groups = {}
+    for i, a in enumerate(arrays):
+        if isinstance(a, np.ndarray) and jax.dtypes.canonicalize_dtype(a.dtype) != a.dtype:
+            out[i] = int(_combine(_host_words(a), np))
+        else:
+            a = arrays[i] = jnp.asarray(a)
+            groups.setdefault(frozenset(a.sharding.device_set), []).append(i)
+    for indices in groups.values():
+        for i, d in zip(indices, _device_digests([arrays[i] for i in indices])):
+            out[i] = int(d.addressable_data(0))
+    return out
 
 
-def _scalar_to_json(x) -> dict:
-    def number(v):
-        return v if math.isfinite(v) else repr(v)  # JSON has no NaN/Infinity; float("nan") reads it back
-    if isinstance(x, bool):
-        return {"type": "scalar", "pytype": "bool", "value": x}
-    if isinstance(x, int):
-        return {"type": "scalar", "pytype": "int", "value": int(x)}
-    if isinstance(x, float):
-        return {"type": "scalar", "pytype": "float", "value": number(float(x))}
-    if isinstance(x, complex):
-        return {"type": "scalar", "pytype": "complex", "value": [number(x.real), number(x.imag)]}
-    return {"type": "scalar", "pytype": "str", "value": str(x)}
+@jax.jit
+def _device_digests(arrays):
+    return [_combine(_device_words(a), jnp) for a in arrays]
 
 
-def _key_to_json(key) -> list:
-    kind, attr = _KEY_KINDS.get(type(key), ("str", None))
-    return [kind, getattr(key, attr) if attr else str(key)]
+def _device_words(a):
+    """The bits of a jax array as uint32 words, shape `a.shape + (k,)`, k words per element."""
+    shape = a.shape
+    if jnp.issubdtype(a.dtype, jnp.complexfloating):
+        a = jnp.stack([a.real, a.imag], axis=-1)
+    bits = jax.dtypes.itemsize_bits(a.dtype)
+    if a.dtype == jnp.bool_:
+        words = a.astype(jnp.uint32)
+    elif bits < 32:
+        words = jax.lax.bitcast_convert_type(a, jnp.dtype(f"uint{bits}")).astype(jnp.uint32)
+    else:
+        words = jax.lax.bitcast_convert_type(a, jnp.uint32)  # 64-bit: a trailing axis of 2, low word first
+    return words.reshape(shape + (-1,))
 
 
-def _key_from_json(record):
-    kind, key = record
-    # An unknown key type was saved as its str; DictKey makes path_to_str print exactly that.
-    return _KEY_CLASSES.get(kind, jax.tree_util.DictKey)(key)
+def _host_words(a: np.ndarray) -> np.ndarray:
+    """`_device_words` of a NumPy array of a 64-bit dtype (which jax would narrow while
+    `jax_enable_x64` is off): its little-endian 32-bit words."""
+    return np.ascontiguousarray(a).reshape(-1).view("<u4").reshape(a.shape + (-1,))
 
 
-def _class_name(cls) -> str:
-    return f"{cls.__module__}.{cls.__qualname__}"
+def _combine(words, xp):
+    """Σ_i w_i · (2i + 1) · 0x9E3779B1 mod 2^32 over the words in C order, i their flat index."""
+    index = xp.zeros(words.shape, xp.uint32)
+    stride = 1
+    for axis in reversed(range(words.ndim)):
+        iota = (jax.lax.broadcasted_iota(jnp.uint32, words.shape, axis) if xp is jnp
+                else np.indices(words.shape, dtype=np.uint32)[axis])
+        index = index + iota * xp.uint32(stride % 2**32)
+        stride *= words.shape[axis]
+    weight = (index * xp.uint32(2) + xp.uint32(1)) * xp.uint32(_GOLDEN)
+    return xp.sum(words * weight, dtype=xp.uint32)
 
 
-def _where(path) -> str:
-    return path_to_str(path) or "<root>"
+def _remove(path: str) -> None:
+    if os.path.isdir(path) and not os.path.islink(path):
+        shutil.rmtree(path)
+    else:
+        os.remove(path)
 
 
-def _sha256(a: np.ndarray) -> str:
-    """sha256 of a C-contiguous array's data bytes, without copying them."""
-    return hashlib.sha256(a.reshape(-1).view(np.uint8)).hexdigest()
-
-
-def _zip_info(name: str) -> zipfile.ZipInfo:
-    info = zipfile.ZipInfo(name, date_time=_ZIP_EPOCH)
-    info.compress_type = zipfile.ZIP_STORED
-    info.external_attr = 0o644 << 16
-    return info
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0][:300] if text else ""
 
 
 def _corrupt(path: str, why: str) -> ValueError:
     return ValueError(f"{path} is corrupt: {why}")
-
-
-def _fsync_directory(directory: str) -> None:
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:  # e.g. Windows cannot open a directory; the replace is still atomic
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
