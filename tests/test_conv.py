@@ -45,8 +45,13 @@ def _quantize_and_convolve(x, w, lspec, rspec, conv_args, route):
 def _check(x, w, lspec, rspec, conv_args, route):
     """int32 accumulator == NumPy int64 conv of q − z; float result within f32 rounding of the
     float64 conv of the dequantized operands."""
-    with mock.patch.object(conv_module, "_route", lambda *args: route):
+    chunks = {"int": lambda rhs, dn: "int", "float": lambda rhs, dn: 1,  # float: in one conv or one per feature
+              "float per feature": lambda rhs, dn: rhs.shape[dn.rhs_spec[1]], "chosen": None}[route]
+    if route == "chosen":  # as `conv._route` chooses
         lhs, rhs, acc, y = _quantize_and_convolve(x, w, lspec, rspec, conv_args, route)
+    else:
+        with mock.patch.object(conv_module, "_route", lambda lhs, rhs, dn, groups: chunks(rhs, dn)):
+            lhs, rhs, acc, y = _quantize_and_convolve(x, w, lspec, rspec, conv_args, route)
     strides, padding, lhs_dil, rhs_dil, dn, groups = conv_args
     nsp = x.ndim - 2
     specs = lax.conv_dimension_numbers(x.shape, w.shape, dn)
@@ -103,7 +108,7 @@ def conv_cases(draw):
 
 
 @settings(max_examples=12, deadline=None)
-@given(conv_cases(), st.sampled_from(["int", "float"]), st.integers(0, 2 ** 16))
+@given(conv_cases(), st.sampled_from(["int", "float", "float per feature"]), st.integers(0, 2 ** 16))
 def test_integer_conv_equals_int64_reference(case, route, seed):
     """Any layout, strides, padding (zeros stay zeros for asymmetric activations), dilation and
     groups, on either route: the int32 bracket equals NumPy's int64 convolution bit for bit."""
@@ -121,22 +126,25 @@ def test_resnet_sized_conv_is_exact():
     _check(x, w, lspec, rspec, ((1, 1), "SAME", None, None, ("NHWC", "HWIO", "NHWC"), 1), "int")
     xt, wt = jnp.transpose(x[:2], (0, 3, 1, 2)), jnp.transpose(w, (3, 2, 0, 1))
     _check(xt, wt, lspec, QuantSpec(8, channel_axes=(0,)), ((2, 2), "SAME", None, None, ("NCHW", "OIHW", "NCHW"), 1),
-           "float")
+           "chosen")  # 9·64·255·127 ≥ 2^24: two chunks of 32 input features
 
 
 def test_route_choice():
     """Channels-last with input features a multiple of 4 → int; 1 or 3 input features, another
-    layout → the exact float route; a contraction too long for float32 → int in any layout."""
-    dn = lambda x, w, spec=("NHWC", "HWIO", "NHWC"): lax.conv_dimension_numbers(x.shape, w.shape, spec)
-    route = lambda xs, ws, spec=("NHWC", "HWIO", "NHWC"), rspec=QuantSpec(8): conv_module._route(
-        Operand(xs, QuantSpec(8)), Operand(ws, rspec), dn(jnp.zeros(xs), jnp.zeros(ws), spec), 1)
+    layout → the exact float route, its input features cut into the fewest chunks that keep each
+    f32 conv below 2^24 (a number of chunks)."""
     from jquant._src.dot import Operand
+
+    def route(xs, ws, spec=("NHWC", "HWIO", "NHWC"), rspec=QuantSpec(8)):
+        dn = lax.conv_dimension_numbers(xs, ws, spec)
+        return conv_module._route(Operand(xs, QuantSpec(8)), Operand(ws, rspec), dn, 1)
+
     assert route((1, 8, 8, 8), (3, 3, 8, 4)) == "int"
-    assert route((1, 8, 8, 3), (3, 3, 3, 4)) == "float"
-    assert route((1, 8, 8, 1), (3, 3, 1, 4)) == "float"
-    assert route((1, 8, 8, 8), (8, 8, 3, 3), ("NCHW", "OIHW", "NCHW")) == "float"
-    assert route((1, 1152, 8, 8), (8, 1152, 1, 1), ("NCHW", "OIHW", "NCHW")) == "int"  # 1152·127² ≥ 2^24
-    assert route((1, 8, 8, 8), (8, 8, 3, 3), ("NCHW", "OIHW", "NCHW"), QuantSpec(4)) == "float"
+    assert route((1, 8, 8, 3), (3, 3, 3, 4)) == 1
+    assert route((1, 8, 8, 1), (3, 3, 1, 4)) == 1
+    assert route((1, 8, 8, 8), (8, 8, 3, 3), ("NCHW", "OIHW", "NCHW")) == 1
+    assert route((1, 128, 8, 8), (8, 128, 3, 3), ("NCHW", "OIHW", "NCHW")) == 2  # 9·64·127² < 2^24 ≤ 9·128·127²
+    assert route((1, 8, 8, 8), (8, 8, 3, 3), ("NCHW", "OIHW", "NCHW"), QuantSpec(4)) == 1
 
 
 def test_bad_operands_raise_clear_errors():

@@ -37,7 +37,10 @@ the same shape, the candidates timed in alternating rounds):
   (plus the conversion). Taken on CPU where the int route falls off its fast kernel and this bound
   holds, and on other backends (GPU, TPU: not measured here; XLA's int8 convolutions there depend
   on cuDNN layouts and sizes, while an f32 conv always compiles and is exact under the bound).
-  Where the bound does not hold the int route runs (exact, possibly slow).
+  Where the bound does not hold for all I input features at once, they are cut into the fewest
+  equal chunks for which it holds, one f32 conv per chunk, the exact chunk results summed in int32
+  (NCHW 28×28×128→128 3×3 int8: 3 chunks); only a window too large for one feature (never for
+  int8) leaves the int route as the exact fallback.
 Scales that vary along a contracted axis (spatial or input feature) or grouped scales
 (`group_size`) have no integer convolution: `integer_conv_problem` says so, and `jquant.QuantConv`
 then serves the dequantized kernel (the QAT numbers), never silently.
@@ -143,10 +146,21 @@ def int_conv_general_dilated(lhs: QArray, rhs: QArray, window_strides, padding, 
         return lax.conv_general_dilated(a, b, window_strides, padding, lhs_dilation, rhs_dilation, dn, groups,
                                         precision=precision, preferred_element_type=out_type)
 
-    if _route(lhs, rhs, dn, feature_group_count) == "float":
+    route = _route(lhs, rhs, dn, feature_group_count)
+    if route != "int":
+        # The input features of every group cut into `route` chunks, each chunk's f32 conv exact
+        # (below 2^24), the chunks' integer results summed in int32 (module docstring, "float").
+        chunks = route
         centred = lambda q, z: q.astype(jnp.float32) - (0 if z is None else z.astype(jnp.float32))
-        value = conv(centred(qx, zx), centred(qw, zw), feature_group_count, jnp.float32,
-                     lax.Precision.HIGHEST).astype(jnp.int32)
+        xf, wf = centred(qx, zx), centred(qw, zw)
+        lf, ri, g = dn.lhs_spec[1], dn.rhs_spec[1], feature_group_count
+        per = wf.shape[ri] // chunks
+        value = jnp.int32(0)
+        for j in range(chunks):
+            xj = jnp.reshape(xf, xf.shape[:lf] + (g, chunks, per) + xf.shape[lf + 1:])
+            xj = jnp.reshape(lax.index_in_dim(xj, j, lf + 1, keepdims=False), xf.shape[:lf] + (g * per,) + xf.shape[lf + 1:])
+            wj = lax.slice_in_dim(wf, j * per, (j + 1) * per, axis=ri)
+            value = value + conv(xj, wj, g, jnp.float32, lax.Precision.HIGHEST).astype(jnp.int32)
     else:
         value = conv(qx, qw, feature_group_count)
         value = value - _zero_point_terms(qx, qw, zx, zw, dn, feature_group_count, conv)
@@ -263,16 +277,21 @@ def _taps(rhs, dn) -> int:
     return math.prod(rhs.shape[a] for a in dn.rhs_spec[1:])
 
 
-def _route(lhs, rhs, dn, feature_group_count) -> str:
-    """"int" or "float": which exact convolution computes the bracket (module docstring, "Routes")."""
-    exact_in_float = _taps(rhs, dn) * lhs.spec.integer_magnitude * rhs.spec.integer_magnitude < _FLOAT32_EXACT
-    if not exact_in_float:
+def _route(lhs, rhs, dn, feature_group_count):
+    """"int", or the number of chunks of the float route (module docstring, "Routes"): the fewest
+    chunks of the input features (a divisor of them) whose f32 convs stay exact; "int" where there
+    is none, on CPU channels-last with input features a multiple of 4."""
+    features = rhs.shape[dn.rhs_spec[1]]
+    window = _taps(rhs, dn) // max(features, 1)
+    magnitude = lhs.spec.integer_magnitude * rhs.spec.integer_magnitude
+    chunks = next((c for c in range(1, features + 1)
+                   if features % c == 0 and window * (features // c) * magnitude < _FLOAT32_EXACT), None)
+    if chunks is None:
         return "int"
     if jax.default_backend() != "cpu":
-        return "float"
+        return chunks
     nd = len(rhs.shape)
     channels_last = (tuple(dn.lhs_spec) == (0, nd - 1) + tuple(range(1, nd - 1))
                      and tuple(dn.rhs_spec) == (nd - 1, nd - 2) + tuple(range(nd - 2))
                      and tuple(dn.out_spec) == tuple(dn.lhs_spec))
-    features = rhs.shape[dn.rhs_spec[1]]
-    return "int" if channels_last and features % _INT_FEATURE_MULTIPLE == 0 else "float"
+    return "int" if channels_last and features % _INT_FEATURE_MULTIPLE == 0 else chunks
