@@ -319,3 +319,19 @@ def test_midrise_integer_dot_is_exact(bits):
     np.testing.assert_allclose(np.asarray(acc.dequantize(jnp.float32)), expected, rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="mid-rise"):
         jquant.int_dot_general(lhs[0], jquant.quantize(normal(10, (64, 6)), QuantSpec(8, midrise=True)), DN)
+
+
+@pytest.mark.parametrize("spec", [QuantSpec(8, channel_axes=(-1,)), QuantSpec(4, symmetric=False, channel_axes=(-1,), group_size=128)],
+                         ids=repr)
+def test_chunked_weight_only_keeps_the_saturation_at_the_float_limit(spec):
+    # a column at the float limit: s·(q − z) of its grid ends would overflow without the clip
+    # that `dequantize` applies; the chunked dot (which skips the clip where no scale needs it)
+    # takes it here and agrees with dequantize-then-dot, finite
+    w = np.array(normal(16, (1024, 96)))
+    w[:, 5] = np.where(w[:, 5] > 0, 1, -1) * np.finfo(np.float32).max
+    qa = jquant.quantize(jnp.asarray(w), spec)
+    x = 1e-30 * normal(17, (1, 1024))
+    y = jax.jit(lambda a, b: jquant.dot_general(a, b, DN))(x, qa)
+    ref = np.asarray(x, np.float64) @ np.asarray(qa.dequantize(), np.float64)
+    assert np.all(np.isfinite(np.asarray(y)))
+    np.testing.assert_allclose(np.asarray(y, np.float64), ref, rtol=1e-5, atol=1e-5 * np.max(np.abs(ref)))

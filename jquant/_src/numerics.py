@@ -246,22 +246,24 @@ def cast_saturating(x, dtype):
     return jnp.where(jnp.isfinite(x), jnp.clip(x, -largest, largest), x).astype(dtype)
 
 
-def dequantize_grouped(q, scale, zero_point, offset: float = 0.0):
+def dequantize_grouped(q, scale, zero_point, offset: float = 0.0, *, saturate: bool = True):
     """x̂ = s · (q - z + offset) in the scale's dtype, on the grouped view (`offset` is
     `QuantSpec.offset`: 1/2 for a mid-rise grid).
 
     The grid can reach half a step beyond the data's range (s = absmax/Qmax rounds, z rounds), so
     for data at the float limit s · (q - z) can exceed the largest float: with a finite scale the
     result saturates at ±max instead of becoming ±Inf. A non-finite scale (NaN/Inf input) is left
-    to propagate.
+    to propagate. `saturate=False` skips that clip, for callers that know no product overflows.
     """
     q = q.astype(scale.dtype)
     if zero_point is not None:
         q = q - zero_point.astype(scale.dtype)
     if offset:
         q = q + offset
-    largest = jnp.finfo(scale.dtype).max
     x = scale * q
+    if not saturate:
+        return x
+    largest = jnp.finfo(scale.dtype).max
     return jnp.where(jnp.isfinite(scale), jnp.clip(x, -largest, largest), x)
 
 

@@ -129,10 +129,13 @@ class QArray:
                 f"bits/weight={self.bits_per_weight:.3f})")
 
 
-def decode(q, scale, zero_point, spec: QuantSpec, shape, dtype):
+def decode(q, scale, zero_point, spec: QuantSpec, shape, dtype, *, saturate: bool = True):
     """`QArray.dequantize` of unpacked integers `q` of `shape` (for callers that unpack storage
-    piecewise, e.g. the weight-only dot's bit planes)."""
-    values = spec.method.decode(q, scale, zero_point, spec, numerics.layout(tuple(shape), spec))
+    piecewise, e.g. the weight-only dot's bit planes); `saturate=False` where the format's
+    `saturates(scale, spec)` is False (it then skips a per-element clip)."""
+    lay = numerics.layout(tuple(shape), spec)
+    values = (spec.method.decode(q, scale, zero_point, spec, lay) if saturate
+              else spec.method.decode(q, scale, zero_point, spec, lay, saturate=False))
     return numerics.cast_saturating(values, dtype)
 
 

@@ -69,7 +69,15 @@ class Format(abc.ABC):
 
     @abc.abstractmethod
     def decode(self, q, scale, zero_point, spec, lay: numerics.Layout):
-        """x̂ from stored integers, in the scale's dtype, x's shape."""
+        """x̂ from stored integers, in the scale's dtype, x's shape. A format that overrides
+        `saturates` also takes `saturate=False`: skip clipping products beyond the float range."""
+
+    def saturates(self, scale, spec):
+        """None if `decode` never clips (the default); otherwise a scalar bool array, False when
+        no product of these scales and the grid's integers can leave the float range, so that
+        `decode(..., saturate=False)` equals `decode` — a per-element clip the caller may skip
+        (the weight-only dot does, decoding a weight chunk by chunk)."""
+        return None
 
     def to_codes(self, q, spec):
         """Unsigned codes in [0, 2^bits) of the integers `q`, for packed storage."""

@@ -90,9 +90,15 @@ class Uniform(Format):
         bounded = not fixed and reciprocal_is_normal(spec, x.dtype)
         return lay.from_grouped(quantize_grouped(lay.to_grouped(x), scale, zero_point, spec, bounded=bounded))
 
-    def decode(self, q, scale, zero_point, spec, lay):
-        x = numerics.dequantize_grouped(lay.to_grouped(q), scale, zero_point, spec.offset)
+    def decode(self, q, scale, zero_point, spec, lay, *, saturate: bool = True):
+        x = numerics.dequantize_grouped(lay.to_grouped(q), scale, zero_point, spec.offset, saturate=saturate)
         return lay.from_grouped(x)
+
+    def saturates(self, scale, spec):
+        # |q − z + offset| < 2^bits on the grid: a finite scale below max / 2^bits cannot overflow
+        # (a non-finite one is left to propagate either way)
+        finite = jnp.isfinite(scale)
+        return jnp.any(finite & (jnp.abs(jnp.where(finite, scale, 0)) > jnp.finfo(scale.dtype).max / 2 ** spec.bits))
 
     def fake_quantize(self, x, spec, lay, scale, zero_point, *, fixed: bool):
         bounded = not fixed and reciprocal_is_normal(spec, x.dtype)
