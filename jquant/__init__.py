@@ -18,7 +18,7 @@ that knows Flax.
 import importlib
 
 from jquant._src.calibration import MSE, MinMax, Percentile
-from jquant._src.formats import NF4, Format, KMeans, Sign, Uniform
+from jquant._src.formats import FP8E4M3, FP8E5M2, MXFP4, MXFP8, NF4, NVFP4, Format, KMeans, Sign, Uniform
 from jquant._src.spec import QuantSpec
 from jquant._src.qarray import QArray, dequantize, quantize
 from jquant._src.ste import fake_quant, ste_round
@@ -34,7 +34,8 @@ from jquant._src.safetensors_io import export_safetensors, import_safetensors
 _SUBPACKAGES = ("flax", "learned", "ptq")
 
 __all__ = [
-    "QuantSpec", "Format", "Uniform", "Sign", "KMeans", "NF4", "MinMax", "Percentile", "MSE", "QArray", "quantize",
+    "QuantSpec", "Format", "Uniform", "Sign", "KMeans", "NF4", "FP8E4M3", "FP8E5M2", "MXFP8", "MXFP4", "NVFP4",
+    "MinMax", "Percentile", "MSE", "QArray", "quantize",
     "dequantize", "fake_quant", "ste_round", "Accumulator", "dot_general", "int_dot_general", "requantize",
     "conv_general_dilated", "int_conv_general_dilated", "QuantDot", "QuantEinsum", "QuantConv", "Rule", "Policy",
     "int8_weights", "int4_weights", "w8a8",

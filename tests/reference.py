@@ -24,6 +24,7 @@ from __future__ import annotations
 
 from typing import NamedTuple, Optional, Tuple
 
+import ml_dtypes
 import numpy as np
 
 
@@ -226,3 +227,60 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation, rhs_di
     assert out.ndim == nsp + 2
     out = np.transpose(out, np.argsort(out_spec))
     return np.rint(out).astype(np.int64) if integer else out
+
+
+# --- floating-point element formats (FP8, MXFP8/MXFP4, NVFP4) ---------------------------------
+# Written from `jquant._src.formats.floating`'s docstring: elements are the round-to-nearest-even,
+# saturating cast of x / s to the element format (ml_dtypes' casts), x̂ = s · element; FP8
+# s = amax / largest per group; MX s = 2^(floor(log2 amax) − emax) per block of 32 (E8M0,
+# exponent clipped to [-127, 127]); NVFP4 s = t · E4M3(amax_block / 6 / t), t = amax / (448 · 6).
+
+def _float_dtypes():
+    return {"fp8_e4m3": ml_dtypes.float8_e4m3fn, "fp8_e5m2": ml_dtypes.float8_e5m2,
+            "mxfp8": ml_dtypes.float8_e4m3fn, "mxfp4": ml_dtypes.float4_e2m1fn, "nvfp4": ml_dtypes.float4_e2m1fn}
+
+
+def float_round(v, dtype) -> np.ndarray:
+    """v rounded to the element format `dtype` (an ml_dtypes type): clipped to ±largest, then
+    ml_dtypes' round-to-nearest-even cast; returned in v's float dtype."""
+    largest = float(ml_dtypes.finfo(dtype).max)
+    v = np.asarray(v)
+    return np.clip(v, -largest, largest).astype(dtype).astype(v.dtype)
+
+
+def float_quantize(x, spec) -> Tuple[np.ndarray, np.ndarray]:
+    """(per-element scale, x̂) of the floating-point format `spec.method.name` in float64."""
+    x = np.asarray(x, np.float64)
+    name = spec.method.name
+    dtype = _float_dtypes()[name]
+    largest = float(ml_dtypes.finfo(dtype).max)
+    _, member_of = np.unique(group_ids(x.shape, spec), return_inverse=True)
+    member_of = member_of.ravel()
+    amax = np.zeros(member_of.max() + 1)
+    np.maximum.at(amax, member_of, np.abs(x.ravel()))
+    if name.startswith("fp8"):
+        s = amax / largest
+    elif name.startswith("mx"):
+        emax = int(np.floor(np.log2(largest)))
+        with np.errstate(divide="ignore"):
+            exponent = np.clip(np.floor(np.log2(amax)) - emax, -127, 127)
+        s = np.where(amax > 0, 2.0 ** exponent, 0.0)
+    else:  # nvfp4
+        t = amax.max() / (448 * 6)
+        s = t * float_round(amax / 6 / (t if t > 0 else 1.0), ml_dtypes.float8_e4m3fn)
+    s = s[member_of].reshape(x.shape)
+    return s, s * float_round(x / np.where(s == 0, 1.0, s), dtype)
+
+
+def float_quantize_f32(x, spec) -> np.ndarray:
+    """x̂ of an FP8 spec computed as documented in float32: s = amax · fl(1/largest),
+    element = cast(x · fl(1/s)), x̂ = s · element (all float32; for bit-exact comparisons)."""
+    x = np.asarray(x, np.float32)
+    dtype = _float_dtypes()[spec.method.name]
+    _, member_of = np.unique(group_ids(x.shape, spec), return_inverse=True)
+    member_of = member_of.ravel()
+    amax = np.zeros(member_of.max() + 1, np.float32)
+    np.maximum.at(amax, member_of, np.abs(x.ravel()))
+    s = amax * (np.float32(1) / np.float32(ml_dtypes.finfo(dtype).max))
+    s = s[member_of].reshape(x.shape)
+    return s * float_round(x * (np.float32(1) / np.where(s == 0, np.float32(1), s)), dtype)

@@ -8,10 +8,11 @@ from __future__ import annotations
 
 from jquant._src.formats.base import Format
 from jquant._src.formats.codebook import NF4, KMeans
+from jquant._src.formats.floating import FLOATING_FORMATS, FP8E4M3, FP8E5M2, MXFP4, MXFP8, NVFP4
 from jquant._src.formats.sign import Sign
 from jquant._src.formats.uniform import Uniform
 
-FORMATS = {f.name: f for f in (Uniform(), Sign(), KMeans(), NF4())}
+FORMATS = {f.name: f for f in (Uniform(), Sign(), KMeans(), NF4(), *FLOATING_FORMATS)}
 """Every format by the name `QuantSpec(method=...)` accepts as its alias."""
 
 
