@@ -12,6 +12,9 @@ Columns: held-out accuracy (PTQ, QAT served), argmax agreement of served vs QAT 
 max |served − QAT| logit difference, stored model bytes, and the QAT train step time as a
 ratio to the float step (medians over 300 steps of each, timed alternately, same batch;
 `--timing-steps`). Data, training loop and timer: `_common.py`.
+Below the table, for the served Linen CNN: how many int8 × int8 → int32 convolutions its served
+program (jaxpr) runs, per policy with an activation spec — the first of its two convs has one
+input feature, which jquant convolves exactly in float32 (`jquant/_src/conv.py`, "Routes").
 """
 
 from __future__ import annotations
@@ -110,6 +113,15 @@ def train(forward, params, x, y, epochs, on_step):
     return params, functools.partial(step, params, opt_state, (x[:BATCH], y[:BATCH]))
 
 
+def int8_convolutions(jaxpr) -> int:
+    """How many int8 × int8 convolutions a (closed) jaxpr runs, nested jaxprs included."""
+    count = 0
+    for eqn in getattr(jaxpr, "jaxpr", jaxpr).eqns:
+        count += eqn.primitive.name == "conv_general_dilated" and all(v.aval.dtype == jnp.int8 for v in eqn.invars)
+        count += sum(int8_convolutions(p) for p in eqn.params.values() if hasattr(p, "eqns") or hasattr(p, "jaxpr"))
+    return count
+
+
 def model_bytes(tree) -> int:
     """Stored bytes of every array of `tree`, a QArray's scales and zero-points included."""
     leaves = jax.tree_util.tree_leaves(tree, is_leaf=lambda leaf: isinstance(leaf, jquant.QArray))
@@ -133,6 +145,7 @@ def main():
     def accuracy(logits):
         return float(np.mean(np.argmax(np.asarray(logits), -1) == y_test))
 
+    served_convs = []
     total = len(runners) * (1 + len(POLICIES)) * args.epochs * (len(x_train) // BATCH)
     with Progress(transient=True) as progress:
         task = progress.add_task("training", total=total)
@@ -160,8 +173,14 @@ def main():
                 diff = float(jnp.max(jnp.abs(served - qat_logits)))
                 table.add_row("", policy_name, f"{ptq:.3f}", f"{accuracy(served):.3f}", f"{agree:.3f}", f"{diff:.1e}",
                               f"{model_bytes(served_params):,}", f"{qat_ms / float_ms:.2f} ({qat_ms:.2f} ms)")
+                if name == "Linen CNN" and policy.rules[0].act is not None:
+                    int8 = int8_convolutions(jax.make_jaxpr(qat_forward)(served_params, x_test))
+                    served_convs.append(f"  {policy_name}: {int8} int8 × int8 → int32 convolution(s); served = QAT "
+                                        f"argmax {agree:.3f}, max |served − QAT| {diff:.1e}")
             table.add_section()
     Console(width=140).print(table)
+    print("Linen CNN served (2 conv layers; the first, with one input feature, convolves exactly in float32):")
+    print("\n".join(served_convs))
 
 
 if __name__ == "__main__":

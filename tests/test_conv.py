@@ -45,12 +45,13 @@ def _quantize_and_convolve(x, w, lspec, rspec, conv_args, route):
 def _check(x, w, lspec, rspec, conv_args, route):
     """int32 accumulator == NumPy int64 conv of q − z; float result within f32 rounding of the
     float64 conv of the dequantized operands."""
-    chunks = {"int": lambda rhs, dn: "int", "float": lambda rhs, dn: 1,  # float: in one conv or one per feature
+    chunks = {"int": lambda rhs, dn: "int", "dot": lambda rhs, dn: "dot",
+              "float": lambda rhs, dn: 1,  # float: in one conv or one per feature (the int32 accumulator)
               "float per feature": lambda rhs, dn: rhs.shape[dn.rhs_spec[1]], "chosen": None}[route]
     if route == "chosen":  # as `conv._route` chooses
         lhs, rhs, acc, y = _quantize_and_convolve(x, w, lspec, rspec, conv_args, route)
     else:
-        with mock.patch.object(conv_module, "_route", lambda lhs, rhs, dn, groups: chunks(rhs, dn)):
+        with mock.patch.object(conv_module, "_route", lambda lhs, rhs, dn, groups, exact=True: chunks(rhs, dn)):
             lhs, rhs, acc, y = _quantize_and_convolve(x, w, lspec, rspec, conv_args, route)
     strides, padding, lhs_dil, rhs_dil, dn, groups = conv_args
     nsp = x.ndim - 2
@@ -129,6 +130,21 @@ def test_resnet_sized_conv_is_exact():
            "chosen")  # 9·64·255·127 ≥ 2^24: two chunks of 32 input features
 
 
+@pytest.mark.parametrize("strides, padding, lhs_dil", [((1, 1), "SAME", None), ((2, 2), "VALID", None),
+                                                       ((2, 1), ((1, 0), (2, -1)), (2, 1))])
+def test_one_by_one_conv_on_the_integer_dot(strides, padding, lhs_dil):
+    """A 1×1 kernel channels-last (a ResNet projection) is the strided, zero-point-padded input times
+    the (I, O) kernel as one int8 matrix product: exact, per-batch zero-points and an asymmetric
+    kernel included."""
+    x, w = normal(2, (3, 9, 7, 8)), normal(3, (1, 1, 8, 16))
+    lspec = QuantSpec(8, symmetric=False, channel_axes=(0,))
+    rspec = QuantSpec(8, symmetric=False, channel_axes=(3,))
+    dn = ("NHWC", "HWIO", "NHWC")
+    assert conv_module._route(jquant.quantize(x, lspec), jquant.quantize(w, rspec),
+                              lax.conv_dimension_numbers(x.shape, w.shape, dn), 1) == "dot"
+    _check(x, w, lspec, rspec, (strides, padding, lhs_dil, None, dn, 1), "dot")
+
+
 def test_route_choice():
     """Channels-last with input features a multiple of 4 → int; 1 or 3 input features, another
     layout → the exact float route, its input features cut into the fewest chunks that keep each
@@ -140,6 +156,7 @@ def test_route_choice():
         return conv_module._route(Operand(xs, QuantSpec(8)), Operand(ws, rspec), dn, 1)
 
     assert route((1, 8, 8, 8), (3, 3, 8, 4)) == "int"
+    assert route((1, 8, 8, 64), (1, 1, 64, 4)) == "dot"
     assert route((1, 8, 8, 3), (3, 3, 3, 4)) == 1
     assert route((1, 8, 8, 1), (3, 3, 1, 4)) == 1
     assert route((1, 8, 8, 8), (8, 8, 3, 3), ("NCHW", "OIHW", "NCHW")) == 1

@@ -113,7 +113,7 @@ def test_linen_conv_qat_gradients_and_serving(digits):
 class DeepCnn(nn.Module):
     @nn.compact
     def __call__(self, x):
-        x = nn.relu(nn.Conv(8, (3, 3))(x))
+        x = nn.relu(nn.Conv(16, (3, 3))(x))
         x = nn.relu(nn.Conv(16, (3, 3), strides=(2, 2))(x))
         return nn.Dense(10)(x.reshape(x.shape[0], -1))
 
@@ -122,8 +122,8 @@ W8A8_CONV = Policy([Rule(r".*kernel", QuantSpec(8, channel_axes=(-1,)), act=Quan
 
 
 def test_linen_cnn_serves_w8a8_on_the_integer_conv(digits):
-    """The second conv (8 input features) runs int8 × int8 → int32 (the first, one input feature,
-    takes the exact float route: jquant._src.conv); served equals QAT to float rounding."""
+    """The second conv (16 input features, 144 taps) runs int8 × int8 → int32 (the first, one input
+    feature, takes the float route: jquant._src.conv, "Routes"); served equals QAT to float rounding."""
     x = digits[0][:32].reshape(32, 8, 8, 1)
     qmodel = jquant.flax.quantize(DeepCnn(), W8A8_CONV)
     params = qmodel.init(jax.random.key(0), x)
@@ -137,8 +137,8 @@ def test_linen_cnn_serves_w8a8_on_the_integer_conv(digits):
 def test_nnx_cnn_serves_w8a8_on_the_integer_conv(digits):
     class Net(nnx.Module):
         def __init__(self, rngs):
-            self.conv1 = nnx.Conv(1, 8, (3, 3), rngs=rngs)
-            self.conv2 = nnx.Conv(8, 16, (3, 3), strides=2, rngs=rngs)
+            self.conv1 = nnx.Conv(1, 16, (3, 3), rngs=rngs)
+            self.conv2 = nnx.Conv(16, 16, (3, 3), strides=2, rngs=rngs)
             self.head = nnx.Linear(256, 10, rngs=rngs)
 
         def __call__(self, x):

@@ -63,6 +63,8 @@ _INT32_LIMIT = 2 ** 31
 _FLOAT32_EXACT = 2 ** 24  # integers up to here are exact in float32, so are sums that stay below it
 # XLA:CPU's fast int8 convolution (YNNPACK) needs input features per group in multiples of this.
 _INT_FEATURE_MULTIPLE = 4
+# Taps per output (K) from which the int8 kernel's saving beats its int32 output pass (a float result).
+_INT_MIN_TAPS = 128
 
 
 def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=None,
@@ -103,9 +105,18 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, r
     if isinstance(lhs, QArray) and isinstance(rhs, QArray):
         if batch_group_count != 1:
             raise ValueError(f"batch_group_count={batch_group_count}: the integer convolution supports only 1")
-        acc = int_conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation,
-                                       dimension_numbers, feature_group_count)
-        return acc.dequantize(out_dtype)
+        problem = integer_conv_problem(lhs, rhs, dimension_numbers, feature_group_count)
+        if problem is not None:
+            raise ValueError(problem)
+        dn = lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers)
+        if _route(lhs, rhs, dn, feature_group_count, exact=False) in ("int", "dot"):
+            acc = int_conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation,
+                                           dimension_numbers, feature_group_count)
+            return acc.dequantize(out_dtype)
+        # The float route (module docstring): the dequantized operands in one f32 conv.
+        return lax.conv_general_dilated(lhs.dequantize(), rhs.dequantize(), window_strides, padding, lhs_dilation,
+                                        rhs_dilation, dimension_numbers, feature_group_count,
+                                        precision=lax.Precision.HIGHEST).astype(out_dtype)
     lhs = lhs.dequantize() if isinstance(lhs, QArray) else lhs
     rhs = rhs.dequantize() if isinstance(rhs, QArray) else rhs
     return lax.conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation, dimension_numbers,
@@ -147,7 +158,7 @@ def int_conv_general_dilated(lhs: QArray, rhs: QArray, window_strides, padding, 
                                         precision=precision, preferred_element_type=out_type)
 
     route = _route(lhs, rhs, dn, feature_group_count)
-    if route != "int":
+    if isinstance(route, int):
         # The input features of every group cut into `route` chunks, each chunk's f32 conv exact
         # (below 2^24), the chunks' integer results summed in int32 (module docstring, "float").
         chunks = route
@@ -162,8 +173,8 @@ def int_conv_general_dilated(lhs: QArray, rhs: QArray, window_strides, padding, 
             wj = lax.slice_in_dim(wf, j * per, (j + 1) * per, axis=ri)
             value = value + conv(xj, wj, g, jnp.float32, lax.Precision.HIGHEST).astype(jnp.int32)
     else:
-        value = conv(qx, qw, feature_group_count)
-        value = value - _zero_point_terms(qx, qw, zx, zw, dn, feature_group_count, conv)
+        value = _integer_bracket(qx, qw, zx, zw, dn, window_strides, padding, lhs_dilation, rhs_dilation,
+                                 feature_group_count, as_dot=route == "dot")
     out_ndim = value.ndim
     scale = _on_output(_per(sx, dn.lhs_spec[0]), _per(sw, dn.rhs_spec[0]), dn.out_spec, out_ndim)
     return Accumulator(value, scale.astype(jnp.float32))
@@ -181,34 +192,72 @@ def _quantize_operand(x, spec, name):
                         f"{err}") from None
 
 
-def _zero_point_terms(qx, qw, zx, zw, dn, groups, conv):
-    """z_w Σ_W q_x + z_x Σ_W q_w − z_x z_w |W| (int32, broadcastable to the output): what the
-    zero-points take off Σ_W q_x q_w, with W the taps inside the input (module docstring)."""
-    terms = jnp.int32(0)
-    if zx is None and zw is None:
-        return terms
-    lb, lf = dn.lhs_spec[0], dn.lhs_spec[1]
-    ro, ri = dn.rhs_spec[0], dn.rhs_spec[1]
-    of = dn.out_spec[1]
-    n_out = qw.shape[ro]
-    ones_kernel = jnp.ones(tuple(1 if a in (ro, ri) else d for a, d in enumerate(qw.shape)), jnp.int32)
+def _integer_bracket(qx, qw, zx, zw, dn, strides, padding, lhs_dilation, rhs_dilation, groups, as_dot):
+    """Σ_W (q_x − z_x)(q_w − z_w) in int32 on the int8 kernel (module docstring, "int").
+
+    The input is padded (and dilated) with its own zero-point first, so every window is full and
+    the zero-point terms need no per-position map: Σ_W (q_x − z_x)(q_w − z_w) = Σ_W q_x q_w
+    − z_w[o] Σ_W q_x − z_x[n] Σ (q_w − z_w)[o], the last a constant per (batch, output channel)
+    and the middle one (asymmetric kernels only) a one-feature convolution of the feature sums.
+    `as_dot`: a 1×1 kernel, channels-last, one group: the strided input times the (I, O) kernel
+    as one int8 matrix product."""
+    xp = _pad_with_zero_point(qx, zx, dn, strides, padding, lhs_dilation, rhs_dilation, qw.shape)
+    nsp = qx.ndim - 2
+    valid = ((0, 0),) * nsp
+
+    def conv(a, b, groups=1):
+        return lax.conv_general_dilated(a, b, strides, valid, None, rhs_dilation, dn, groups,
+                                        preferred_element_type=jnp.int32)
+
+    if as_dot:
+        rows = lax.slice(xp, (0,) * xp.ndim, xp.shape, (1,) + tuple(strides) + (1,))
+        c, o = qw.shape[-2], qw.shape[-1]
+        value = lax.dot_general(jnp.reshape(rows, (-1, c)), jnp.reshape(qw, (c, o)), (((1,), (0,)), ((), ())),
+                                preferred_element_type=jnp.int32)
+        value = jnp.reshape(value, rows.shape[:-1] + (o,))
+    else:
+        value = conv(xp, qw, groups)
+    lb, lf, ro, ri, of = dn.lhs_spec[0], dn.lhs_spec[1], dn.rhs_spec[0], dn.rhs_spec[1], dn.out_spec[1]
+    if zx is not None:
+        centred_w = qw.astype(jnp.int32) - (0 if zw is None else zw.astype(jnp.int32))
+        kernel_sums = jnp.sum(centred_w, axis=tuple(a for a in range(qw.ndim) if a != ro))
+        value = value - _on_output(_per(zx, lb), kernel_sums, dn.out_spec, value.ndim)
     if zw is not None:
         # Σ over each group's input features, then a window sum per group; repeated over the
         # group's output channels (contiguous in XLA's grouped convolution).
-        c = qx.shape[lf]
-        grouped = jnp.reshape(qx, qx.shape[:lf] + (groups, c // groups) + qx.shape[lf + 1:])
+        c, n_out = xp.shape[lf], qw.shape[ro]
+        grouped = jnp.reshape(xp, xp.shape[:lf] + (groups, c // groups) + xp.shape[lf + 1:])
         feature_sums = jnp.sum(grouped, axis=lf + 1, dtype=jnp.int32)
-        window_sums = conv(feature_sums, jnp.broadcast_to(ones_kernel, _with(ones_kernel.shape, ro, groups)), groups)
+        ones = jnp.ones(tuple(groups if a == ro else 1 if a == ri else d for a, d in enumerate(qw.shape)), jnp.int32)
+        window_sums = conv(feature_sums, ones, groups)
         window_sums = jnp.repeat(window_sums, n_out // groups, axis=of) if groups > 1 else window_sums
-        terms = terms + _on_output(None, _per(zw, ro), dn.out_spec, window_sums.ndim) * window_sums
-    if zx is not None:
-        ones_image = jnp.ones(tuple(1 if a in (lb, lf) else d for a, d in enumerate(qx.shape)), jnp.int32)
-        kernel_sums = conv(ones_image, jnp.sum(qw, axis=ri, keepdims=True, dtype=jnp.int32))
-        terms = terms + _on_output(_per(zx, lb), None, dn.out_spec, kernel_sums.ndim) * kernel_sums
-        if zw is not None:
-            taps = conv(ones_image, ones_kernel) * qw.shape[ri]
-            terms = terms - _on_output(_per(zx, lb), _per(zw, ro), dn.out_spec, taps.ndim) * taps
-    return terms
+        value = value - _on_output(None, _per(zw, ro), dn.out_spec, value.ndim) * window_sums
+    return value
+
+
+def _pad_with_zero_point(qx, zx, dn, strides, padding, lhs_dilation, rhs_dilation, rhs_shape):
+    """The activation's integers with the convolution's padding (and `lhs_dilation` holes) made
+    explicit, filled with z_x — the integer of a real zero — so a VALID convolution follows."""
+    nsp = qx.ndim - 2
+    spatial = dn.lhs_spec[2:]
+    dilation = tuple(lhs_dilation or (1,) * nsp)
+    if isinstance(padding, str):
+        if dilation != (1,) * nsp:
+            raise ValueError(f"padding={padding!r} with lhs_dilation={dilation}: string padding is not defined for a "
+                             "transposed convolution (as in lax); give explicit (low, high) pairs")
+        window = [(rhs_shape[a] - 1) * d + 1 for a, d in zip(dn.rhs_spec[2:], rhs_dilation or (1,) * nsp)]
+        padding = lax.padtype_to_pads([qx.shape[a] for a in spatial], window, strides, padding)
+    config = [(0, 0, 0)] * qx.ndim
+    for a, (lo, hi), d in zip(spatial, padding, dilation):
+        config[a] = (int(lo), int(hi), d - 1)
+    if all(c == (0, 0, 0) for c in config):
+        return qx
+    if zx is None or zx.size == 1:
+        fill = jnp.zeros((), qx.dtype) if zx is None else jnp.reshape(zx, ()).astype(qx.dtype)
+        return lax.pad(qx, fill, config)
+    inside = lax.pad(jnp.ones(tuple(d if a in spatial else 1 for a, d in enumerate(qx.shape)), jnp.bool_),
+                     False, config)
+    return jnp.where(inside, lax.pad(qx, jnp.zeros((), qx.dtype), config), zx.astype(qx.dtype))
 
 
 def _with(shape, axis, size):
@@ -277,10 +326,12 @@ def _taps(rhs, dn) -> int:
     return math.prod(rhs.shape[a] for a in dn.rhs_spec[1:])
 
 
-def _route(lhs, rhs, dn, feature_group_count):
-    """"int", or the number of chunks of the float route (module docstring, "Routes"): the fewest
-    chunks of the input features (a divisor of them) whose f32 convs stay exact; "int" where there
-    is none, on CPU channels-last with input features a multiple of 4."""
+def _route(lhs, rhs, dn, feature_group_count, exact=True):
+    """How the convolution runs (module docstring, "Routes"): "int" (the int8 convolution), "dot"
+    (a 1×1 kernel as one int8 matrix product), or the number of chunks of the exact float route —
+    the fewest chunks of the input features (a divisor of them) whose f32 convs stay exact.
+    `exact=False` (a float result, not the int32 accumulator) also takes the float route where the
+    int8 kernel saves less than its int32 output costs: fewer than `_INT_MIN_TAPS` taps."""
     features = rhs.shape[dn.rhs_spec[1]]
     window = _taps(rhs, dn) // max(features, 1)
     magnitude = lhs.spec.integer_magnitude * rhs.spec.integer_magnitude
@@ -294,4 +345,6 @@ def _route(lhs, rhs, dn, feature_group_count):
     channels_last = (tuple(dn.lhs_spec) == (0, nd - 1) + tuple(range(1, nd - 1))
                      and tuple(dn.rhs_spec) == (nd - 1, nd - 2) + tuple(range(nd - 2))
                      and tuple(dn.out_spec) == tuple(dn.lhs_spec))
-    return "int" if channels_last and features % _INT_FEATURE_MULTIPLE == 0 else chunks
+    if not channels_last or features % _INT_FEATURE_MULTIPLE or (not exact and _taps(rhs, dn) < _INT_MIN_TAPS):
+        return chunks
+    return "dot" if window == 1 and feature_group_count == 1 else "int"
