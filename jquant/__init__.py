@@ -25,7 +25,7 @@ from jquant._src.ste import fake_quant, ste_round
 from jquant._src.dot import Accumulator, dot_general, int_dot_general, requantize
 from jquant._src.conv import conv_general_dilated, int_conv_general_dilated
 from jquant._src.ops import QuantConv, QuantDot, QuantEinsum
-from jquant._src.policy import Policy, Rule, int4_weights, int8_weights, w8a8
+from jquant._src.policy import Policy, Rule, fp8_w8a8, int4_weights, int8_weights, w8a8
 from jquant._src.transforms import checked, dequantize_params, fake_quant_params, quantize_params
 from jquant._src.report import Report, report
 from jquant._src.checkpoint import QuantRestore, QuantSave, load, save
@@ -38,7 +38,7 @@ __all__ = [
     "MinMax", "Percentile", "MSE", "QArray", "quantize",
     "dequantize", "fake_quant", "ste_round", "Accumulator", "dot_general", "int_dot_general", "requantize",
     "conv_general_dilated", "int_conv_general_dilated", "QuantDot", "QuantEinsum", "QuantConv", "Rule", "Policy",
-    "int8_weights", "int4_weights", "w8a8",
+    "int8_weights", "int4_weights", "w8a8", "fp8_w8a8",
     "quantize_params", "dequantize_params", "fake_quant_params", "checked", "report", "Report", "save", "load",
     "QuantSave", "QuantRestore", "export_safetensors", "import_safetensors",
     *_SUBPACKAGES,

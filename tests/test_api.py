@@ -25,7 +25,8 @@ def test_top_level_names():
         "quantize", "dequantize", "fake_quant", "ste_round", "Accumulator", "dot_general", "int_dot_general",
         "conv_general_dilated", "int_conv_general_dilated",
         "requantize", "QuantDot", "QuantEinsum", "QuantConv", "Rule", "Policy", "int8_weights", "int4_weights",
-        "w8a8", "quantize_params", "dequantize_params", "fake_quant_params", "checked", "report", "Report", "save",
+        "w8a8", "fp8_w8a8", "quantize_params", "dequantize_params", "fake_quant_params", "checked", "report",
+        "Report", "save",
         "load", "QuantSave", "QuantRestore", "export_safetensors", "import_safetensors", "flax", "learned", "ptq"])
     for name in jquant.__all__:
         assert getattr(jquant, name) is not None

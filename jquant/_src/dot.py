@@ -60,7 +60,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from jquant._src import numerics, packing
+from jquant._src import float_dot, numerics, packing
 from jquant._src.qarray import QArray, decode, quantize
 from jquant._src.spec import QuantSpec
 
@@ -121,6 +121,7 @@ def dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_element_t
     Operands may be QArrays or float arrays. A float operand with a spec is quantized on the fly
     (dynamic quantization: its scale comes from this call's values).
     * QArray × QArray → the exact integer path (`int_dot_general`), then one multiply by s_l·s_r.
+      With floating-point elements (FP8, MX, NVFP4) → `jquant._src.float_dot` instead.
     * QArray × float (no spec) → weight-only: the QArray is dequantized and a float dot runs.
     * float × float → plain `lax.dot_general`.
 
@@ -141,6 +142,8 @@ def dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_element_t
         raise ValueError(f"preferred_element_type={jnp.dtype(out_dtype).name} must be a float dtype; "
                          "for the raw int32 accumulator use jquant.int_dot_general")
     if isinstance(lhs, QArray) and isinstance(rhs, QArray):
+        if float_dot.takes(lhs, rhs):  # floating-point elements (FP8, MX, NVFP4): float_dot's docstring
+            return float_dot.dot_general(lhs, rhs, dimension_numbers, precision, out_dtype)
         return int_dot_general(lhs, rhs, dimension_numbers).dequantize(out_dtype)
     if isinstance(rhs, QArray) and not isinstance(lhs, QArray):
         return _weight_only(lhs, rhs, dimension_numbers, precision, preferred_element_type, out_dtype)

@@ -32,6 +32,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from jquant._src import float_dot
 from jquant._src.conv import conv_general_dilated, integer_conv_problem
 from jquant._src.dot import Operand, dot_general, integer_dot_problem
 from jquant._src.packing import is_packed
@@ -68,10 +69,12 @@ class _QuantOp:
     def served_operands(self, lhs, rhs: QArray):
         """Serving: (activation, weight) for `jquant.dot_general`. With an integer-grid weight the
         activation becomes a QArray (the integer path); a codebook weight has no integer grid, so
-        the activation is fake-quantized and the weight dequantized (the same numbers as QAT)."""
+        the activation is fake-quantized and the weight dequantized (the same numbers as QAT).
+        Floating-point formats (FP8, MX, NVFP4) quantize the activation for their own dot
+        (`jquant._src.float_dot`)."""
         if self.act is None:
             return lhs, rhs
-        if rhs.spec.method.integer_problem(rhs.spec) is not None:
+        if rhs.spec.method.integer_problem(rhs.spec) is not None and not float_dot.takes(self.act, rhs):
             return self.fake_quant_inputs(lhs, rhs)[0], rhs.dequantize()
         return quantize(lhs, self.act, scale=self.act_scale, zero_point=self.act_zero_point), rhs
 

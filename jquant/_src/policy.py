@@ -309,8 +309,15 @@ def w8a8(stacked: int = 0) -> Policy:
     return Policy(_kernel_rules(8, True, None, stacked, act=QuantSpec(8)))
 
 
+def fp8_w8a8(stacked: int = 0) -> Policy:
+    """FP8 E4M3 kernels with a float32 scale per output channel (and per head) and FP8 E4M3
+    per-tensor dynamic activations (`method="fp8_e4m3"`: the FP8 dot, `jquant._src.float_dot`);
+    `stacked` as for `int8_weights`."""
+    return Policy(_kernel_rules(8, True, None, stacked, act=QuantSpec(8, method="fp8_e4m3"), method="fp8_e4m3"))
+
+
 def _kernel_rules(bits: int, symmetric: bool, group_size: Optional[int], stacked: int,
-                  act: Optional[QuantSpec] = None):
+                  act: Optional[QuantSpec] = None, method: str = "uniform"):
     """The presets' kernel rules, first match wins:
 
     * attention in (query/key/value, 3-D `(in, heads, head_dim)`): a scale per head and head_dim
@@ -326,11 +333,11 @@ def _kernel_rules(bits: int, symmetric: bool, group_size: Optional[int], stacked
     """
     grouped = {} if group_size is None else {"group_size": group_size}
     common = dict(act=act, optional=True, stacked=stacked)
-    return (Rule(ATTENTION_IN, QuantSpec(bits, symmetric=symmetric, channel_axes=(-2, -1), **grouped),
-                 ndim=3 + stacked, **common),
-            Rule(ATTENTION_OUT, QuantSpec(bits, symmetric=symmetric, channel_axes=(-1,), group_axis=0, group_size=1),
-                 ndim=3 + stacked, **common),
-            Rule(KERNEL, QuantSpec(bits, symmetric=symmetric, channel_axes=(-1,), **grouped), **common))
+    fmt = dict(bits=bits, symmetric=symmetric, method=method)
+    return (Rule(ATTENTION_IN, QuantSpec(channel_axes=(-2, -1), **grouped, **fmt), ndim=3 + stacked, **common),
+            Rule(ATTENTION_OUT, QuantSpec(channel_axes=(-1,), group_axis=0, group_size=1, **fmt), ndim=3 + stacked,
+                 **common),
+            Rule(KERNEL, QuantSpec(channel_axes=(-1,), **grouped, **fmt), **common))
 
 
 def _embedding_rules(spec: QuantSpec, embeddings: bool):
