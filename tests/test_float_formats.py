@@ -264,3 +264,27 @@ def test_element_rounding_is_ml_dtypes_cast_on_a_dense_sweep(element, dtype):
     codes = np.asarray(fmt.encode(jnp.asarray(v)))
     np.testing.assert_array_equal(codes.astype(np.uint8), want.view(np.uint8))
     np.testing.assert_array_equal(np.asarray(fmt.decode(jnp.asarray(codes), jnp.float32)), want.astype(np.float32))
+
+
+def test_flax_weight_only_qat_and_serving_linen_and_nnx():
+    """The generic paths: QAT fake-quantizes the kernels, serving multiplies the packed QArrays
+    (the weight-only dot), and both compute the same x̂·ŵ (Linen with NVFP4, NNX with MXFP4)."""
+    from flax import nnx
+    from helpers import Mlp, NnxMlp, normal
+    x = normal(11, (16, 256))
+    policy = jquant.Policy([jquant.Rule(r".*kernel", SPECS["nvfp4"])])
+    model = Mlp(hidden=128, outputs=32)
+    params = model.init(jax.random.key(0), x)
+    qmodel = jquant.flax.quantize(model, policy)
+    qat = jax.jit(qmodel.apply)(params, x)
+    served = jax.jit(qmodel.apply)(jquant.quantize_params(params, policy), x)
+    np.testing.assert_allclose(np.asarray(served), np.asarray(qat), rtol=1e-4, atol=1e-4 * float(jnp.max(jnp.abs(qat))))
+    assert float(jnp.max(jnp.abs(qat - model.apply(params, x)))) > 1e-3
+
+    policy = jquant.Policy([jquant.Rule(r".*kernel", SPECS["mxfp4"])])
+    net = NnxMlp(256, 128, 32, nnx.Rngs(0))
+    jquant.flax.quantize(net, policy)
+    qat = net(x)
+    nnx.update(net, jquant.quantize_params(nnx.state(net, nnx.Param), policy))
+    assert isinstance(net.hidden.kernel.get_value(), jquant.QArray)
+    np.testing.assert_allclose(np.asarray(net(x)), np.asarray(qat), rtol=1e-4, atol=1e-4 * float(jnp.max(jnp.abs(qat))))
