@@ -45,7 +45,7 @@ def _quantize_and_convolve(x, w, lspec, rspec, conv_args, route):
 def _check(x, w, lspec, rspec, conv_args, route):
     """int32 accumulator == NumPy int64 conv of q − z; float result within f32 rounding of the
     float64 conv of the dequantized operands."""
-    chunks = {"int": lambda rhs, dn: "int", "dot": lambda rhs, dn: "dot",
+    chunks = {"int": lambda rhs, dn: "int", "dot": lambda rhs, dn: "dot", "float dot": lambda rhs, dn: "float dot",
               "float": lambda rhs, dn: 1,  # float: in one conv or one per feature (the int32 accumulator)
               "float per feature": lambda rhs, dn: rhs.shape[dn.rhs_spec[1]], "chosen": None}[route]
     if route == "chosen":  # as `conv._route` chooses
@@ -132,17 +132,19 @@ def test_resnet_sized_conv_is_exact():
 
 @pytest.mark.parametrize("strides, padding, lhs_dil", [((1, 1), "SAME", None), ((2, 2), "VALID", None),
                                                        ((2, 1), ((1, 0), (2, -1)), (2, 1))])
-def test_one_by_one_conv_on_the_integer_dot(strides, padding, lhs_dil):
+def test_one_by_one_conv_on_a_dot(strides, padding, lhs_dil):
     """A 1×1 kernel channels-last (a ResNet projection) is the strided, zero-point-padded input times
     the (I, O) kernel as one int8 matrix product: exact, per-batch zero-points and an asymmetric
-    kernel included."""
+    kernel included; with few taps the float result is the f32 dot of the dequantized operands."""
     x, w = normal(2, (3, 9, 7, 8)), normal(3, (1, 1, 8, 16))
     lspec = QuantSpec(8, symmetric=False, channel_axes=(0,))
     rspec = QuantSpec(8, symmetric=False, channel_axes=(3,))
     dn = ("NHWC", "HWIO", "NHWC")
-    assert conv_module._route(jquant.quantize(x, lspec), jquant.quantize(w, rspec),
-                              lax.conv_dimension_numbers(x.shape, w.shape, dn), 1) == "dot"
+    route = functools.partial(conv_module._route, jquant.quantize(x, lspec), jquant.quantize(w, rspec),
+                              lax.conv_dimension_numbers(x.shape, w.shape, dn), 1)
+    assert route() == "dot" and route(exact=False) == "float dot"
     _check(x, w, lspec, rspec, (strides, padding, lhs_dil, None, dn, 1), "dot")
+    _check(x, w, lspec, rspec, (strides, padding, lhs_dil, None, dn, 1), "float dot")
 
 
 def test_route_choice():
@@ -151,12 +153,18 @@ def test_route_choice():
     f32 conv below 2^24 (a number of chunks)."""
     from jquant._src.dot import Operand
 
-    def route(xs, ws, spec=("NHWC", "HWIO", "NHWC"), rspec=QuantSpec(8)):
+    def route(xs, ws, spec=("NHWC", "HWIO", "NHWC"), rspec=QuantSpec(8), exact=True):
         dn = lax.conv_dimension_numbers(xs, ws, spec)
-        return conv_module._route(Operand(xs, QuantSpec(8)), Operand(ws, rspec), dn, 1)
+        return conv_module._route(Operand(xs, QuantSpec(8)), Operand(ws, rspec), dn, 1, exact)
 
     assert route((1, 8, 8, 8), (3, 3, 8, 4)) == "int"
     assert route((1, 8, 8, 64), (1, 1, 64, 4)) == "dot"
+    # a float result: the int8 kernel from 128 taps (K = window × input features) on
+    assert route((1, 8, 8, 16), (3, 3, 16, 4), exact=False) == "int"
+    assert route((1, 8, 8, 8), (3, 3, 8, 4), exact=False) == "float"
+    assert route((1, 8, 8, 128), (1, 1, 128, 4), exact=False) == "dot"
+    assert route((1, 8, 8, 64), (1, 1, 64, 4), exact=False) == "float dot"
+    assert route((1, 128, 8, 8), (8, 128, 3, 3), ("NCHW", "OIHW", "NCHW"), exact=False) == "float"
     assert route((1, 8, 8, 3), (3, 3, 3, 4)) == 1
     assert route((1, 8, 8, 1), (3, 3, 1, 4)) == 1
     assert route((1, 8, 8, 8), (8, 8, 3, 3), ("NCHW", "OIHW", "NCHW")) == 1

@@ -51,6 +51,8 @@ from __future__ import annotations
 import math
 from typing import Optional
 
+import numpy as np
+
 import jax
 import jax.numpy as jnp
 from jax import lax
@@ -109,14 +111,19 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, r
         if problem is not None:
             raise ValueError(problem)
         dn = lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers)
-        if _route(lhs, rhs, dn, feature_group_count, exact=False) in ("int", "dot"):
+        route = _route(lhs, rhs, dn, feature_group_count, exact=False)
+        if route in ("int", "dot"):
             acc = int_conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation,
                                            dimension_numbers, feature_group_count)
             return acc.dequantize(out_dtype)
-        # The float route (module docstring): the dequantized operands in one f32 conv.
-        return lax.conv_general_dilated(lhs.dequantize(), rhs.dequantize(), window_strides, padding, lhs_dilation,
-                                        rhs_dilation, dimension_numbers, feature_group_count,
-                                        precision=lax.Precision.HIGHEST).astype(out_dtype)
+        # The float route (module docstring): the dequantized operands in one f32 conv (or dot).
+        x, w = lhs.dequantize().astype(jnp.float32), rhs.dequantize().astype(jnp.float32)
+        if route == "float dot":
+            pads = _explicit_padding(x.shape, w.shape, dn, window_strides, padding, lhs_dilation, rhs_dilation)
+            xp = _zero_padded(x, dn, pads, lhs_dilation)
+            return _one_by_one(xp, w, window_strides, jnp.float32, lax.Precision.HIGHEST).astype(out_dtype)
+        return lax.conv_general_dilated(x, w, window_strides, padding, lhs_dilation, rhs_dilation, dn,
+                                        feature_group_count, precision=lax.Precision.HIGHEST).astype(out_dtype)
     lhs = lhs.dequantize() if isinstance(lhs, QArray) else lhs
     rhs = rhs.dequantize() if isinstance(rhs, QArray) else rhs
     return lax.conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation, dimension_numbers,
@@ -193,40 +200,36 @@ def _quantize_operand(x, spec, name):
 
 
 def _integer_bracket(qx, qw, zx, zw, dn, strides, padding, lhs_dilation, rhs_dilation, groups, as_dot):
-    """Σ_W (q_x − z_x)(q_w − z_w) in int32 on the int8 kernel (module docstring, "int").
-
-    The input is padded (and dilated) with its own zero-point first, so every window is full and
-    the zero-point terms need no per-position map: Σ_W (q_x − z_x)(q_w − z_w) = Σ_W q_x q_w
-    − z_w[o] Σ_W q_x − z_x[n] Σ (q_w − z_w)[o], the last a constant per (batch, output channel)
-    and the middle one (asymmetric kernels only) a one-feature convolution of the feature sums.
+    """Σ_W (q_x − z_x)(q_w − z_w) in int32 on the int8 kernel (module docstring, "int"), W the taps
+    inside the input: Σ_W q_x q_w − z_w[o] Σ_W q_x − z_x[n] Σ_W (q_w − z_w)[o]. The last sum
+    depends on the output position only near the border, where taps fall on padding (or holes):
+    a batch-free (1, spatial…, O) map from the kernel's tap sums and, per spatial axis, the static
+    0/1 matrix of which taps of which output position are inside (NumPy, at trace time) — no
+    convolution; without padding it is one number per output channel. The middle one
+    (asymmetric kernels only) is a one-feature convolution of the input's feature sums.
     `as_dot`: a 1×1 kernel, channels-last, one group: the strided input times the (I, O) kernel
     as one int8 matrix product."""
-    xp = _pad_with_zero_point(qx, zx, dn, strides, padding, lhs_dilation, rhs_dilation, qw.shape)
-    nsp = qx.ndim - 2
-    valid = ((0, 0),) * nsp
+    pads = _explicit_padding(qx.shape, qw.shape, dn, strides, padding, lhs_dilation, rhs_dilation)
 
     def conv(a, b, groups=1):
-        return lax.conv_general_dilated(a, b, strides, valid, None, rhs_dilation, dn, groups,
+        return lax.conv_general_dilated(a, b, strides, pads, lhs_dilation, rhs_dilation, dn, groups,
                                         preferred_element_type=jnp.int32)
 
     if as_dot:
-        rows = lax.slice(xp, (0,) * xp.ndim, xp.shape, (1,) + tuple(strides) + (1,))
-        c, o = qw.shape[-2], qw.shape[-1]
-        value = lax.dot_general(jnp.reshape(rows, (-1, c)), jnp.reshape(qw, (c, o)), (((1,), (0,)), ((), ())),
-                                preferred_element_type=jnp.int32)
-        value = jnp.reshape(value, rows.shape[:-1] + (o,))
+        value = _one_by_one(_zero_padded(qx, dn, pads, lhs_dilation), qw, strides, jnp.int32)
     else:
-        value = conv(xp, qw, groups)
+        value = conv(qx, qw, groups)
     lb, lf, ro, ri, of = dn.lhs_spec[0], dn.lhs_spec[1], dn.rhs_spec[0], dn.rhs_spec[1], dn.out_spec[1]
     if zx is not None:
         centred_w = qw.astype(jnp.int32) - (0 if zw is None else zw.astype(jnp.int32))
-        kernel_sums = jnp.sum(centred_w, axis=tuple(a for a in range(qw.ndim) if a != ro))
-        value = value - _on_output(_per(zx, lb), kernel_sums, dn.out_spec, value.ndim)
+        inside = _inside_taps(qx.shape, qw.shape, value.shape, dn, strides, pads, lhs_dilation, rhs_dilation)
+        sums = _inside_sums(jnp.sum(centred_w, axis=ri, keepdims=True), inside, dn, value.ndim)
+        value = value - _on_output(_per(zx, lb), None, dn.out_spec, value.ndim) * sums
     if zw is not None:
         # Σ over each group's input features, then a window sum per group; repeated over the
         # group's output channels (contiguous in XLA's grouped convolution).
-        c, n_out = xp.shape[lf], qw.shape[ro]
-        grouped = jnp.reshape(xp, xp.shape[:lf] + (groups, c // groups) + xp.shape[lf + 1:])
+        c, n_out = qx.shape[lf], qw.shape[ro]
+        grouped = jnp.reshape(qx, qx.shape[:lf] + (groups, c // groups) + qx.shape[lf + 1:])
         feature_sums = jnp.sum(grouped, axis=lf + 1, dtype=jnp.int32)
         ones = jnp.ones(tuple(groups if a == ro else 1 if a == ri else d for a, d in enumerate(qw.shape)), jnp.int32)
         window_sums = conv(feature_sums, ones, groups)
@@ -235,29 +238,67 @@ def _integer_bracket(qx, qw, zx, zw, dn, strides, padding, lhs_dilation, rhs_dil
     return value
 
 
-def _pad_with_zero_point(qx, zx, dn, strides, padding, lhs_dilation, rhs_dilation, rhs_shape):
-    """The activation's integers with the convolution's padding (and `lhs_dilation` holes) made
-    explicit, filled with z_x — the integer of a real zero — so a VALID convolution follows."""
-    nsp = qx.ndim - 2
-    spatial = dn.lhs_spec[2:]
-    dilation = tuple(lhs_dilation or (1,) * nsp)
-    if isinstance(padding, str):
-        if dilation != (1,) * nsp:
-            raise ValueError(f"padding={padding!r} with lhs_dilation={dilation}: string padding is not defined for a "
-                             "transposed convolution (as in lax); give explicit (low, high) pairs")
-        window = [(rhs_shape[a] - 1) * d + 1 for a, d in zip(dn.rhs_spec[2:], rhs_dilation or (1,) * nsp)]
-        padding = lax.padtype_to_pads([qx.shape[a] for a in spatial], window, strides, padding)
-    config = [(0, 0, 0)] * qx.ndim
-    for a, (lo, hi), d in zip(spatial, padding, dilation):
-        config[a] = (int(lo), int(hi), d - 1)
+def _explicit_padding(lhs_shape, rhs_shape, dn, strides, padding, lhs_dilation, rhs_dilation):
+    """`padding` as (low, high) pairs per spatial axis, string padding resolved as lax does."""
+    if not isinstance(padding, str):
+        return tuple((int(lo), int(hi)) for lo, hi in padding)
+    nsp = len(lhs_shape) - 2
+    if tuple(lhs_dilation or (1,) * nsp) != (1,) * nsp:
+        raise ValueError(f"padding={padding!r} with lhs_dilation={tuple(lhs_dilation)}: string padding is not defined "
+                         "for a transposed convolution (as in lax); give explicit (low, high) pairs")
+    window = [(rhs_shape[a] - 1) * d + 1 for a, d in zip(dn.rhs_spec[2:], rhs_dilation or (1,) * nsp)]
+    return tuple(lax.padtype_to_pads([lhs_shape[a] for a in dn.lhs_spec[2:]], window, strides, padding))
+
+
+def _inside_taps(lhs_shape, rhs_shape, out_shape, dn, strides, pads, lhs_dilation, rhs_dilation):
+    """Per spatial axis, the 0/1 NumPy matrix (output positions, kernel taps): 1 where the tap
+    falls on an input element (not on padding, nor on a hole of `lhs_dilation`)."""
+    nsp = len(lhs_shape) - 2
+    lhs_dilation, rhs_dilation = lhs_dilation or (1,) * nsp, rhs_dilation or (1,) * nsp
+    inside = []
+    for d in range(nsp):
+        size, taps = lhs_shape[dn.lhs_spec[2 + d]], rhs_shape[dn.rhs_spec[2 + d]]
+        u = (np.arange(out_shape[dn.out_spec[2 + d]])[:, None] * strides[d]
+             + np.arange(taps)[None, :] * rhs_dilation[d] - pads[d][0])  # position in the dilated input
+        inside.append(((u >= 0) & (u <= (size - 1) * lhs_dilation[d]) & (u % lhs_dilation[d] == 0)).astype(np.int32))
+    return inside
+
+
+def _inside_sums(tap_sums, inside, dn, ndim):
+    """Σ over the inside taps of `tap_sums` (the kernel summed over its input features, int32),
+    broadcastable to the output: (1, spatial…, O) in the output's layout, or one number per
+    output channel when every tap of every position is inside."""
+    nsp = len(inside)
+    ro, ri, spatial = dn.rhs_spec[0], dn.rhs_spec[1], tuple(dn.rhs_spec[2:])
+    taps = jnp.transpose(tap_sums, spatial + (ro, ri))[..., 0]  # (k_1, …, k_nsp, O)
+    if all(m.all() for m in inside):
+        return _on_output(None, jnp.sum(taps, axis=tuple(range(nsp))), dn.out_spec, ndim)
+    tap_letters, out_letters = "abcdefgh"[:nsp], "ABCDEFGH"[:nsp]
+    expr = ",".join(p + t for p, t in zip(out_letters, tap_letters)) + f",{tap_letters}o->{out_letters}o"
+    sums = jnp.einsum(expr, *(jnp.asarray(m) for m in inside), taps, preferred_element_type=jnp.int32)[None]
+    source = {dn.out_spec[0]: 0, dn.out_spec[1]: nsp + 1, **{a: 1 + d for d, a in enumerate(dn.out_spec[2:])}}
+    return jnp.transpose(sums, tuple(source[a] for a in range(ndim)))
+
+
+def _one_by_one(xp, w, strides, out_type, precision=None):
+    """A 1×1 kernel `(1…, I, O)` on a channels-last input already padded: the strided input's
+    rows `(N·spatial, I)` times `(I, O)`, one matrix product."""
+    rows = lax.slice(xp, (0,) * xp.ndim, xp.shape, (1,) + tuple(strides) + (1,))
+    c, o = w.shape[-2], w.shape[-1]
+    y = lax.dot_general(jnp.reshape(rows, (-1, c)), jnp.reshape(w, (c, o)), (((1,), (0,)), ((), ())),
+                        precision=precision, preferred_element_type=out_type)
+    return jnp.reshape(y, rows.shape[:-1] + (o,))
+
+
+def _zero_padded(x, dn, pads, lhs_dilation):
+    """`x` with the convolution's padding and `lhs_dilation` holes made explicit, as zeros."""
+    nsp = x.ndim - 2
+    config = [(0, 0, 0)] * x.ndim
+    for a, (lo, hi), d in zip(dn.lhs_spec[2:], pads, lhs_dilation or (1,) * nsp):
+        config[a] = (lo, hi, d - 1)
     if all(c == (0, 0, 0) for c in config):
-        return qx
-    if zx is None or zx.size == 1:
-        fill = jnp.zeros((), qx.dtype) if zx is None else jnp.reshape(zx, ()).astype(qx.dtype)
-        return lax.pad(qx, fill, config)
-    inside = lax.pad(jnp.ones(tuple(d if a in spatial else 1 for a, d in enumerate(qx.shape)), jnp.bool_),
-                     False, config)
-    return jnp.where(inside, lax.pad(qx, jnp.zeros((), qx.dtype), config), zx.astype(qx.dtype))
+        return x
+    return lax.pad(x, jnp.zeros((), x.dtype), config)
 
 
 def _with(shape, axis, size):
@@ -321,6 +362,14 @@ def integer_conv_problem(lhs, rhs, dimension_numbers=None, feature_group_count=1
     return None
 
 
+def runs_on_int8(lhs, rhs, dimension_numbers=None, feature_group_count=1) -> bool:
+    """Whether `conv_general_dilated` of these operands (anything with `.shape` and `.spec`, e.g.
+    `jquant._src.dot.Operand`s; `integer_conv_problem` None) runs the int8 kernel for its float
+    result, rather than the float route (module docstring, "Routes")."""
+    dn = lax.conv_dimension_numbers(tuple(lhs.shape), tuple(rhs.shape), dimension_numbers)
+    return _route(lhs, rhs, dn, feature_group_count, exact=False) in ("int", "dot")
+
+
 def _taps(rhs, dn) -> int:
     """K: the kernel's window size times its input features (per group)."""
     return math.prod(rhs.shape[a] for a in dn.rhs_spec[1:])
@@ -337,14 +386,17 @@ def _route(lhs, rhs, dn, feature_group_count, exact=True):
     magnitude = lhs.spec.integer_magnitude * rhs.spec.integer_magnitude
     chunks = next((c for c in range(1, features + 1)
                    if features % c == 0 and window * (features // c) * magnitude < _FLOAT32_EXACT), None)
-    if chunks is None:
+    if chunks is None and exact:
         return "int"
     if jax.default_backend() != "cpu":
-        return chunks
+        return chunks if exact else "float"
     nd = len(rhs.shape)
     channels_last = (tuple(dn.lhs_spec) == (0, nd - 1) + tuple(range(1, nd - 1))
                      and tuple(dn.rhs_spec) == (nd - 1, nd - 2) + tuple(range(nd - 2))
                      and tuple(dn.out_spec) == tuple(dn.lhs_spec))
-    if not channels_last or features % _INT_FEATURE_MULTIPLE or (not exact and _taps(rhs, dn) < _INT_MIN_TAPS):
+    one_by_one = window == 1 and feature_group_count == 1 and channels_last
+    if not exact and (not channels_last or features % _INT_FEATURE_MULTIPLE or _taps(rhs, dn) < _INT_MIN_TAPS):
+        return "float dot" if one_by_one else "float"
+    if not channels_last or features % _INT_FEATURE_MULTIPLE:
         return chunks
-    return "dot" if window == 1 and feature_group_count == 1 else "int"
+    return "dot" if one_by_one else "int"

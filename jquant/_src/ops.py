@@ -33,7 +33,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from jquant._src import float_dot
-from jquant._src.conv import conv_general_dilated, integer_conv_problem
+from jquant._src.conv import conv_general_dilated, integer_conv_problem, runs_on_int8
 from jquant._src.dot import Operand, dot_general, integer_dot_problem
 from jquant._src.packing import is_packed
 from jquant._src.qarray import QArray, quantize
@@ -215,7 +215,9 @@ class QuantConv(_QuantOp):
             else:
                 lhs = self.fake_quant_inputs(lhs, rhs)[0]
             return conv_general_dilated(lhs, rhs, *args)
-        if self.weight is not None and self._integer_operands(lhs, rhs, args) and self._large(lhs, rhs, args):
+        if self.weight is not None and self._integer_operands(lhs, rhs, args) and self._large(lhs, rhs, args) \
+                and runs_on_int8(Operand(jnp.shape(lhs), self.act), Operand(jnp.shape(rhs), self.weight), args[4],
+                                 args[5]):
             return _integer_qat_conv(self, args, lhs, rhs, self.act_scale, self.act_zero_point)
         return self._fake_quant_conv(lhs, rhs, args, self.act_scale, self.act_zero_point)
 
