@@ -15,9 +15,15 @@ Scales (x̂ = s · element; every x is computed in float32, float64 for float64 
   s = amax / largest (amax = max|x| over the group, `numerics.extrema`: a NaN propagates).
 * MXFP8 / MXFP4 (`bits=8` / `bits=4`, `group_size=32`): blocks of 32 consecutive elements along the
   group axis (the contraction axis of a Dense kernel), every other axis a channel axis; one E8M0
-  scale per block, s = 2^(floor(log2 amax) − emax_elem), emax_elem = 8 for E4M3 and 2 for E2M1
-  (the OCP rule: the block's largest value lands in [2^emax, 2^(emax+1)), so above 448 resp. 6 it
-  saturates). The exponent is clipped to E8M0's range [-127, 127].
+  scale per block. The OCP rule is s = 2^(floor(log2 amax) − emax_elem), emax_elem = 8 for E4M3
+  and 2 for E2M1: the block's largest value lands in [2^emax, 2^(emax+1)), so above 448 resp. 6
+  it saturates. jquant takes that exponent, or the one above it (2s, nothing saturates) where
+  that gives the block a strictly smaller Σ(x − x̂)² (ties keep the OCP scale). Any MX decoder
+  reads the result (the scale is the encoder's choice). Measured on (4096, 1024) tensors
+  (`examples/schemes.py`): MXFP4 +0.26 dB (N(0, 1)) / +0.29 dB (Student-t, 3 dof) over the OCP
+  rule, MXFP8 +0.9 / +2.1 dB (13–15% of the blocks go up); always rounding the exponent up
+  (Qwix's rule, s = 2^ceil(log2(amax / largest))) loses 0.03 / 0.5 dB against OCP on MXFP4. The
+  exponent is clipped to E8M0's range [-127, 127].
 * NVFP4 (`bits=4`, `group_size=16`): blocks of 16, E2M1 elements; a per-tensor float32 scale
   t = amax_tensor / (448 · 6) and one E4M3 scale per block, e = E4M3(amax_block / 6 / t) (RNE,
   saturating), so s = t · e.
@@ -302,11 +308,17 @@ class _MX(_Blocked):
         self.check_blocks(spec, lay)
         if scale is not None:
             return self._fixed_codes(scale, spec, lay, "E8M0"), None
-        amax = numerics.extrema(lay.to_grouped(x.astype(numerics.compute_dtype(x.dtype))), lay.reduce_axes, "absmax")
+        xg = lay.to_grouped(x.astype(numerics.compute_dtype(x.dtype)))
+        amax = numerics.extrema(xg, lay.reduce_axes, "absmax")
         _, exponent = jnp.frexp(amax)  # amax = m · 2^exponent, m in [0.5, 1): floor(log2 amax) = exponent − 1
         biased = jnp.clip(exponent - 1 - self.element.emax, -127, 127) + 127
         codes = jnp.where(amax == 0, 0, jnp.where(jnp.isfinite(amax), biased, 255))
-        return codes.astype(jnp.uint8), None
+        # The exponent one up where that lowers the block's squared error (module docstring). Both
+        # errors in units of the OCP scale s: v = x/s is exact (a power of two), |v| < 2^(emax+1).
+        v = numerics.divide(xg, self._scale_of(codes.astype(jnp.uint8), xg.dtype), bounded=True)
+        error = lambda r: jnp.sum(jnp.square(v - r), axis=lay.reduce_axes, keepdims=True)  # noqa: E731
+        up = (error(2 * self.element.round(v / 2)) < error(self.element.round(v))) & (codes < 254)
+        return jnp.where(up, codes + 1, codes).astype(jnp.uint8), None
 
     def element_scale(self, scale, zero_point, dtype):
         return self._scale_of(scale, dtype)
