@@ -44,16 +44,22 @@ POLICIES = {"int8": jquant.int8_weights(), "int4 g128": jquant.int4_weights(), "
 class Row(NamedTuple):
     name: str
     weight_bytes: int
+    kernel_ratio: float  # the quantized leaves' bytes over their float bytes (1 for float)
     temp_bytes: int
     ms_per_token: float
     same_bytes: int
     text: str
 
 
-def tree_nbytes(tree) -> int:
-    """Bytes of every leaf, a QArray counted by its `nbytes` (codes, scales, zero-points)."""
-    leaves = jax.tree_util.tree_leaves(tree, is_leaf=lambda x: isinstance(x, jquant.QArray))
-    return sum(int(x.nbytes) for x in leaves)
+def leaves(tree) -> list:
+    """The tree's leaves, a QArray as one leaf (its `nbytes` counts codes, scales, zero-points)."""
+    return jax.tree_util.tree_leaves(tree, is_leaf=lambda x: isinstance(x, jquant.QArray))
+
+
+def kernel_ratio(float_tree, served) -> float:
+    """Bytes of the served tree's QArrays over the float bytes of the arrays they replace."""
+    pairs = [(f, q) for f, q in zip(leaves(float_tree), leaves(served)) if isinstance(q, jquant.QArray)]
+    return sum(q.nbytes for _, q in pairs) / sum(f.nbytes for f, _ in pairs) if pairs else 1.0
 
 
 def generator(model, prompt_len: int, steps: int):
@@ -93,18 +99,20 @@ def measure(params: Dict, config: lm.Config, prompt: np.ndarray, *, rounds: int 
     for (name, _, p), temp, out, ms in zip(variants, temps, outputs, times):
         generated = out[:, prompt_len:]
         same = int(np.sum(generated == outputs[0][:, prompt_len:]))
-        rows.append(Row(name, tree_nbytes(p), temp, ms / config.context, same,
-                        bytes(out[0].astype(np.uint8)).decode("utf-8", "replace")))
+        text = bytes(out[0].astype(np.uint8)).decode("utf-8", "replace")
+        rows.append(Row(name, sum(int(x.nbytes) for x in leaves(p)), kernel_ratio(params, p), temp,
+                        ms / config.context, same, text))
     return rows
 
 
 def markdown(rows: List[Row], generated: int) -> str:
     """The rows as a markdown table, ratios to the first (float) row."""
     base = rows[0]
-    lines = ["| weights | weight MB | × float | loop temporaries MB | ms/token | × float | bytes as float |",
-             "|---|---|---|---|---|---|---|"]
+    lines = ["| weights | weight MB | × float | kernels × float | loop temporaries MB | ms/token | × float | bytes as float |",
+             "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r.name} | {r.weight_bytes / 1e6:.2f} | {r.weight_bytes / base.weight_bytes:.3f} | "
+                     f"{r.kernel_ratio:.3f} | "
                      f"{r.temp_bytes / 1e6:.2f} | {r.ms_per_token:.3f} | {r.ms_per_token / base.ms_per_token:.2f} | "
                      f"{r.same_bytes}/{generated} |")
     return "\n".join(lines)

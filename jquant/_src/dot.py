@@ -71,6 +71,10 @@ _GEMV_CHUNK_MIN, _GEMV_CHUNK_MAX = 128, 512
 # and the most rows of the other operand for which the chunked path is taken.
 _WEIGHT_CHUNKS = (512, 256, 128)
 _WEIGHT_ONLY_MAX_ROWS = 256
+# ... and for at most this many rows, integer grids are multiplied as integers and scaled after
+# the dot, one group or at most `_SCALED_AFTER_CHUNK` rows at a time.
+_SCALED_AFTER_MAX_ROWS = 16
+_SCALED_AFTER_CHUNK = 128
 
 
 @jax.tree_util.register_pytree_with_keys_class
@@ -214,16 +218,12 @@ def _weight_chunk(x, w: QArray) -> int:
 
 
 def _chunked_weight_only(x, w: QArray, chunk: int, precision, out_dtype):
-    """x · ŵ with ŵ dequantized `chunk` rows at a time inside a `lax.scan` (each chunk converted
-    while it is in cache and multiplied at once), the partial products summed in float32."""
+    """x · ŵ for x `(..., K)` and a 2-D QArray w `(K, N)`, w taken a few rows at a time inside a
+    `lax.scan`, the partial products summed in float32 (module docstring, "Weight-only"): for
+    few rows of x and an integer grid, each chunk's integers are multiplied as they are and
+    scaled after the dot (`_integer_chunks`); otherwise each chunk is dequantized and multiplied
+    (`_decoded_chunks`, and always where a scale is so large that dequantizing must saturate)."""
     k, n = w.shape
-    steps = k // chunk
-    split = lambda a, axis: None if a is None else jnp.moveaxis(
-        jnp.reshape(a, a.shape[:axis] + (steps, a.shape[axis] // steps) + a.shape[axis + 1:]), axis, 0)
-    grouped = w.spec.group_size is not None  # scales vary along K: they are cut with the rows
-    xs = (split(x, x.ndim - 1), split(w.value, 0),
-          split(w.scale, 0) if grouped else None, split(w.zero_point, 0) if grouped else None)
-
     bits = w.spec.bits
     # Codes packed b bits apiece along N (b = 1, 2, 4): plane i of the bytes holds the columns
     # ≡ i mod 8/b. Each plane is decoded with its columns' scales and multiplied on its own, and
@@ -232,29 +232,63 @@ def _chunked_weight_only(x, w: QArray, chunk: int, precision, out_dtype):
     planes = 8 // bits if packing.is_packed(bits) and 8 % bits == 0 and n % (8 // bits) == 0 else 1
     mask = jnp.uint8((1 << bits) - 1)
 
+    def integers(value, scale, zero_point, rows):
+        """The chunk's stored integers per plane (int8, `(rows, N / planes)`)."""
+        if planes == 1:  # int8 storage, or 3-bit codes that straddle bytes
+            return [QArray(value, scale, zero_point, spec=w.spec, shape=(rows, n), dtype=w.dtype).q]
+        return [w.spec.method.from_codes((value >> jnp.uint8(bits * i)) & mask, w.spec) for i in range(planes)]
+
+    grouped = w.spec.group_size is not None  # scales vary along K: they are cut with the rows
+
+    def scan(step, rows):
+        steps = k // rows
+        split = lambda a, axis: None if a is None else jnp.moveaxis(
+            jnp.reshape(a, a.shape[:axis] + (steps, a.shape[axis] // steps) + a.shape[axis + 1:]), axis, 0)
+        xs = (split(x, x.ndim - 1), split(w.value, 0),
+              split(w.scale, 0) if grouped else None, split(w.zero_point, 0) if grouped else None)
+
+        def body(acc, chunk_xs):
+            xc, value, scale, zero_point = chunk_xs
+            scale, zero_point = (w.scale, w.zero_point) if scale is None else (scale, zero_point)
+            products = step(xc, integers(value, scale, zero_point, rows), scale, zero_point, rows)
+            return acc + jnp.stack(products), None
+
+        acc = jnp.zeros((planes,) + x.shape[:-1] + (n // planes,), jnp.float32)
+        return lax.scan(body, acc, xs)[0]
+
     n_axis = len(w.layout.scale_shape) - 1  # of the scales (a k-means codebook's levels follow it)
     columns = lambda a, i: a if a is None or a.shape[n_axis] == 1 else lax.slice_in_dim(a, i, None, planes, n_axis)
+    dims = (((x.ndim - 1,), (0,)), ((), ()))
 
-    def step(saturate, acc, chunk_xs):
-        xc, value, scale, zero_point = chunk_xs
-        scale, zero_point = (w.scale, w.zero_point) if scale is None else (scale, zero_point)
-        if planes == 1:  # int8 storage, or 3-bit codes that straddle bytes: the chunk's integers
-            qs = [QArray(value, scale, zero_point, spec=w.spec, shape=(chunk, n), dtype=w.dtype).q]
-        else:
-            qs = [w.spec.method.from_codes((value >> jnp.uint8(bits * i)) & mask, w.spec) for i in range(planes)]
-        dims = (((xc.ndim - 1,), (0,)), ((), ()))
-        return acc + jnp.stack([
-            lax.dot_general(xc, decode(q, columns(scale, i), columns(zero_point, i), w.spec, (chunk, n // planes),
-                                       w.dtype, saturate=saturate), dims, precision=precision,
-                            preferred_element_type=jnp.float32)
-            for i, q in enumerate(qs)]), None
+    def decoded(saturate, xc, qs, scale, zero_point, rows):
+        return [lax.dot_general(xc, decode(q, columns(scale, i), columns(zero_point, i), w.spec, (rows, n // planes),
+                                           w.dtype, saturate=saturate), dims, precision=precision,
+                                preferred_element_type=jnp.float32) for i, q in enumerate(qs)]
 
-    acc = jnp.zeros((planes,) + x.shape[:-1] + (n // planes,), jnp.float32)
-    run = lambda saturate: lax.scan(functools.partial(step, saturate), acc, xs)[0]
-    # The clip that keeps products at the float range's edge finite is a per-element select that
-    # costs ~25-40% of the decode; it is taken only where some scale could need it.
-    saturates = w.spec.method.saturates(w.scale, w.spec)
-    acc = run(True) if saturates is None else lax.cond(saturates, lambda: run(True), lambda: run(False))
+    def scaled_after(xc, qs, scale, zero_point, rows):
+        # x̂ = s (q − z) with s and z constant over the chunk's rows (one group, or per channel):
+        # Σ x ŵ = s (Σ x q − z Σ x)
+        out = []
+        for i, q in enumerate(qs):
+            ints, s = w.spec.method.integer_operand(q, columns(scale, i), w.spec)
+            p = lax.dot_general(xc, ints.astype(xc.dtype), dims, precision=precision, preferred_element_type=jnp.float32)
+            if zero_point is not None:
+                p = p - jnp.sum(xc.astype(jnp.float32), -1, keepdims=True) * jnp.reshape(columns(zero_point, i), (-1,))
+            out.append(p * jnp.reshape(s, (-1,)))
+        return out
+
+    rows = x.size // max(x.shape[-1], 1)
+    saturates = w.spec.method.saturates(w.scale, w.spec)  # None: its decode never clips
+    exact = lambda: scan(functools.partial(decoded, True), chunk)
+    if w.spec.method.integer_problem(w.spec) is None and rows <= _SCALED_AFTER_MAX_ROWS:
+        fast = lambda: scan(scaled_after, w.spec.group_size or min(chunk, _SCALED_AFTER_CHUNK))
+    else:
+        fast = exact if saturates is None else lambda: scan(functools.partial(decoded, False), chunk)
+    # Dequantizing clips each product s·(q − z) at the float range's edge (a per-element select
+    # that costs a third of the decode); scaling after the dot forms no such products. Where some
+    # scale is large enough for the clip to matter, the chunks are dequantized with it, so the
+    # result is always that of dequantize-then-dot.
+    acc = fast() if saturates is None else lax.cond(saturates, exact, fast)
     # plane i holds the columns i, i + planes, ...: interleave them back (a small output array)
     return jnp.reshape(jnp.moveaxis(acc, 0, -1), x.shape[:-1] + (n,)).astype(out_dtype)
 
