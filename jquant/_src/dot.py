@@ -29,24 +29,32 @@ Path choice, measured on XLA:CPU (jax 0.10.2, 2 cores; see benchmarks/ for the s
 * Operands whose scales vary along a contracted axis (other than one shared group split) cannot
   take the integer path; that is a configuration error, reported, never a silent float fallback.
 
-Weight-only (a QArray weight, a float activation), measured the same way at K = N = 4096:
-dequantizing the whole weight and then running the float dot costs 11–12× the float time at
-M = 1, 5–6× at M = 16, 2× at M = 256 (XLA:CPU materialises the float weight and converts it at
-a fraction of memory speed). Dequantizing `_WEIGHT_CHUNK` = 512 rows at a time inside a
-`lax.scan` (each chunk converted while it is in cache, multiplied at once, partial products
-summed in float32) keeps the weight quantized in memory (temporaries: one float chunk, 8 MiB for
-a 64 MiB float weight) and runs int8 at 0.8–1.0× the float time for M ≤ 64 and 1.0–1.2× at
-M = 128–256 (chunks of 128: 1.0–1.7×, 256: 0.9–1.0×, 1024: 0.9–1.6×). Sub-byte codes are packed
-along N (8/b per byte for b = 1, 2, 4); unpacking a chunk interleaves them (a shuffle) and ran at
-4–6× float at M = 1. So each bit plane of the bytes (the columns ≡ i mod 8/b) is decoded with its
-columns' scales and multiplied on its own — shifts and masks on whole bytes — and the planes'
-outputs are interleaved at the end: int4 g128 then runs at 1.0–1.3× float for M = 1 with the
-weight in cache (2.1× through a 4-layer model whose weights are not: benchmarks/RESULTS.md,
-table 4), 0.7–1.0× for M = 16–64, about 1.0× at M = 256 (3-bit codes straddle bytes and are
-unpacked). Taken on CPU for a Dense
-layout (x `(..., K)` · w `(K, N)`), at most `_WEIGHT_ONLY_MAX_ROWS` rows (the largest measured),
-integer-grid formats (uniform, sign), K a multiple of the chunk; anything else (GPU/TPU, which
-fuse the dequantization into the dot themselves; codebooks; other layouts) dequantizes whole.
+Weight-only (a QArray weight, a float activation), measured the same way. Dequantizing the whole
+weight and then running the float dot costs 11–12× the float time at K = N = 4096 and M = 1,
+5–6× at M = 16, 2× at M = 256: XLA:CPU materialises the float weight and converts it at a
+fraction of memory speed (and inside a generation loop it hoists that conversion out of the
+loop, keeping a float copy of every weight alive). So on CPU the weight is taken a few rows at a
+time inside a `lax.scan`, each chunk converted while it is in cache and multiplied at once, the
+partial products summed in float32: the weight stays quantized in memory (temporaries: one float
+chunk) and no float copy can be hoisted, since every chunk's conversion depends on the scan.
+* Any Dense-like layout is viewed as x `(..., K)` · w `(K, N)` (`_dense_view`: contracted axes
+  merged into K, free axes into N, scales broadcast along N, a group along the contraction a group
+  of K) — Flax attention's 3-D `(in, heads, head_dim)` and `(heads, head_dim, out)` kernels too.
+* Sub-byte codes are packed along N (8/b per byte for b = 1, 2, 4); unpacking a chunk interleaves
+  them (a shuffle: 4–6× float at M = 1). Each bit plane of the bytes (the columns ≡ i mod 8/b) is
+  decoded with its columns' scales and multiplied on its own — shifts and masks on whole bytes —
+  and the planes' outputs are interleaved at the end (3-bit codes straddle bytes and are unpacked).
+* Few rows (≤ `_SCALED_AFTER_MAX_ROWS`, decoding) on an integer grid: a chunk is one group (or
+  `_SCALED_AFTER_CHUNK` rows per channel) whose integers are converted and multiplied as they
+  are, then scaled, s·(Σ x q − z Σ x) — the per-element scale, zero-point and saturation of a
+  dequantization were half of an int4 chunk's cost. More rows, codebooks (NF4, k-means), or a
+  scale so large that dequantizing must saturate: each chunk is dequantized (chunks of 512, 256 or
+  128 rows, `_WEIGHT_CHUNKS`, the largest that cuts K at least in two; the saturating clip only
+  where a scale needs it, chosen by `lax.cond`).
+Taken for at most `_WEIGHT_ONLY_MAX_ROWS` rows (the largest measured) and K a multiple of 128;
+anything else (GPU/TPU, which fuse the dequantization into the dot themselves; batch axes;
+other layouts) dequantizes whole. Measured ratios: benchmarks/RESULTS.md ("Weight-only
+inference", "LM decoding").
 """
 
 from __future__ import annotations
