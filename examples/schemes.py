@@ -2,6 +2,9 @@
 
 Run: python examples/schemes.py   (inside the environment that `python3 run.py demo` sets up)
 
+Schemes: the integer grids, sign, NF4 and k-means, and the floating-point formats (FP8 e4m3/e5m2
+with float32 per-channel scales, MXFP8/MXFP4 with E8M0 scales per 32, NVFP4 with E4M3 scales per 16).
+
 Tensors:
   gaussian  (4096, 1024) N(0, 1) weights, the textbook case;
   heavy     (4096, 1024) Student-t (3 dof) weights: outliers, where granularity matters;
@@ -42,6 +45,11 @@ SCHEMES = [
     ("4-bit k-means per-channel", QuantSpec(4, method="kmeans", channel_axes=(1,))),
     ("3-bit k-means per-channel", QuantSpec(3, method="kmeans", channel_axes=(1,))),
     ("2-bit k-means per-channel", QuantSpec(2, method="kmeans", channel_axes=(1,))),
+    ("fp8 e4m3 per-channel", QuantSpec(8, method="fp8_e4m3", channel_axes=(1,))),
+    ("fp8 e5m2 per-channel", QuantSpec(8, method="fp8_e5m2", channel_axes=(1,))),
+    ("mxfp8 (blocks of 32)", QuantSpec(8, method="mxfp8", channel_axes=(1,), group_size=32)),
+    ("mxfp4 (blocks of 32)", QuantSpec(4, method="mxfp4", channel_axes=(1,), group_size=32)),
+    ("nvfp4 (blocks of 16)", QuantSpec(4, method="nvfp4", channel_axes=(1,), group_size=16)),
 ]
 DN = (((1,), (0,)), ((), ()))
 
@@ -99,9 +107,11 @@ def main():
         print(f"| {name:<26} | {g.bits_per_weight:>6.2f} | {sqnr_db(tensors['gaussian'], g.dequantize()):>13.2f} | "
               f"{sqnr_db(tensors['heavy'], quantized['heavy'].dequantize()):>10.2f} | {g.nbytes:>15,} | "
               f"{sqnr_db(w, wq.dequantize()):>11.2f} | {accuracy_int(wq):>10.3f} |")
-    print("\nbits/w counts scales (float32), zero-points (int8) and k-means levels (float32).")
+    print("\nbits/w counts scales (float32; MX: one E8M0 byte per 32; NVFP4: one E4M3 byte per 16 and a float32 "
+          "tensor scale), zero-points (int8) and k-means levels (float32).")
     print("digits acc: held-out accuracy through jquant.QuantDot with int8 activations: the int32 integer path for "
-          "uniform and sign weights, dequantized codebook weights for nf4/k-means; float32 is a float matmul.")
+          "uniform and sign weights, dequantized codebook and floating-point (fp8/MX/NVFP4) weights otherwise; "
+          "float32 is a float matmul.")
 
 
 if __name__ == "__main__":

@@ -42,8 +42,10 @@ def test_digits_lsq():
 
 
 def test_schemes():
-    out = _run("schemes.py", "--rows", "64", "--only", "^(int8 per-channel|nf4 group-64|2-bit k-means per-channel)$")
-    for text in ("int8 per-channel", "nf4 group-64", "2-bit k-means per-channel", "digits acc"):
+    out = _run("schemes.py", "--rows", "64", "--only",
+               "^(int8 per-channel|nf4 group-64|2-bit k-means per-channel|mxfp4.*)$")
+    for text in ("int8 per-channel", "nf4 group-64", "2-bit k-means per-channel", "mxfp4 (blocks of 32)",
+                 "digits acc"):
         assert text in out, text
 
 
