@@ -465,6 +465,18 @@ def test_a_served_model_holds_no_float_copy_of_its_weights(policy, model, x):
         assert not re.search(r"f32\[(4096,4096|4096,32,128|32,128,4096)\]", compiled.as_text())
 
 
+def test_a_served_nnx_attention_holds_no_float_copy_of_its_weights():
+    # nnx.MultiHeadAttention's LinearGeneral kernels (4096, 32, 128) and (32, 128, 4096), int4 g128
+    model = nnx.MultiHeadAttention(32, 4096, qkv_features=4096, decode=False, rngs=nnx.Rngs(0))
+    jquant.flax.quantize(model, jquant.int4_weights())
+    nnx.update(model, jquant.quantize_params(nnx.state(model, nnx.Param), jquant.int4_weights()))
+    graphdef, state = nnx.split(model)
+    x = jax.ShapeDtypeStruct((1, 1, 4096), jnp.float32)
+    compiled = jax.jit(lambda state, x: nnx.merge(graphdef, state)(x)).lower(state, x).compile()
+    assert compiled.memory_analysis().temp_size_in_bytes < 4096 * 4096 * 4 / 4
+    assert not re.search(r"f32\[(4096,32,128|32,128,4096)\]", compiled.as_text())
+
+
 def test_an_unwrapped_model_given_served_params_says_so():
     dense = nn.Dense(8)
     served = jquant.quantize_params(dense.init(jax.random.key(0), jnp.ones((1, 16))), jquant.int8_weights())
