@@ -148,9 +148,10 @@ def test_one_by_one_conv_on_a_dot(strides, padding, lhs_dil):
 
 
 def test_route_choice():
-    """Channels-last with input features a multiple of 4 → int; 1 or 3 input features, another
-    layout → the exact float route, its input features cut into the fewest chunks that keep each
-    f32 conv below 2^24 (a number of chunks)."""
+    """Channels-last with input features a multiple of 4 → int (a 1×1 kernel: dot); 1 or 3 input
+    features, another layout → the exact float route, its input features cut into the fewest chunks
+    that keep each f32 conv below 2^24 (a number of chunks). A float result also takes the float
+    route (the f32 conv of the dequantized operands, or dot) under 128 taps."""
     from jquant._src.dot import Operand
 
     def route(xs, ws, spec=("NHWC", "HWIO", "NHWC"), rspec=QuantSpec(8), exact=True):
@@ -201,14 +202,16 @@ def test_bad_operands_raise_clear_errors():
 
 def test_quant_conv_qat_forward_on_the_integer_path_equals_serving():
     """Above the QuantDot size threshold the QAT forward is the integer conv (what serving
-    computes, to the rounding of s_x·s_w) with the fake-quantized float conv's STE gradient; below it, the float conv
-    of the fake-quantized operands (equal to float rounding)."""
+    computes, to the rounding of s_x·s_w) with the fake-quantized float conv's STE gradient; below it,
+    or where serving takes the float route (72 taps), the float conv of the fake-quantized operands
+    (equal to float rounding)."""
     op = jquant.QuantConv(weight=QuantSpec(8, channel_axes=(3,)), act=QuantSpec(8, symmetric=False))
     args = ((1, 1), "SAME", None, None, ("NHWC", "HWIO", "NHWC"))
-    for x, w, integer in ((normal(0, (8, 32, 32, 32)), normal(1, (3, 3, 32, 64)), True),
-                          (normal(0, (2, 8, 8, 8)), normal(1, (3, 3, 8, 8)), False)):
+    for x, w, large, integer in ((normal(0, (8, 32, 32, 32)), normal(1, (3, 3, 32, 64)), True, True),
+                                 (normal(0, (8, 32, 32, 8)), normal(1, (3, 3, 8, 64)), True, False),
+                                 (normal(0, (2, 8, 8, 8)), normal(1, (3, 3, 8, 8)), False, False)):
         macs = x.shape[0] * x.shape[1] * x.shape[2] * w.size
-        assert (macs >= jquant._src.ops.INTEGER_QAT_MIN_MACS) == integer
+        assert (macs >= jquant._src.ops.INTEGER_QAT_MIN_MACS) == large
         assert int8_convs(jax.make_jaxpr(lambda a, b: op(a, b, *args))(x, w)) == integer
         qat = jax.jit(lambda a, b: op(a, b, *args))(x, w)
         served = jax.jit(lambda a, b: op(a, b, *args))(x, jquant.quantize(w, op.weight))

@@ -11,36 +11,56 @@ channel o), every output element y[n, p, o] sums over one window W(p) of K = (ke
 
 where the sums run over the taps that fall inside the input. Padding (and the holes of an
 `lhs_dilation`) are real zeros, i.e. q_x = z_x there, so they contribute nothing to the left-hand
-side; the convolution's implicit zero padding makes the right-hand sums "inside taps only" by
-itself: Σ_W q_x is a convolution of Σ_features q_x with a kernel of ones, Σ_W q_w a convolution of
-a ones image (zero-padded) with the kernel's input-feature sums, |W| one of ones with ones. Those
-corrections are convolutions with one input feature, cheap beside the main one, and vanish for
-symmetric operands. The bracket is exact in int32 (wrapping intermediate sums included) when
-K · max|q_x − z_x| · max|q_w − z_w| < 2^31, checked at trace time (ValueError otherwise), as for the
-dot.
+side; the convolution's implicit zero padding makes Σ_W q_x q_w and Σ_W q_x (a convolution of
+Σ_features q_x with a kernel of ones) "inside taps only" by themselves, and the z_x terms combine
+into z_x Σ_W (q_w − z_w): the kernel's input-feature sums added over the inside taps, which differ
+from the full sum only near the border — a batch-free map built from a static 0/1 matrix per
+spatial axis (`_inside_sums`; no convolution), one number per output channel without padding.
+The corrections vanish for symmetric operands. The bracket is exact in int32 (wrapping
+intermediate sums included) when K · max|q_x − z_x| · max|q_w − z_w| < 2^31, checked at trace
+time (ValueError otherwise), as for the dot.
 
-Routes to the same exact bracket (`_route`), measured on XLA:CPU (jax 0.10.2, 2 shared cores; the
-conv table in benchmarks/, `python benchmarks/conv_paths.py`; ratios are against the f32 conv of
-the same shape, the candidates timed in alternating rounds):
+Routes (`_route`), measured on XLA:CPU (jax 0.10.2, 2 cores shared with other work; the conv table
+in benchmarks/, `python benchmarks/conv_paths.py`; ratios are against the f32 conv of the same
+shape, the candidates timed in alternating rounds, repeated):
 * "int": `lax.conv_general_dilated(int8, int8, preferred_element_type=int32)` plus the corrections
   above. XLA:CPU runs it through YNNPACK when the layout is channels-last (lhs `(N, spatial…, C)`,
   rhs `(spatial…, I, O)`, output `(N, spatial…, O)`, as `nn.Conv` uses) and the input features per
   group I are a multiple of 4: 0.4–0.95× the f32 conv at ResNet-like shapes (56×56×64→64 3×3 batch
-  8: 0.6×; 14×14×256→256: 0.5×; 4 groups of 32: 0.24×). With I = 2, 3, 5, 6 it takes 2.4–9× the f32
+  8: 0.6×; 14×14×256→256: 0.5×; 4 groups of 32: 0.3×). With I = 2, 3, 5, 6 it takes 2.4–9× the f32
   time (a 7×7 stem on RGB: 7×), with I = 1 (depthwise, a grey-scale first layer) 1.05–1.15×, and in
-  any other layout (NCHW/OIHW: 45×, transposing to channels-last inside the program does not help:
-  XLA folds the transposes into the conv's layout and leaves YNNPACK) it falls to a slow generic
-  int8 kernel.
-* "float": the centred integers q − z as float32 in an f32 conv (`Precision.HIGHEST`, no TF32),
-  exact because every partial sum is an integer below 2^24 when K · max|q_x − z_x| · max|q_w − z_w|
-  < 2^24 (the zero-points are subtracted first, so padding needs no correction): ~1.0× the f32 conv
-  (plus the conversion). Taken on CPU where the int route falls off its fast kernel and this bound
-  holds, and on other backends (GPU, TPU: not measured here; XLA's int8 convolutions there depend
-  on cuDNN layouts and sizes, while an f32 conv always compiles and is exact under the bound).
-  Where the bound does not hold for all I input features at once, they are cut into the fewest
-  equal chunks for which it holds, one f32 conv per chunk, the exact chunk results summed in int32
-  (NCHW 28×28×128→128 3×3 int8: 3 chunks); only a window too large for one feature (never for
-  int8) leaves the int route as the exact fallback.
+  any other layout (NCHW/OIHW: 45–70×, transposing to channels-last inside the program does not
+  help: XLA folds the transposes into the conv's layout and leaves YNNPACK) it falls to a slow
+  generic int8 kernel. The padding stays inside the convolution: padding the input with z_x
+  first (full windows, no border map) made YNNPACK's conv itself slower (56×56×64→64: 6.4 ms on the
+  58×58 padded input vs 5.5 ms SAME), and the earlier border correction — a one-feature int32
+  convolution of a ones image — cost 0.3 ms a call (batch 1 at 56×56×64→64: 1.34× f32, now 0.8×).
+* "dot": a 1×1 kernel (channels-last, one group, a ResNet projection) is the strided input's rows
+  times the (I, O) kernel, one int8 matrix product (0.3–0.6× the f32 conv at 56×56×64→256).
+* The float result of the int8 kernel costs one more pass over the output than the f32 conv: the
+  int32 accumulator is written, read back, corrected and scaled. That pays only where the int8
+  kernel saves more than the pass, i.e. from enough taps K per output element. Served W8A8 (the
+  activation quantized per call), int8 route vs float route, ratios to f32 (min over alternating
+  rounds, three runs): K = 64 (1×1 64→256) 1.15–1.7 vs 0.9–1.45; K = 72 (3×3, 8 features)
+  1.6 vs 1.1; K = 128 (1×1 128→512) 1.0 vs 1.15–1.25; K = 144 1.0–1.1 vs 1.1–1.15; K = 288
+  0.9–1.0 vs 1.1; K ≥ 576 0.75–0.98 vs 1.1–1.35. So `conv_general_dilated` takes the int8 routes
+  from `_INT_MIN_TAPS` = 128 taps; below, and wherever the int8 kernel is slow (I not a multiple
+  of 4, other layouts, other backends), it takes
+* "float" (a float result): the dequantized operands x̂, ŵ in one f32 conv (`Precision.HIGHEST`,
+  no TF32) — the very numbers of the QAT forward, within float32 rounding of the float64 conv of
+  x̂ and ŵ — at ~1.0× the f32 conv plus the dequantize pass (7×7 stem on RGB: 1.0–1.1× served,
+  depthwise 56×56×64: 1.0–1.05×, NCHW 28×28×128→128: 1.0×; the old route of exact chunks cost
+  1.3–1.85× there); "float dot" for a 1×1 kernel: XLA:CPU's f32 1×1 conv is slower than the same
+  product as an f32 dot (0.55–0.9× the conv at 56×56×64→256).
+* For the exact int32 accumulator (`int_conv_general_dilated`, never rounded) where the int8
+  kernel is slow or off-CPU: the centred integers q − z as float32 in f32 convs, exact because
+  every partial sum is an integer below 2^24 when K · max|q_x − z_x| · max|q_w − z_w| < 2^24 (the
+  zero-points are subtracted first, so padding needs no correction). Where the bound does not
+  hold for all I input features at once, they are cut into the fewest equal chunks for which it
+  holds, one f32 conv per chunk, the exact chunk results summed in int32 (NCHW 28×28×128→128 3×3
+  int8: 4 chunks); only a window too large for one feature (never for int8) leaves the int8
+  route as the exact fallback. On GPU and TPU (not measured here; XLA's int8 convolutions there
+  depend on cuDNN layouts and sizes) an f32 conv always compiles and is exact under the bound.
 Scales that vary along a contracted axis (spatial or input feature) or grouped scales
 (`group_size`) have no integer convolution: `integer_conv_problem` says so, and `jquant.QuantConv`
 then serves the dequantized kernel (the QAT numbers), never silently.
@@ -77,7 +97,9 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, r
     lhs is the activation, rhs the kernel, as in lax. A float operand with a spec is quantized on
     the fly (dynamic quantization: its scale comes from this call's values).
     * QArray × QArray → the exact integer convolution (`int_conv_general_dilated`), then one
-      multiply by s_x·s_w (per batch entry × per output channel).
+      multiply by s_x·s_w (per batch entry × per output channel), where the int8 kernel is fast
+      and pays for its int32 output (module docstring, "Routes"); elsewhere the f32 conv (or, 1×1,
+      dot) of the dequantized operands — the same x̂ ⊛ ŵ to float32 rounding.
     * float lhs × QArray rhs (no lhs spec) → weight-only: the kernel is dequantized, a float conv runs.
     * float × float → plain `lax.conv_general_dilated`.
 

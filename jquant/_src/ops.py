@@ -196,10 +196,20 @@ class QuantConv(_QuantOp):
       kernel on the fake-quantized activation instead — the QAT numbers; without an activation
       spec the kernel is dequantized (weight-only).
     * QAT (a float kernel): both operands fake-quantized and a float conv, or — both specs with an
-      integer grid, the integer convolution accepting them, and at least `INTEGER_QAT_MIN_MACS`
-      multiply-adds (8× that for a packed ≤ 4-bit kernel), the same threshold as `QuantDot` — the
-      forward on the integer convolution with the fake-quantized float conv's derivatives (STE).
+      integer grid, the integer convolution accepting them and running this shape on the int8
+      kernel (`jquant/_src/conv.py`, "Routes"; elsewhere serving convolves x̂ and ŵ in float, which
+      is the fake-quantized conv itself), and at least `INTEGER_QAT_MIN_MACS` multiply-adds (8×
+      that for a packed ≤ 4-bit kernel) — the forward on the integer convolution with the
+      fake-quantized float conv's derivatives (STE).
     Served outputs equal QAT outputs up to float rounding.
+
+    The threshold is `QuantDot`'s, kept after measuring the conv's own (train steps: gradients of
+    both operands, W8A8 3×3 channels-last convs from 6·10^5 to 9·10^8 multiply-adds, the two
+    forwards timed in alternating rounds on a shared 2-core CPU): the integer forward's step is
+    0.94–1.03× the fake-quantized one from 4.7·10^6 multiply-adds up — the forward conv is about a
+    third of a step, and what the int8 kernel saves there the extra quantize pass spends — while
+    the sub-0.3 ms steps below that swing 0.6–1.4× from run to run. No size favours either forward
+    beyond that noise, so one rule for both ops rather than a number fitted to noise.
     """
 
     def __call__(self, lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=None,
@@ -215,9 +225,7 @@ class QuantConv(_QuantOp):
             else:
                 lhs = self.fake_quant_inputs(lhs, rhs)[0]
             return conv_general_dilated(lhs, rhs, *args)
-        if self.weight is not None and self._integer_operands(lhs, rhs, args) and self._large(lhs, rhs, args) \
-                and runs_on_int8(Operand(jnp.shape(lhs), self.act), Operand(jnp.shape(rhs), self.weight), args[4],
-                                 args[5]):
+        if self._integer_forward(lhs, rhs, args):
             return _integer_qat_conv(self, args, lhs, rhs, self.act_scale, self.act_zero_point)
         return self._fake_quant_conv(lhs, rhs, args, self.act_scale, self.act_zero_point)
 
@@ -235,8 +243,14 @@ class QuantConv(_QuantOp):
         return integer_conv_problem(Operand(jnp.shape(lhs), self.act), Operand(jnp.shape(rhs), weight),
                                     args[4], args[5]) is None
 
-    def _large(self, lhs, rhs, args) -> bool:
-        """At least the `QuantDot` threshold of multiply-adds (output size × taps per output)."""
+    def _integer_forward(self, lhs, rhs, args) -> bool:
+        """Whether the QAT forward runs on the integer convolution (class docstring): integer
+        operands whose float result takes the int8 kernel, at least the `QuantDot` threshold of
+        multiply-adds (output size × taps per output)."""
+        if self.weight is None or not self._integer_operands(lhs, rhs, args):
+            return False
+        if not runs_on_int8(Operand(jnp.shape(lhs), self.act), Operand(jnp.shape(rhs), self.weight), args[4], args[5]):
+            return False  # served as the float conv of x̂ and ŵ: the fake-quantized conv itself
         out = jax.eval_shape(lambda a, b: lax.conv_general_dilated(a, b, *args[:7]),
                              jax.ShapeDtypeStruct(jnp.shape(lhs), jnp.float32),
                              jax.ShapeDtypeStruct(jnp.shape(rhs), jnp.float32))
