@@ -10,8 +10,9 @@ Shapes: batch N, H×W input, C → O features, k×k kernel, stride, feature grou
               route + zero-point corrections + scales
   W8A8 served `jquant.conv_general_dilated(float x, QArray w, lhs_spec=int8 asymmetric)`: the
               activation quantized in the same call (what `QuantConv` serves)
-  route       which exact route `jquant/_src/conv.py` chose ("int": int8 conv → int32; "float":
-              centred integers in an f32 conv, exact below 2^24)
+  route       the route `jquant/_src/conv.py` chose for the float result ("int": int8 conv → int32;
+              "dot": a 1×1 kernel as one int8 matrix product; "float" / "float dot": the
+              dequantized operands in one f32 conv / dot)
 All candidates of a shape are timed in alternating rounds (median), so their ratios share the
 machine's slow and fast phases.
 """
@@ -28,13 +29,17 @@ from jquant._src import conv as conv_module
 ACT = jquant.QuantSpec(8, symmetric=False)
 NOTES = [
     "XLA:CPU runs int8 × int8 → int32 convolutions fast (YNNPACK) only channels-last with input "
-    "features per group a multiple of 4; there the int route wins. With 1, 2, 3, 5 or 6 input "
-    "features (an RGB stem, a depthwise conv) or another layout (NCHW: ~45× f32) the int8 kernel is "
-    "a slow generic one, so jquant convolves the centred integers q − z as float32 instead — exact "
-    "while K · max|q_x − z_x| · max|q_w − z_w| < 2^24 (`jquant/_src/conv.py`, module docstring).",
+    "features per group a multiple of 4. With 1, 2, 3, 5 or 6 input features (an RGB stem, a depthwise "
+    "conv) or another layout (NCHW: 45–70× f32) the int8 kernel is a slow generic one, so jquant "
+    "convolves the dequantized operands in float32 there (the QAT forward's numbers).",
+    "The int8 kernel's float result costs one more pass over the output than the f32 conv (the int32 "
+    "accumulator written, read back, corrected and scaled), so it is taken only from 128 taps per output "
+    "(kernel window × input features); fewer taps take the float route. A 1×1 kernel runs as a matrix "
+    "product (int8, or f32 below 128 taps): XLA:CPU's f32 1×1 conv is slower than the same dot "
+    "(`jquant/_src/conv.py`, module docstring, \"Routes\").",
     "jquant's cost over raw int8 is the scale multiply and, for an asymmetric activation, the "
-    "zero-point correction (a one-feature conv of the kernel's sums); W8A8 served adds the "
-    "activation's quantization pass (min/max, round, cast).",
+    "zero-point correction (the kernel's sums over the taps inside the input, a batch-free map); W8A8 "
+    "served adds the activation's quantization pass (min/max, round, cast), which no route avoids.",
 ]
 
 
