@@ -9,18 +9,19 @@ the elements' dot (`lax.dot_general` on the float8 arrays, `preferred_element_ty
 every product of two FP8 values is exact in float32, the sum is rounded as float32 sums are)
 multiplied once by s_l·s_r — the way the integer path applies its scales. Scales that vary along
 the contraction (MX and NVFP4 blocks, FP8 groups) cannot leave the sum: those operands are
-dequantized (x̂ exactly: a power-of-two or E4M3·float32 scale times an element) and a float32 dot
-runs. Either way the result is within float32 rounding of the float64 product of the dequantized
+dequantized (x̂ in float32 as `dequantize` computes it; exact for MX, whose scales are powers of
+two) and a float32 dot runs. Either way the result is within float32 rounding of the float64 product of the dequantized
 operands.
 
-Path choice, measured on XLA:CPU (jax 0.10.2, 2 shared cores, K = N = 4096, fp8_e4m3 weight per
-output channel; `python benchmarks/fp8_dot.py`): XLA:CPU has no FP8 GEMM — it converts both
-operands to float32 first, and that conversion of the 16 M weight elements dominates (the float8
-dot took 57 / 34 / 76 ms at M = 1 / 16 / 256, a float32 dot 1.5 / 5.7 / 39 ms). The weight-only
-dot (`jquant.dot_general(x̂, w)`, the weight decoded 512 rows at a time while in cache) took
-3.3 / 5.7 / 45 ms. So on CPU the activation is dequantized (it is small) and the weight goes
-through the weight-only path; on GPU/TPU, whose FP8 dots run natively (H100/H200, recent TPUs),
-the element dot runs with the scales applied after it.
+Path choice, measured on XLA:CPU (jax 0.10.2, 2 cores shared with other jobs, K = N = 4096,
+fp8_e4m3 weight per output channel, activation per token; `python benchmarks/fp8_dot.py`, median
+ms at M = 1 / 16 / 64 / 256): XLA:CPU has no FP8 GEMM — it converts float8 operands to float32
+element by element, and converting the 16 M weight elements dominates: the element dot took
+41 / 55 / 62 / 104 ms, both operands dequantized 37 / 52 / 75 / 100, the float32 dot of float32
+operands 2.3 / 9.6 / 24 / 54. The activation dequantized and the weight through the weight-only
+dot (decoded 512 rows at a time while in cache, `jquant._src.dot`) took 3.9 / 9.4 / 17 / 69. So on
+CPU that is the path; on GPU/TPU, whose FP8 dots run natively (H100/H200, recent TPUs), the
+element dot runs with the scales applied after it (not measured here: no accelerator).
 """
 
 from __future__ import annotations
