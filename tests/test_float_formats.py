@@ -290,3 +290,18 @@ def test_flax_weight_only_qat_and_serving_linen_and_nnx():
     nnx.update(net, jquant.quantize_params(nnx.state(net, nnx.Param), policy))
     assert isinstance(net.hidden.kernel.get_value(), jquant.QArray)
     np.testing.assert_allclose(np.asarray(net(x)), np.asarray(qat), rtol=1e-4, atol=1e-4 * float(jnp.max(jnp.abs(qat))))
+
+
+def test_search_policy_takes_floating_point_candidates():
+    rng = np.random.default_rng(12)
+    params = {"a": {"kernel": jnp.asarray(rng.standard_normal((64, 96)) / 8, jnp.float32)},
+              "b": {"kernel": jnp.asarray(rng.standard_t(3, (96, 16)) / 10, jnp.float32)}}
+    batches = [(jnp.asarray(rng.standard_normal((32, 64)), jnp.float32),)]
+    fn = lambda p, x: jnp.tanh(x @ p["a"]["kernel"]) @ p["b"]["kernel"]  # noqa: E731
+    candidates = [SPECS["fp8_e4m3"], SPECS["mxfp4"], SPECS["nvfp4"]]
+    policy, table = jquant.ptq.search_policy(fn, params, batches, 6.0, candidates)
+    assert table.bits_per_weight <= 6.0
+    tree = jquant.quantize_params(params, policy)
+    assert sum(tree[n]["kernel"].nbytes for n in "ab") == table.bytes
+    assert {tree[n]["kernel"].spec.method.name for n in "ab"} <= {"fp8_e4m3", "mxfp4", "nvfp4"}
+    assert len({r.chosen for r in table.rows}) > 1  # a mixed choice: 6 bits do not fit FP8 everywhere
