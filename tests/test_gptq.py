@@ -62,6 +62,7 @@ def test_gptq_weight_matches_the_numpy_reference():
     (QuantSpec(1, method="sign", channel_axes=(1,)), False),
     (QuantSpec(8, method="fp8_e4m3", channel_axes=(1,)), True),
     (QuantSpec(4, method="mxfp4", channel_axes=(1,), group_size=32), False),
+    (QuantSpec(4, method="nvfp4", channel_axes=(1,), group_size=16), False),
 ], ids=repr)
 def test_gptq_beats_round_to_nearest_for_every_spec(spec, act_order):
     w = normal(5, (64, 24))

@@ -139,7 +139,9 @@ def _run(w, hessian, spec: QuantSpec, order, damp: float, act_order: bool):
         mask_shape = [1] * new[0].ndim
         mask_shape[outer] = new[0].shape[outer]
         mask = jnp.reshape(jnp.arange(new[0].shape[outer]) == group, mask_shape)
-        pick = lambda a, b: None if a is None else jnp.where(mask, a, b)  # noqa: E731
+        # Per-group parameters take the group's new values; one shared by all groups (NVFP4's
+        # tensor scale) keeps its first value, on which the other groups' grids already rest.
+        pick = lambda a, b: None if a is None else jnp.where(mask, a, b) if a.shape[outer] > 1 else b  # noqa: E731
         return tuple(pick(a, b) for a, b in zip(new, grid))
 
     def step(i, state):
