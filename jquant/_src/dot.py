@@ -66,6 +66,7 @@ from typing import NamedTuple, Optional, Tuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
 from jquant._src import float_dot, numerics, packing
@@ -228,9 +229,9 @@ def _weight_chunk(x, w: QArray) -> int:
 def _chunked_weight_only(x, w: QArray, chunk: int, precision, out_dtype):
     """x · ŵ for x `(..., K)` and a 2-D QArray w `(K, N)`, w taken a few rows at a time inside a
     `lax.scan`, the partial products summed in float32 (module docstring, "Weight-only"): for
-    few rows of x and an integer grid, each chunk's integers are multiplied as they are and
-    scaled after the dot (`_integer_chunks`); otherwise each chunk is dequantized and multiplied
-    (`_decoded_chunks`, and always where a scale is so large that dequantizing must saturate)."""
+    few rows of x and an integer grid, each chunk's stored elements are multiplied as they are and
+    scaled after the dot (`scaled_after`); otherwise each chunk is dequantized and multiplied
+    (`decoded`, and always where a scale is so large that dequantizing must saturate)."""
     k, n = w.shape
     bits = w.spec.bits
     # Codes packed b bits apiece along N (b = 1, 2, 4): plane i of the bytes holds the columns
@@ -240,11 +241,14 @@ def _chunked_weight_only(x, w: QArray, chunk: int, precision, out_dtype):
     planes = 8 // bits if packing.is_packed(bits) and 8 % bits == 0 and n % (8 // bits) == 0 else 1
     mask = jnp.uint8((1 << bits) - 1)
 
-    def integers(value, scale, zero_point, rows):
-        """The chunk's stored integers per plane (int8, `(rows, N / planes)`)."""
+    def elements(value, scale, zero_point, rows):
+        """The chunk's stored elements per plane, `(rows, N / planes)`: codes for packed planes
+        (`to_q` makes them integers), int8 integers otherwise."""
         if planes == 1:  # int8 storage, or 3-bit codes that straddle bytes
             return [QArray(value, scale, zero_point, spec=w.spec, shape=(rows, n), dtype=w.dtype).q]
-        return [w.spec.method.from_codes((value >> jnp.uint8(bits * i)) & mask, w.spec) for i in range(planes)]
+        return [(value >> jnp.uint8(bits * i)) & mask for i in range(planes)]
+
+    to_q = (lambda e: e) if planes == 1 else (lambda e: w.spec.method.from_codes(e, w.spec))
 
     grouped = w.spec.group_size is not None  # scales vary along K: they are cut with the rows
 
@@ -258,7 +262,7 @@ def _chunked_weight_only(x, w: QArray, chunk: int, precision, out_dtype):
         def body(acc, chunk_xs):
             xc, value, scale, zero_point = chunk_xs
             scale, zero_point = (w.scale, w.zero_point) if scale is None else (scale, zero_point)
-            products = step(xc, integers(value, scale, zero_point, rows), scale, zero_point, rows)
+            products = step(xc, elements(value, scale, zero_point, rows), scale, zero_point, rows)
             return acc + jnp.stack(products), None
 
         acc = jnp.zeros((planes,) + x.shape[:-1] + (n // planes,), jnp.float32)
@@ -268,28 +272,33 @@ def _chunked_weight_only(x, w: QArray, chunk: int, precision, out_dtype):
     columns = lambda a, i: a if a is None or a.shape[n_axis] == 1 else lax.slice_in_dim(a, i, None, planes, n_axis)
     dims = (((x.ndim - 1,), (0,)), ((), ()))
 
-    def decoded(saturate, xc, qs, scale, zero_point, rows):
-        return [lax.dot_general(xc, decode(q, columns(scale, i), columns(zero_point, i), w.spec, (rows, n // planes),
-                                           w.dtype, saturate=saturate), dims, precision=precision,
-                                preferred_element_type=jnp.float32) for i, q in enumerate(qs)]
+    def decoded(saturate, xc, stored, scale, zero_point, rows):
+        return [lax.dot_general(xc, decode(to_q(e), columns(scale, i), columns(zero_point, i), w.spec,
+                                           (rows, n // planes), w.dtype, saturate=saturate),
+                                dims, precision=precision, preferred_element_type=jnp.float32)
+                for i, e in enumerate(stored)]
 
-    def scaled_after(xc, qs, scale, zero_point, rows):
-        # x̂ = s (q − z) with s and z constant over the chunk's rows (one group, or per channel):
-        # Σ x ŵ = s (Σ x q − z Σ x)
+    def scaled_after(affine, xc, stored, scale, zero_point, rows):
+        # x̂ = s' (α e + β − z) for stored elements e (s', α, β: the format's integer operand of
+        # them), s' and z constant over the chunk's rows (one group, or per channel):
+        # Σ x ŵ = s' (α Σ x e + (β − z) Σ x) — the dot multiplies the stored elements as they are
+        alpha, beta = affine
+        total = jnp.sum(xc.astype(jnp.float32), -1, keepdims=True)
         out = []
-        for i, q in enumerate(qs):
-            ints, s = w.spec.method.integer_operand(q, columns(scale, i), w.spec)
-            p = lax.dot_general(xc, ints.astype(xc.dtype), dims, precision=precision, preferred_element_type=jnp.float32)
-            if zero_point is not None:
-                p = p - jnp.sum(xc.astype(jnp.float32), -1, keepdims=True) * jnp.reshape(columns(zero_point, i), (-1,))
+        for i, e in enumerate(stored):
+            s = w.spec.method.integer_operand(jnp.zeros((), jnp.int8), columns(scale, i), w.spec)[1]
+            p = lax.dot_general(xc, e.astype(xc.dtype), dims, precision=precision, preferred_element_type=jnp.float32)
+            offset = beta if zero_point is None else beta - jnp.reshape(columns(zero_point, i), (-1,)).astype(jnp.float32)
+            p = (p if alpha == 1 else alpha * p) + (offset * total if zero_point is not None or beta else 0.0)
             out.append(p * jnp.reshape(s, (-1,)))
         return out
 
     rows = x.size // max(x.shape[-1], 1)
     saturates = w.spec.method.saturates(w.scale, w.spec)  # None: its decode never clips
     exact = lambda: scan(functools.partial(decoded, True), chunk)
-    if w.spec.method.integer_problem(w.spec) is None and rows <= _SCALED_AFTER_MAX_ROWS:
-        fast = lambda: scan(scaled_after, w.spec.group_size or min(chunk, _SCALED_AFTER_CHUNK))
+    affine = _affine_integers(w.spec, to_q, planes > 1) if rows <= _SCALED_AFTER_MAX_ROWS else None
+    if affine is not None:
+        fast = lambda: scan(functools.partial(scaled_after, affine), w.spec.group_size or min(chunk, _SCALED_AFTER_CHUNK))
     else:
         fast = exact if saturates is None else lambda: scan(functools.partial(decoded, False), chunk)
     # Dequantizing clips each product s·(q − z) at the float range's edge (a per-element select
@@ -299,6 +308,19 @@ def _chunked_weight_only(x, w: QArray, chunk: int, precision, out_dtype):
     acc = fast() if saturates is None else lax.cond(saturates, exact, fast)
     # plane i holds the columns i, i + planes, ...: interleave them back (a small output array)
     return jnp.reshape(jnp.moveaxis(acc, 0, -1), x.shape[:-1] + (n,)).astype(out_dtype)
+
+
+def _affine_integers(spec: QuantSpec, to_q, packed: bool) -> Optional[Tuple[float, float]]:
+    """(α, β) with integer operand = α·e + β for every stored element e (a code 0..2^b − 1 when
+    `packed`, else an int8 integer of the grid), or None: no integer grid, or not affine."""
+    if spec.method.integer_problem(spec) is not None:
+        return None
+    qmin, qmax = spec.method.qrange(spec)
+    domain = np.arange(1 << spec.bits, dtype=np.uint8) if packed else np.arange(qmin, qmax + 1, dtype=np.int8)
+    with jax.ensure_compile_time_eval():
+        ints = np.asarray(spec.method.integer_operand(to_q(jnp.asarray(domain)), jnp.float32(1), spec)[0], np.float64)
+    alpha, beta = ints[1] - ints[0], ints[0] - (ints[1] - ints[0]) * float(domain[0])
+    return (float(alpha), float(beta)) if np.array_equal(ints, alpha * domain.astype(np.float64) + beta) else None
 
 
 def _quantize_operand(x, spec, name):
