@@ -14,7 +14,8 @@ ratio to the float step (medians over 300 steps of each, timed alternately, same
 `--timing-steps`). Data, training loop and timer: `_common.py`.
 Below the table, for the served Linen CNN: how many int8 × int8 → int32 convolutions its served
 program (jaxpr) runs, per policy with an activation spec — the first of its two convs has one
-input feature, which jquant convolves exactly in float32 (`jquant/_src/conv.py`, "Routes").
+input feature (9 taps), where jquant convolves the dequantized operands in float32 instead
+(`jquant/_src/conv.py`, "Routes").
 """
 
 from __future__ import annotations
@@ -179,7 +180,8 @@ def main():
                                         f"argmax {agree:.3f}, max |served − QAT| {diff:.1e}")
             table.add_section()
     Console(width=140).print(table)
-    print("Linen CNN served (2 conv layers; the first, with one input feature, convolves exactly in float32):")
+    print("Linen CNN served (2 conv layers; the first, one input feature and 9 taps, convolves the dequantized "
+          "operands in float32):")
     print("\n".join(served_convs))
 
 
