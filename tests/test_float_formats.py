@@ -305,3 +305,15 @@ def test_search_policy_takes_floating_point_candidates():
     assert sum(tree[n]["kernel"].nbytes for n in "ab") == table.bytes
     assert {tree[n]["kernel"].spec.method.name for n in "ab"} <= {"fp8_e4m3", "mxfp4", "nvfp4"}
     assert len({r.chosen for r in table.rows}) > 1  # a mixed choice: 6 bits do not fit FP8 everywhere
+
+
+def test_stacked_layers_keep_their_own_scales_and_scan_slices_them():
+    """`Rule(stacked=1)`: each layer of an (L, in, out) stack is quantized on its own (NVFP4: its
+    own tensor scale too), and `lax.map` over the stacked QArray hands each layer its QArray."""
+    stack = jnp.stack([heavy_tailed((64, 32), seed=13), 100 * heavy_tailed((64, 32), seed=14)])
+    for name in ("nvfp4", "mxfp4", "fp8_e4m3"):
+        tree = jquant.quantize_params({"k": stack}, jquant.Policy([jquant.Rule("k", SPECS[name], stacked=1)]))
+        sliced = jax.lax.map(lambda qa: qa.dequantize(), tree["k"])
+        for layer in range(2):
+            alone = quantize_jit(stack[layer], SPECS[name])[2]
+            np.testing.assert_array_equal(np.asarray(sliced[layer]), np.asarray(alone), err_msg=name)

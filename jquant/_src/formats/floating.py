@@ -26,7 +26,7 @@ Scales (x̂ = s · element; every x is computed in float32, float64 for float64 
   exponent is clipped to E8M0's range [-127, 127].
 * NVFP4 (`bits=4`, `group_size=16`): blocks of 16, E2M1 elements; a per-tensor float32 scale
   t = amax_tensor / (448 · 6) and one E4M3 scale per block, e = E4M3(amax_block / 6 / t) (RNE,
-  saturating), so s = t · e.
+  saturating), so s = t · e. (A stack of layers, `Rule(stacked=k)`, has one t per layer.)
 * All-zero blocks: s = 0 (MX: the smallest E8M0 scale 2^-127), elements 0, x̂ = 0 exactly. A scale
   below the smallest normal float32 divides by 1 instead (`numerics.safe_divisor`), so its
   block comes back as 0 (XLA:CPU flushes such numbers anyway).
@@ -41,8 +41,8 @@ reader takes; `lax.bitcast_convert_type` to the `jnp` float8 dtype views them):
 * FP4 elements: the 4-bit E2M1 code (sign bit 3, exponent bits 2..1, mantissa bit 0) packed two
   per byte along the last axis (`jquant._src.packing`);
 * scales: FP8 float32; MX uint8 E8M0 (the biased exponent, 127 = 2^0, 255 = NaN); NVFP4 uint8 E4M3
-  bytes, and its float32 tensor scale in the QArray's `zero_point` slot, shape (1, …, 1) (the
-  format has no zero-point).
+  bytes, and its float32 tensor scale in the QArray's `zero_point` slot, shape (1, …, 1) (per
+  layer of a stack: (L, 1, …, 1)); the format has no zero-point.
 
 So bits per weight: FP8 per channel 8 + 32/rows, MXFP8 8.25, MXFP4 4.25, NVFP4 4.5 + 32/size.
 
@@ -357,22 +357,30 @@ class NVFP4(_Blocked):
     def _scale_of(codes, dtype):
         return jax.lax.bitcast_convert_type(codes, jnp.float8_e4m3fn).astype(dtype)
 
+    @staticmethod
+    def tensor_shape(lay):
+        """Shape of the tensor scale: 1 on every axis of the scale shape but the channel axes in
+        front of the group axis — a stack's layer axes (`Rule(stacked=k)`), each layer its own."""
+        return tuple(d if a in lay.channel_axes and a < lay.group_axis else 1 for a, d in enumerate(lay.scale_shape))
+
     def params(self, x, spec, lay, scale=None, zero_point=None):
         self.check_blocks(spec, lay)
-        ones = (1,) * len(lay.scale_shape)
+        shape = self.tensor_shape(lay)
         if scale is not None:
             if zero_point is None:
                 raise ValueError(f"a fixed scale for {spec!r} needs its float32 tensor scale too (as zero_point=, "
                                  "the slot NVFP4 stores it in)")
-            tensor = jnp.reshape(jnp.asarray(zero_point, jnp.float32), ones) if jnp.size(zero_point) == 1 else None
-            if tensor is None:
-                raise ValueError(f"the tensor scale (zero_point=) of {spec!r} must be one number, got shape "
-                                 f"{tuple(jnp.shape(zero_point))}")
+            try:
+                tensor = jnp.broadcast_to(jnp.asarray(zero_point, jnp.float32), shape)
+            except ValueError:
+                raise ValueError(f"the tensor scale (zero_point=) of {spec!r} on shape {lay.shape} must broadcast to "
+                                 f"{shape}, got shape {tuple(jnp.shape(zero_point))}") from None
             return self._fixed_codes(scale, spec, lay, "E4M3"), tensor
         xg = lay.to_grouped(x.astype(numerics.compute_dtype(x.dtype)))
         amax = numerics.extrema(xg, lay.reduce_axes, "absmax")
-        tensor = numerics.divide_by_constant(jnp.reshape(numerics.extrema(amax, tuple(range(amax.ndim)), "absmax"),
-                                                         ones), E4M3.largest * E2M1.largest).astype(jnp.float32)
+        shared = tuple(a for a, d in enumerate(shape) if d == 1)
+        tensor = numerics.divide_by_constant(numerics.extrema(amax, shared, "absmax"),
+                                             E4M3.largest * E2M1.largest).astype(jnp.float32)
         relative = numerics.divide(numerics.divide_by_constant(amax, E2M1.largest), tensor.astype(amax.dtype))
         return self._codes_of(relative), tensor
 
