@@ -34,9 +34,12 @@ class QuantSpec:
         `(in, heads, head_dim)`, and the feature axis of a per-token activation.
       method: the format, an object (`jquant.Uniform()`, `Sign()`, `KMeans()`, `NF4()`) or its
         name: "uniform" (affine integer grid), "sign" (1-bit XNOR-Net: q ∈ {-1, +1},
-        scale = mean|x| per group), "kmeans" (2^bits Lloyd levels per group, bits 1..4) or "nf4"
-        (the fixed NormalFloat-4 levels times the group's absmax; bits=4). Stored as the object;
-        each format's module documents its numerics.
+        scale = mean|x| per group), "kmeans" (2^bits Lloyd levels per group, bits 1..4), "nf4"
+        (the fixed NormalFloat-4 levels times the group's absmax; bits=4), or a floating-point
+        format: "fp8_e4m3", "fp8_e5m2" (bits=8, float32 scales at any granularity), "mxfp8",
+        "mxfp4" (bits=8/4, group_size=32, E8M0 block scales), "nvfp4" (bits=4, group_size=16,
+        E4M3 block scales and a tensor scale). Stored as the object; each format's module
+        documents its numerics.
       calibration: how a uniform grid's range is chosen from the data when no fixed scale is
         given: `MinMax()` (default: absmax / min-max), `Percentile(p)` or `MSE()` (searched clip
         ratio). See `jquant._src.calibration`.
