@@ -86,3 +86,22 @@ def test_fp8_w8a8_flax_mlp_serves_its_qat_outputs():
     assert float(jnp.max(jnp.abs(qat - model.apply(params, x)))) > 1e-3 * scale
     grads = jax.grad(lambda p: jnp.sum(qmodel.apply(p, x) ** 2))(params)
     assert float(jnp.sum(jnp.abs(grads["params"]["Dense_0"]["kernel"]))) > 0
+
+
+def test_path_choice_by_backend(monkeypatch):
+    """XLA:CPU: the weight-only path (no float8 dot in the program); a GPU/TPU backend: the dot of
+    the float8 elements with a float32 result, for FP8 operands whose scales stay out of the sum."""
+    x = jquant.quantize(normal(11, (4, 512)), FP8_TOKEN)
+    w = jquant.quantize(normal(12, (512, 256)), FP8_CHANNEL)
+
+    def float8_dots():
+        jaxpr = jax.make_jaxpr(lambda a, b: jquant.dot_general(a, b, DN))(x, w).jaxpr
+        return [e for e in jaxpr.eqns if e.primitive.name == "dot_general"
+                and all(v.aval.dtype == jnp.float8_e4m3fn for v in e.invars)]
+
+    assert float8_dots() == []
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    dots = float8_dots()
+    assert len(dots) == 1 and dots[0].params["preferred_element_type"] == jnp.float32
+    mx = jquant.quantize(normal(13, (512, 256)), QuantSpec(8, channel_axes=(1,), group_size=32, method="mxfp8"))
+    assert float_dot.element_dot_problem(x, mx, DN) is not None  # blocks: dequantized on every backend

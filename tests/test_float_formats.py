@@ -120,14 +120,14 @@ FLOAT_VALUES = st.floats(-1e4, 1e4, allow_nan=False, width=32)
        magnitude=st.sampled_from([2.0 ** -12, 1.0, 300.0]), data=st.data())
 def test_hypothesis_shapes_and_values(name, blocks, cols, magnitude, data):
     """Random shapes and values — saturating outliers, all-zero blocks, element subnormals (small
-    values in a block with a large one) — against the reference, in float32 and bf16."""
+    values in a block with a large one) — against the reference, in float32, bf16 and f16."""
     spec = SPECS[name]
     rows = blocks * 32
     x = np.random.default_rng(data.draw(st.integers(0, 2 ** 16))).standard_normal((rows, cols)) * magnitude
     x[data.draw(st.integers(0, rows - 1)), data.draw(st.integers(0, cols - 1))] = data.draw(FLOAT_VALUES)
     x[:16 if blocks > 1 else 0] = 0.0  # an all-zero block (or half of one)
     x = x.astype(np.float32)
-    dtype = data.draw(st.sampled_from([jnp.float32, jnp.bfloat16]))
+    dtype = data.draw(st.sampled_from([jnp.float32, jnp.bfloat16, jnp.float16]))
     xj = jnp.asarray(x, dtype)
     _, _, x_hat = quantize_jit(xj, spec)
     assert x_hat.dtype == dtype
