@@ -189,7 +189,8 @@ def int_conv_general_dilated(lhs: QArray, rhs: QArray, window_strides, padding, 
     route = _route(lhs, rhs, dn, feature_group_count)
     if isinstance(route, int):
         # The input features of every group cut into `route` chunks, each chunk's f32 conv exact
-        # (below 2^24), the chunks' integer results summed in int32 (module docstring, "float").
+        # (below 2^24), the chunks' integer results summed in int32 (module docstring, "Routes": the
+        # exact int32 accumulator).
         chunks = route
         centred = lambda q, z: q.astype(jnp.float32) - (0 if z is None else z.astype(jnp.float32))
         xf, wf = centred(qx, zx), centred(qw, zw)
@@ -399,10 +400,11 @@ def _taps(rhs, dn) -> int:
 
 def _route(lhs, rhs, dn, feature_group_count, exact=True):
     """How the convolution runs (module docstring, "Routes"): "int" (the int8 convolution), "dot"
-    (a 1×1 kernel as one int8 matrix product), or the number of chunks of the exact float route —
-    the fewest chunks of the input features (a divisor of them) whose f32 convs stay exact.
-    `exact=False` (a float result, not the int32 accumulator) also takes the float route where the
-    int8 kernel saves less than its int32 output costs: fewer than `_INT_MIN_TAPS` taps."""
+    (a 1×1 kernel as one int8 matrix product), or, where the int8 kernel is slow, the number of
+    chunks of the exact float route — the fewest chunks of the input features (a divisor of them)
+    whose f32 convs stay exact. `exact=False` (a float result, not the int32 accumulator) returns
+    "float" or "float dot" (1×1) instead of chunks — the dequantized operands in f32 — there and
+    also where the int8 kernel saves less than its int32 output costs: under `_INT_MIN_TAPS` taps."""
     features = rhs.shape[dn.rhs_spec[1]]
     window = _taps(rhs, dn) // max(features, 1)
     magnitude = lhs.spec.integer_magnitude * rhs.spec.integer_magnitude
