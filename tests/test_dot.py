@@ -336,3 +336,17 @@ def test_chunked_weight_only_keeps_the_saturation_at_the_float_limit(spec):
     ref = np.asarray(x, np.float64) @ np.asarray(qa.dequantize(), np.float64)
     assert np.all(np.isfinite(np.asarray(y)))
     np.testing.assert_allclose(np.asarray(y, np.float64), ref, rtol=1e-5, atol=1e-5 * np.max(np.abs(ref)))
+
+
+@pytest.mark.parametrize("spec", [QuantSpec(8, channel_axes=(-1,)), QuantSpec(4, channel_axes=(-1,)),
+                                  QuantSpec(4, symmetric=False, channel_axes=(-1,), group_size=128)], ids=repr)
+def test_weight_only_decoding_is_accurate_for_activations_with_a_large_mean(spec):
+    # ReLU/GELU outputs (all positive, mean ≫ spread) into a 4096-deep kernel, one row: the integers
+    # are multiplied as stored and scaled after the dot; Σ x q − z Σ x would cancel catastrophically,
+    # the centred form stays at float rounding (the f32 dequantize-then-dot errs by ~3e-6 here)
+    w = 0.02 * normal(18, (4096, 512)) + 0.01
+    qa = jquant.quantize(w, spec)
+    x = jnp.abs(normal(19, (1, 4096))) + 3.0
+    y = jax.jit(lambda a, b: jquant.dot_general(a, b, DN))(x, qa)
+    ref = np.asarray(x, np.float64) @ np.asarray(qa.dequantize(), np.float64)
+    assert np.max(np.abs(np.asarray(y, np.float64) - ref)) <= 1e-6 * np.max(np.abs(ref))

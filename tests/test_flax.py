@@ -403,9 +403,10 @@ STACKED_PRESETS = {"int4": jquant.int4_weights(group_size=64, stacked=1), "w8a8"
 
 
 @pytest.mark.parametrize("name", STACKED_PRESETS)
-def test_scanned_stacks_serve_per_layer_scales_equal_to_qat(name):
+@pytest.mark.parametrize("shape", [(2, 8, 128), (1, 1, 128)], ids=["batch", "decode"])
+def test_scanned_stacks_serve_per_layer_scales_equal_to_qat(name, shape):
     policy = STACKED_PRESETS[name]
-    x = normal(5, (2, 8, 128))
+    x = normal(5, shape)
 
     def check(served_tree, served, qat):
         qarrays = [leaf for leaf in jax.tree_util.tree_leaves(served_tree, is_leaf=lambda l: isinstance(l, jquant.QArray))

@@ -66,7 +66,6 @@ from typing import NamedTuple, Optional, Tuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax import lax
 
 from jquant._src import float_dot, numerics, packing
@@ -279,18 +278,24 @@ def _chunked_weight_only(x, w: QArray, chunk: int, precision, out_dtype):
                 for i, e in enumerate(stored)]
 
     def scaled_after(affine, xc, stored, scale, zero_point, rows):
-        # x̂ = s' (α e + β − z) for stored elements e (s', α, β: the format's integer operand of
-        # them), s' and z constant over the chunk's rows (one group, or per channel):
-        # Σ x ŵ = s' (α Σ x e + (β − z) Σ x) — the dot multiplies the stored elements as they are
+        # With integer operand α e + β of the stored elements e, x̂ = s (α e + β − z) = s α (e − e0),
+        # e0 = (z − β) / α, and s, z constant over the chunk's rows (one group, or per channel):
+        #   Σ x ŵ = s α Σ x (e − e0) = s α [Σ (x − m) e + m (Σ e − rows · e0)],  m = mean of x.
+        # One dot of the elements as they are with the rows x − m and a row of ones gives Σ (x − m) e
+        # and Σ e (exact integers); centring x keeps Σ (x − m) e free of the cancellation that
+        # Σ x e − e0 Σ x suffers when x has a large mean (ReLU/GELU outputs).
         alpha, beta = affine
-        total = jnp.sum(xc.astype(jnp.float32), -1, keepdims=True)
+        xf = jnp.reshape(xc, (-1, rows)).astype(jnp.float32)
+        mean = jnp.mean(xf, -1, keepdims=True)
+        lhs = jnp.concatenate([xf - mean, jnp.ones((1, rows), jnp.float32)])
         out = []
         for i, e in enumerate(stored):
             s = w.spec.method.integer_operand(jnp.zeros((), jnp.int8), columns(scale, i), w.spec)[1]
-            p = lax.dot_general(xc, e.astype(xc.dtype), dims, precision=precision, preferred_element_type=jnp.float32)
-            offset = beta if zero_point is None else beta - jnp.reshape(columns(zero_point, i), (-1,)).astype(jnp.float32)
-            p = (p if alpha == 1 else alpha * p) + (offset * total if zero_point is not None or beta else 0.0)
-            out.append(p * jnp.reshape(s, (-1,)))
+            s = jnp.reshape(s, (-1,))
+            z = 0.0 if zero_point is None else jnp.reshape(columns(zero_point, i), (-1,)).astype(jnp.float32)
+            p = jnp.matmul(lhs, e.astype(jnp.float32), precision=precision)
+            y = alpha * s * (p[:-1] + mean * (p[-1] - rows * (z - beta) / alpha))
+            out.append(jnp.reshape(y, xc.shape[:-1] + (n // planes,)))
         return out
 
     rows = x.size // max(x.shape[-1], 1)
@@ -310,17 +315,16 @@ def _chunked_weight_only(x, w: QArray, chunk: int, precision, out_dtype):
     return jnp.reshape(jnp.moveaxis(acc, 0, -1), x.shape[:-1] + (n,)).astype(out_dtype)
 
 
-def _affine_integers(spec: QuantSpec, to_q, packed: bool) -> Optional[Tuple[float, float]]:
-    """(α, β) with integer operand = α·e + β for every stored element e (a code 0..2^b − 1 when
-    `packed`, else an int8 integer of the grid), or None: no integer grid, or not affine."""
+def _affine_integers(spec: QuantSpec, to_q, packed: bool):
+    """(α, β), float32 scalars with integer operand = α·e + β for stored elements e (codes when
+    `packed`, else int8 integers of the grid) — integer grids' operands are affine in them
+    (uniform q or 2q + 1 from q or q − Qmin; sign ±1 from 0/1: tests/test_formats.py) — read off
+    e = 0 and 1; None for a format without an integer grid."""
     if spec.method.integer_problem(spec) is not None:
         return None
-    qmin, qmax = spec.method.qrange(spec)
-    domain = np.arange(1 << spec.bits, dtype=np.uint8) if packed else np.arange(qmin, qmax + 1, dtype=np.int8)
-    with jax.ensure_compile_time_eval():
-        ints = np.asarray(spec.method.integer_operand(to_q(jnp.asarray(domain)), jnp.float32(1), spec)[0], np.float64)
-    alpha, beta = ints[1] - ints[0], ints[0] - (ints[1] - ints[0]) * float(domain[0])
-    return (float(alpha), float(beta)) if np.array_equal(ints, alpha * domain.astype(np.float64) + beta) else None
+    ints = spec.method.integer_operand(to_q(jnp.arange(2, dtype=jnp.uint8 if packed else jnp.int8)),
+                                       jnp.float32(1), spec)[0].astype(jnp.float32)
+    return ints[1] - ints[0], ints[0]
 
 
 def _quantize_operand(x, spec, name):
