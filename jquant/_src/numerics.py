@@ -168,8 +168,8 @@ def extrema(x, axes: Tuple[int, ...], kind: str):
 
     XLA:CPU's vectorised max/min reductions drop NaN (at sizes where it vectorises, e.g. a
     (256, 64) column max), so `jnp.max` alone would let a NaN vanish from a range. Its
-    elementwise `maximum`/`minimum` propagate NaN at every size. So the largest reduced axis is
-    first folded elementwise: viewed as (n / F, F), its F inner entries are combined by a balanced
+    elementwise `maximum`/`minimum` propagate NaN at every size. So the largest reduced axis (not
+    the last one, where another is reduced) is first folded elementwise: viewed as (n / F, F), its F inner entries are combined by a balanced
     tree of slices (one fused pass, |x| taken inside it, nothing of the input's size written); the
     F-times smaller rest is then reduced by `jnp.max`/`jnp.min` and checked for NaN by
     `jnp.any(jnp.isnan(...))`, which XLA:CPU reduces exactly. Sharding: the folded entries are an
@@ -186,7 +186,11 @@ def extrema(x, axes: Tuple[int, ...], kind: str):
         return jnp.zeros(tuple(1 if a in axes else n for a, n in enumerate(x.shape)), x.dtype)
     if not axes:
         return lift(x)
-    axis = max(axes, key=lambda a: x.shape[a])
+    # The fold's slices are whole rows of the inner axes when the folded axis is not the last one
+    # (a strided gather of single elements when it is): 2.2x jnp.max for a per-tensor range of a
+    # (8, 56, 56, 64) activation instead of 4.9x.
+    outer = [a for a in axes if a != x.ndim - 1 and x.shape[a] > 1]
+    axis = max(outer or axes, key=lambda a: x.shape[a])
     size = x.shape[axis]
     fold = max(f for f in range(1, _FOLD + 1) if size % f == 0)
     split = x.reshape(x.shape[:axis] + (size // fold, fold) + x.shape[axis + 1:])
