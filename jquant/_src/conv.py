@@ -78,8 +78,8 @@ import jax.numpy as jnp
 from jax import lax
 
 from jquant._src import numerics
-from jquant._src.dot import Accumulator
-from jquant._src.qarray import QArray, quantize
+from jquant._src.dot import Accumulator, quantize_operand
+from jquant._src.qarray import QArray
 
 _INT32_LIMIT = 2 ** 31
 _FLOAT32_EXACT = 2 ** 24  # integers up to here are exact in float32, so are sums that stay below it
@@ -120,8 +120,8 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, r
       ValueError: a spec given for a QArray; an integer preferred_element_type; what
         `integer_conv_problem` says for two QArrays.
     """
-    lhs = _quantize_operand(lhs, lhs_spec, "lhs")
-    rhs = _quantize_operand(rhs, rhs_spec, "rhs")
+    lhs = quantize_operand(lhs, lhs_spec, "lhs", "conv_general_dilated")
+    rhs = quantize_operand(rhs, rhs_spec, "rhs", "conv_general_dilated")
     out_dtype = preferred_element_type or jnp.result_type(lhs.dtype, rhs.dtype)
     if not jnp.issubdtype(out_dtype, jnp.floating):
         raise ValueError(f"preferred_element_type={jnp.dtype(out_dtype).name} must be a float dtype; "
@@ -208,18 +208,6 @@ def int_conv_general_dilated(lhs: QArray, rhs: QArray, window_strides, padding, 
     out_ndim = value.ndim
     scale = _on_output(_per(sx, dn.lhs_spec[0]), _per(sw, dn.rhs_spec[0]), dn.out_spec, out_ndim)
     return Accumulator(value, scale.astype(jnp.float32))
-
-
-def _quantize_operand(x, spec, name):
-    if spec is None:
-        return x
-    if isinstance(x, QArray):
-        raise ValueError(f"conv_general_dilated: {name}_spec given but {name} is already a QArray ({x.spec!r})")
-    try:
-        return quantize(x, spec)
-    except (TypeError, ValueError) as err:  # say which operand
-        raise type(err)(f"conv_general_dilated: {name} of shape {jnp.shape(x)} with {name}_spec={spec!r}: "
-                        f"{err}") from None
 
 
 def _integer_bracket(qx, qw, zx, zw, dn, strides, padding, lhs_dilation, rhs_dilation, groups, as_dot):

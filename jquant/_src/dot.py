@@ -147,8 +147,8 @@ def dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_element_t
     Returns:
       float array shaped like `lax.dot_general`'s output.
     """
-    lhs = _quantize_operand(lhs, lhs_spec, "lhs")
-    rhs = _quantize_operand(rhs, rhs_spec, "rhs")
+    lhs = quantize_operand(lhs, lhs_spec, "lhs")
+    rhs = quantize_operand(rhs, rhs_spec, "rhs")
     out_dtype = preferred_element_type or jnp.result_type(lhs.dtype, rhs.dtype)
     if not jnp.issubdtype(out_dtype, jnp.floating):
         raise ValueError(f"preferred_element_type={jnp.dtype(out_dtype).name} must be a float dtype; "
@@ -327,15 +327,17 @@ def _affine_integers(spec: QuantSpec, to_q, packed: bool):
     return ints[1] - ints[0], ints[0]
 
 
-def _quantize_operand(x, spec, name):
+def quantize_operand(x, spec: Optional[QuantSpec], name: str, op: str = "dot_general"):
+    """`x` quantized with `spec` (dynamic quantization of a float operand of `op`), or `x` itself
+    when `spec` is None; errors name the op and the operand (`name`: "lhs" / "rhs")."""
     if spec is None:
         return x
     if isinstance(x, QArray):
-        raise ValueError(f"{name}_spec given but {name} is already a QArray ({x.spec!r})")
+        raise ValueError(f"{op}: {name}_spec given but {name} is already a QArray ({x.spec!r})")
     try:
         return quantize(x, spec)
     except (TypeError, ValueError) as err:  # say which operand
-        raise type(err)(f"dot_general: {name} of shape {jnp.shape(x)} with {name}_spec={spec!r}: {err}") from None
+        raise type(err)(f"{op}: {name} of shape {jnp.shape(x)} with {name}_spec={spec!r}: {err}") from None
 
 
 def int_dot_general(lhs: QArray, rhs: QArray, dimension_numbers) -> Accumulator:
