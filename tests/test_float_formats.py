@@ -24,6 +24,7 @@ SPECS = {  # the issue's layouts for a Dense kernel (in, out): blocks along `in`
     "mxfp4": QuantSpec(4, channel_axes=(1,), group_size=32, method="mxfp4"),
     "nvfp4": QuantSpec(4, channel_axes=(1,), group_size=16, method="nvfp4"),
 }
+fake_quant_jit = jax.jit(jquant.fake_quant, static_argnums=1)
 OBJECTS = {"fp8_e4m3": FP8E4M3(), "fp8_e5m2": FP8E5M2(), "mxfp8": MXFP8(), "mxfp4": MXFP4(), "nvfp4": NVFP4()}
 
 
@@ -58,8 +59,7 @@ def test_acceptance_on_a_heavy_tailed_tensor():
             assert errors[name] < reference.mse(w, ref), name
         assert qa.bits_per_weight == pytest.approx(bits[name], rel=1e-12), name
         assert np.all(np.asarray(w_hat)[:, 3] == 0), name
-        reference_bits = np.asarray(jquant.fake_quant(w, spec))
-        np.testing.assert_array_equal(reference_bits, np.asarray(w_hat), err_msg=name)
+        np.testing.assert_array_equal(np.asarray(fake_quant_jit(w, spec)), np.asarray(w_hat), err_msg=name)
     assert errors["nvfp4"] < errors["mxfp4"]
     assert errors["fp8_e4m3"] < errors["fp8_e5m2"]
 
@@ -111,11 +111,10 @@ def test_nvfp4_scales_are_e4m3_relative_to_the_tensor_scale():
     assert reference.mse(w, w_hat) <= 1.02 * reference.mse(w, ref)
 
 
-fake_quant_jit = jax.jit(jquant.fake_quant, static_argnums=1)
 FLOAT_VALUES = st.floats(-1e4, 1e4, allow_nan=False, width=32)
 
 
-@settings(max_examples=10)
+@settings(max_examples=8)
 @given(name=st.sampled_from(sorted(SPECS)), blocks=st.integers(1, 3), cols=st.integers(1, 5),
        magnitude=st.sampled_from([2.0 ** -12, 1.0, 300.0]), data=st.data())
 def test_hypothesis_shapes_and_values(name, blocks, cols, magnitude, data):
@@ -296,17 +295,17 @@ def test_flax_weight_only_qat_and_serving_linen_and_nnx():
 
 def test_search_policy_takes_floating_point_candidates():
     rng = np.random.default_rng(12)
-    params = {"a": {"kernel": jnp.asarray(rng.standard_normal((64, 96)) / 8, jnp.float32)},
-              "b": {"kernel": jnp.asarray(rng.standard_t(3, (96, 16)) / 10, jnp.float32)}}
+    params = {"a": {"kernel": jnp.asarray(rng.standard_normal((64, 64)) / 8, jnp.float32)},
+              "b": {"kernel": jnp.asarray(rng.standard_t(3, (64, 64)) / 10, jnp.float32)}}
     batches = [(jnp.asarray(rng.standard_normal((32, 64)), jnp.float32),)]
     fn = lambda p, x: jnp.tanh(x @ p["a"]["kernel"]) @ p["b"]["kernel"]  # noqa: E731
     candidates = [SPECS["fp8_e4m3"], SPECS["mxfp4"]]
-    policy, table = jquant.ptq.search_policy(fn, params, batches, 6.0, candidates)
-    assert table.bits_per_weight <= 6.0
+    policy, table = jquant.ptq.search_policy(fn, params, batches, 6.5, candidates)
+    assert table.bits_per_weight <= 6.5
     tree = jquant.quantize_params(params, policy)
     assert sum(tree[n]["kernel"].nbytes for n in "ab") == table.bytes
     assert {tree[n]["kernel"].spec.method.name for n in "ab"} == {"fp8_e4m3", "mxfp4"}
-    assert len({r.chosen for r in table.rows}) > 1  # a mixed choice: 6 bits do not fit FP8 everywhere
+    assert len({r.chosen for r in table.rows}) > 1  # a mixed choice: 6.5 bits do not fit FP8 (8.5) everywhere
 
 
 def test_stacked_layers_keep_their_own_scales_and_scan_slices_them():
