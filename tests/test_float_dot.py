@@ -13,7 +13,7 @@ from jquant import QuantSpec
 from jquant._src import float_dot
 
 import reference
-from helpers import DN, Mlp, normal
+from helpers import DN, Mlp, normal, quantize_jit
 
 FP8_TOKEN = QuantSpec(8, channel_axes=(0,), method="fp8_e4m3")  # activation (M, K): a scale per token
 FP8_CHANNEL = QuantSpec(8, channel_axes=(1,), method="fp8_e4m3")  # kernel (K, N): a scale per output channel
@@ -46,18 +46,19 @@ def test_element_path_with_batch_axes_and_scales_on_both_sides():
 
 
 def test_blocked_operands_take_the_dequantized_paths_and_the_element_path_says_why():
-    x = jquant.quantize(normal(4, (8, 256)), QuantSpec(8, channel_axes=(0,), group_size=32, group_axis=1,
-                                                       method="mxfp8"))
-    w = jquant.quantize(normal(5, (256, 64)), QuantSpec(4, channel_axes=(1,), group_size=32, method="mxfp4"))
-    assert _relative_to_float64(jquant.dot_general(x, w, DN), x, w) < 1e-5
+    x = quantize_jit(normal(4, (8, 256)), QuantSpec(8, channel_axes=(0,), group_size=32, group_axis=1,
+                                                     method="mxfp8"))[0]
+    w = quantize_jit(normal(5, (256, 64)), QuantSpec(4, channel_axes=(1,), group_size=32, method="mxfp4"))[0]
+    dot = jax.jit(lambda a, b: jquant.dot_general(a, b, DN))
+    assert _relative_to_float64(dot(x, w), x, w) < 1e-5
     with pytest.raises(ValueError, match="lhs is .*mxfp8.*not FP8"):
         float_dot.dot_general(x, w, DN, path="elements")
     with pytest.raises(ValueError, match="path='fast' is unknown"):
         float_dot.dot_general(x, w, DN, path="fast")
     # an FP8 activation with an integer weight: the activation's float values meet the int8 weight
-    w8 = jquant.quantize(normal(6, (256, 64)), QuantSpec(8, channel_axes=(1,)))
-    xf = jquant.quantize(normal(7, (8, 256)), FP8_TOKEN)
-    assert _relative_to_float64(jquant.dot_general(xf, w8, DN), xf, w8) < 1e-5
+    w8 = quantize_jit(normal(6, (256, 64)), QuantSpec(8, channel_axes=(1,)))[0]
+    xf = quantize_jit(normal(7, (8, 256)), FP8_TOKEN)[0]
+    assert _relative_to_float64(dot(xf, w8), xf, w8) < 1e-5
 
 
 def test_fp8_w8a8_preset():
