@@ -341,9 +341,9 @@ def test_chunked_weight_only_keeps_the_saturation_at_the_float_limit(spec):
 @pytest.mark.parametrize("spec", [QuantSpec(8, channel_axes=(-1,)), QuantSpec(4, channel_axes=(-1,)),
                                   QuantSpec(4, symmetric=False, channel_axes=(-1,), group_size=128)], ids=repr)
 def test_weight_only_decoding_is_accurate_for_activations_with_a_large_mean(spec):
-    # ReLU/GELU outputs (all positive, mean ≫ spread) into a 4096-deep kernel, one row: the integers
-    # are multiplied as stored and scaled after the dot; Σ x q − z Σ x would cancel catastrophically,
-    # the centred form stays at float rounding (the f32 dequantize-then-dot errs by ~3e-6 here)
+    # ReLU/GELU outputs (all positive, mean ≫ spread) into a 4096-deep kernel, one row: a weight-only
+    # dot that multiplied the integers and subtracted z·Σx afterwards would cancel catastrophically;
+    # the chunked dequantized dot stays at float rounding
     w = 0.02 * normal(18, (4096, 512)) + 0.01
     qa = jquant.quantize(w, spec)
     x = jnp.abs(normal(19, (1, 4096))) + 3.0

@@ -44,13 +44,12 @@ chunk) and no float copy can be hoisted, since every chunk's conversion depends 
   them (a shuffle: 4–6× float at M = 1). Each bit plane of the bytes (the columns ≡ i mod 8/b) is
   decoded with its columns' scales and multiplied on its own — shifts and masks on whole bytes —
   and the planes' outputs are interleaved at the end (3-bit codes straddle bytes and are unpacked).
-* Few rows (≤ `_SCALED_AFTER_MAX_ROWS`, decoding) on an integer grid: a chunk is one group (or
-  `_SCALED_AFTER_CHUNK` rows per channel) whose integers are converted and multiplied as they
-  are, then scaled, s·(Σ x q − z Σ x) — the per-element scale, zero-point and saturation of a
-  dequantization were half of an int4 chunk's cost. More rows, codebooks (NF4, k-means), or a
-  scale so large that dequantizing must saturate: each chunk is dequantized (chunks of 512, 256 or
-  128 rows, `_WEIGHT_CHUNKS`, the largest that cuts K at least in two; the saturating clip only
-  where a scale needs it, chosen by `lax.cond`).
+* Each chunk (512, 256 or 128 rows, `_WEIGHT_CHUNKS`: the largest that cuts K at least in two)
+  is dequantized as `QArray.dequantize` would, its float-limit clip only where a scale needs it
+  (`Format.saturates`, chosen by `lax.cond`: the clip is a third of an int4 chunk's decode).
+  Multiplying the stored integers as they are and scaling after the dot (s·(Σ x q − z Σ x), no
+  per-element scale) looked faster on a loaded machine but measured 1.0–1.5× the dequantized
+  chunks on an idle one, and needs centring against cancellation: not used.
 Taken for at most `_WEIGHT_ONLY_MAX_ROWS` rows (the largest measured) and K a multiple of 128;
 anything else (GPU/TPU, which fuse the dequantization into the dot themselves; batch axes;
 other layouts) dequantizes whole. Measured ratios: benchmarks/RESULTS.md ("Weight-only
@@ -79,10 +78,6 @@ _GEMV_CHUNK_MIN, _GEMV_CHUNK_MAX = 128, 512
 # and the most rows of the other operand for which the chunked path is taken.
 _WEIGHT_CHUNKS = (512, 256, 128)
 _WEIGHT_ONLY_MAX_ROWS = 256
-# ... and for at most this many rows, integer grids are multiplied as integers and scaled after
-# the dot, one group or at most `_SCALED_AFTER_CHUNK` rows at a time.
-_SCALED_AFTER_MAX_ROWS = 16
-_SCALED_AFTER_CHUNK = 128
 
 
 @jax.tree_util.register_pytree_with_keys_class
@@ -226,11 +221,9 @@ def _weight_chunk(x, w: QArray) -> int:
 
 
 def _chunked_weight_only(x, w: QArray, chunk: int, precision, out_dtype):
-    """x · ŵ for x `(..., K)` and a 2-D QArray w `(K, N)`, w taken a few rows at a time inside a
-    `lax.scan`, the partial products summed in float32 (module docstring, "Weight-only"): for
-    few rows of x and an integer grid, each chunk's stored elements are multiplied as they are and
-    scaled after the dot (`scaled_after`); otherwise each chunk is dequantized and multiplied
-    (`decoded`, and always where a scale is so large that dequantizing must saturate)."""
+    """x · ŵ for x `(..., K)` and a 2-D QArray w `(K, N)`, ŵ dequantized `chunk` rows at a time
+    inside a `lax.scan` (each chunk converted while it is in cache and multiplied at once), the
+    partial products summed in float32 (module docstring, "Weight-only")."""
     k, n = w.shape
     bits = w.spec.bits
     # Codes packed b bits apiece along N (b = 1, 2, 4): plane i of the bytes holds the columns
@@ -240,91 +233,38 @@ def _chunked_weight_only(x, w: QArray, chunk: int, precision, out_dtype):
     planes = 8 // bits if packing.is_packed(bits) and 8 % bits == 0 and n % (8 // bits) == 0 else 1
     mask = jnp.uint8((1 << bits) - 1)
 
-    def elements(value, scale, zero_point, rows):
-        """The chunk's stored elements per plane, `(rows, N / planes)`: codes for packed planes
-        (`to_q` makes them integers), int8 integers otherwise."""
-        if planes == 1:  # int8 storage, or 3-bit codes that straddle bytes
-            return [QArray(value, scale, zero_point, spec=w.spec, shape=(rows, n), dtype=w.dtype).q]
-        return [(value >> jnp.uint8(bits * i)) & mask for i in range(planes)]
-
-    to_q = (lambda e: e) if planes == 1 else (lambda e: w.spec.method.from_codes(e, w.spec))
-
-    grouped = w.spec.group_size is not None  # scales vary along K: they are cut with the rows
-
-    def scan(step, rows):
-        steps = k // rows
-        split = lambda a, axis: None if a is None else jnp.moveaxis(
-            jnp.reshape(a, a.shape[:axis] + (steps, a.shape[axis] // steps) + a.shape[axis + 1:]), axis, 0)
-        xs = (split(x, x.ndim - 1), split(w.value, 0),
-              split(w.scale, 0) if grouped else None, split(w.zero_point, 0) if grouped else None)
-
-        def body(acc, chunk_xs):
-            xc, value, scale, zero_point = chunk_xs
-            scale, zero_point = (w.scale, w.zero_point) if scale is None else (scale, zero_point)
-            products = step(xc, elements(value, scale, zero_point, rows), scale, zero_point, rows)
-            return acc + jnp.stack(products), None
-
-        acc = jnp.zeros((planes,) + x.shape[:-1] + (n // planes,), jnp.float32)
-        return lax.scan(body, acc, xs)[0]
-
     n_axis = len(w.layout.scale_shape) - 1  # of the scales (a k-means codebook's levels follow it)
     columns = lambda a, i: a if a is None or a.shape[n_axis] == 1 else lax.slice_in_dim(a, i, None, planes, n_axis)
-    dims = (((x.ndim - 1,), (0,)), ((), ()))
+    steps = k // chunk
+    split = lambda a, axis: None if a is None else jnp.moveaxis(
+        jnp.reshape(a, a.shape[:axis] + (steps, a.shape[axis] // steps) + a.shape[axis + 1:]), axis, 0)
+    grouped = w.spec.group_size is not None  # scales vary along K: they are cut with the rows
+    xs = (split(x, x.ndim - 1), split(w.value, 0),
+          split(w.scale, 0) if grouped else None, split(w.zero_point, 0) if grouped else None)
 
-    def decoded(saturate, xc, stored, scale, zero_point, rows):
-        return [lax.dot_general(xc, decode(to_q(e), columns(scale, i), columns(zero_point, i), w.spec,
-                                           (rows, n // planes), w.dtype, saturate=saturate),
-                                dims, precision=precision, preferred_element_type=jnp.float32)
-                for i, e in enumerate(stored)]
+    def step(saturate, acc, chunk_xs):
+        xc, value, scale, zero_point = chunk_xs
+        scale, zero_point = (w.scale, w.zero_point) if scale is None else (scale, zero_point)
+        if planes == 1:  # int8 storage, or 3-bit codes that straddle bytes: the chunk's integers
+            qs = [QArray(value, scale, zero_point, spec=w.spec, shape=(chunk, n), dtype=w.dtype).q]
+        else:
+            qs = [w.spec.method.from_codes((value >> jnp.uint8(bits * i)) & mask, w.spec) for i in range(planes)]
+        dims = (((xc.ndim - 1,), (0,)), ((), ()))
+        return acc + jnp.stack([
+            lax.dot_general(xc, decode(q, columns(scale, i), columns(zero_point, i), w.spec, (chunk, n // planes),
+                                       w.dtype, saturate=saturate), dims, precision=precision,
+                            preferred_element_type=jnp.float32)
+            for i, q in enumerate(qs)]), None
 
-    def scaled_after(affine, xc, stored, scale, zero_point, rows):
-        # With integer operand α e + β of the stored elements e, x̂ = s (α e + β − z) = s α (e − e0),
-        # e0 = (z − β) / α, and s, z constant over the chunk's rows (one group, or per channel):
-        #   Σ x ŵ = s α Σ x (e − e0) = s α [Σ (x − m) e + m (Σ e − rows · e0)],  m = mean of x.
-        # One dot of the elements as they are with the rows x − m and a row of ones gives Σ (x − m) e
-        # and Σ e (exact integers); centring x keeps Σ (x − m) e free of the cancellation that
-        # Σ x e − e0 Σ x suffers when x has a large mean (ReLU/GELU outputs).
-        alpha, beta = affine
-        xf = jnp.reshape(xc, (-1, rows)).astype(jnp.float32)
-        mean = jnp.mean(xf, -1, keepdims=True)
-        lhs = jnp.concatenate([xf - mean, jnp.ones((1, rows), jnp.float32)])
-        out = []
-        for i, e in enumerate(stored):
-            s = w.spec.method.integer_operand(jnp.zeros((), jnp.int8), columns(scale, i), w.spec)[1]
-            s = jnp.reshape(s, (-1,))
-            z = 0.0 if zero_point is None else jnp.reshape(columns(zero_point, i), (-1,)).astype(jnp.float32)
-            p = jnp.matmul(lhs, e.astype(jnp.float32), precision=precision)
-            y = alpha * s * (p[:-1] + mean * (p[-1] - rows * (z - beta) / alpha))
-            out.append(jnp.reshape(y, xc.shape[:-1] + (n // planes,)))
-        return out
-
-    rows = x.size // max(x.shape[-1], 1)
+    acc = jnp.zeros((planes,) + x.shape[:-1] + (n // planes,), jnp.float32)
+    run = lambda saturate: lax.scan(functools.partial(step, saturate), acc, xs)[0]
+    # Dequantizing clips each product s·(q − z) at the float range's edge, a per-element select
+    # that costs a third of an int4 chunk's decode; it is skipped unless some scale is large
+    # enough for it to matter (`Format.saturates`), so the result is always dequantize-then-dot's.
     saturates = w.spec.method.saturates(w.scale, w.spec)  # None: its decode never clips
-    exact = lambda: scan(functools.partial(decoded, True), chunk)
-    affine = _affine_integers(w.spec, to_q, planes > 1) if rows <= _SCALED_AFTER_MAX_ROWS else None
-    if affine is not None:
-        fast = lambda: scan(functools.partial(scaled_after, affine), w.spec.group_size or min(chunk, _SCALED_AFTER_CHUNK))
-    else:
-        fast = exact if saturates is None else lambda: scan(functools.partial(decoded, False), chunk)
-    # Dequantizing clips each product s·(q − z) at the float range's edge (a per-element select
-    # that costs a third of the decode); scaling after the dot forms no such products. Where some
-    # scale is large enough for the clip to matter, the chunks are dequantized with it, so the
-    # result is always that of dequantize-then-dot.
-    acc = fast() if saturates is None else lax.cond(saturates, exact, fast)
+    acc = run(True) if saturates is None else lax.cond(saturates, lambda: run(True), lambda: run(False))
     # plane i holds the columns i, i + planes, ...: interleave them back (a small output array)
     return jnp.reshape(jnp.moveaxis(acc, 0, -1), x.shape[:-1] + (n,)).astype(out_dtype)
-
-
-def _affine_integers(spec: QuantSpec, to_q, packed: bool):
-    """(α, β), float32 scalars with integer operand = α·e + β for stored elements e (codes when
-    `packed`, else int8 integers of the grid) — integer grids' operands are affine in them
-    (uniform q or 2q + 1 from q or q − Qmin; sign ±1 from 0/1: tests/test_formats.py) — read off
-    e = 0 and 1; None for a format without an integer grid."""
-    if spec.method.integer_problem(spec) is not None:
-        return None
-    ints = spec.method.integer_operand(to_q(jnp.arange(2, dtype=jnp.uint8 if packed else jnp.int8)),
-                                       jnp.float32(1), spec)[0].astype(jnp.float32)
-    return ints[1] - ints[0], ints[0]
 
 
 def quantize_operand(x, spec: Optional[QuantSpec], name: str, op: str = "dot_general"):
