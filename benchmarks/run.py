@@ -1,7 +1,7 @@
 """Run every benchmark table, print it, and (a full run) write benchmarks/RESULTS.md.
 
 Run: python benchmarks/run.py [--quick] [--only NAME ...] [--output PATH]
-Tables (one module each, in this order): quantize_throughput, qat_step, dot_paths, conv_paths, weight_only,
+Tables (one module each, in this order): quantize_throughput, qat_step, dot_paths, fp8_dot, conv_paths, weight_only,
 decode, quality (decode trains its LM on the first run, ~12 min, then loads it from ~/.cache/jquant/).
 `--quick` uses fewer sizes and repeats (a few minutes on 2 CPU cores; the full run takes longer)
 and only prints: the committed RESULTS.md holds full runs, so a quick run writes a file
@@ -20,7 +20,7 @@ from pathlib import Path
 from common import environment
 
 RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
-TABLES = ("quantize_throughput", "qat_step", "dot_paths", "conv_paths", "weight_only", "decode", "quality")
+TABLES = ("quantize_throughput", "qat_step", "dot_paths", "fp8_dot", "conv_paths", "weight_only", "decode", "quality")
 
 
 def main(argv=None) -> int:
