@@ -40,6 +40,8 @@ from jquant import QuantSpec
 INT8 = QuantSpec(8, channel_axes=(1,))
 INT4_G128 = g128(4)
 INT3_G128 = g128(3)
+MXFP4 = QuantSpec(4, method="mxfp4", channel_axes=(1,), group_size=32)
+NVFP4 = QuantSpec(4, method="nvfp4", channel_axes=(1,), group_size=16)
 KMEANS3 = QuantSpec(3, method="kmeans", channel_axes=(1,))
 KMEANS2 = QuantSpec(2, method="kmeans", channel_axes=(1,))
 
@@ -51,6 +53,10 @@ ROWS = [
     ("int4 g128 GPTQ", INT4_G128, "gptq"),
     ("int4 g128 AWQ", INT4_G128, "awq"),
     ("int4 g128 AWQ + GPTQ", INT4_G128, "awq+gptq"),
+    ("MXFP4 RTN", MXFP4, "rtn"),
+    ("MXFP4 GPTQ", MXFP4, "gptq"),
+    ("NVFP4 RTN", NVFP4, "rtn"),
+    ("NVFP4 GPTQ", NVFP4, "gptq"),
     ("3-bit g128 RTN", INT3_G128, "rtn"),
     ("3-bit g128 GPTQ", INT3_G128, "gptq"),
     ("3-bit k-means per-channel", KMEANS3, "rtn"),
