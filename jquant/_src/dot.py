@@ -176,8 +176,8 @@ def _dense_view(x, w: QArray, dimension_numbers):
     the same storage (contracted axes merged into K, free axes into N; scales broadcast along N,
     a group along the contraction becomes a group of K), or None where that is no free reshape:
     batch axes, w's contracted axes not its leading ones in x's trailing order, scales that vary
-    along the contraction other than by one group axis, or
-    sub-byte codes padded at the end of a row of a weight with several free axes."""
+    along the contraction other than by one group axis, or sub-byte codes padded at the end of a
+    row of a weight with several free axes."""
     (contract, batch) = dimension_numbers
     c = len(contract[1])
     if (tuple(batch[0]) or tuple(batch[1]) or not 0 < c < w.ndim or tuple(contract[1]) != tuple(range(c))
