@@ -43,6 +43,7 @@ POLICIES = {
     "W4 weight-only": Policy([Rule(KERNEL, QuantSpec(4, symmetric=False, channel_axes=(-1,)))]),
     "W2A8": Policy([Rule(KERNEL, QuantSpec(2, symmetric=False, channel_axes=(-1,)), act=QuantSpec(8))]),
     "W1A8 (sign)": Policy([Rule(KERNEL, QuantSpec(1, method="sign", channel_axes=(-1,)), act=QuantSpec(8))]),
+    "FP8 W8A8 (e4m3)": jquant.fp8_w8a8(),
 }
 BATCH = 64
 

@@ -29,7 +29,8 @@ def lm_cache(tmp_path_factory):
 
 def test_digits_qat_demo():
     out = _run("digits_qat.py", "--epochs", "1", "--timing-steps", "3")
-    for text in ("Linen MLP", "Linen CNN", "NNX MLP", "W8A8", "W4 weight-only", "W2A8", "W1A8 (sign)", "PTQ acc"):
+    for text in ("Linen MLP", "Linen CNN", "NNX MLP", "W8A8", "W4 weight-only", "W2A8", "W1A8 (sign)", "FP8 W8A8 (e4m3)",
+                 "PTQ acc"):
         assert text in out, text
     # the served Linen CNN's second conv (16 input features) runs int8 × int8 → int32
     assert "W8A8: 1 int8 × int8 → int32 convolution(s); served = QAT argmax 1.000" in out
