@@ -13,8 +13,8 @@ where the sums run over the taps that fall inside the input. Padding (and the ho
 `lhs_dilation`) are real zeros, i.e. q_x = z_x there, so they contribute nothing to the left-hand
 side; the convolution's implicit zero padding makes Σ_W q_x q_w and Σ_W q_x (a convolution of
 Σ_features q_x with a kernel of ones) "inside taps only" by themselves, and the z_x terms combine
-into z_x Σ_W (q_w − z_w): the kernel's input-feature sums added over the inside taps, which differ
-from the full sum only near the border — a batch-free map built from a static 0/1 matrix per
+into z_x Σ_W (q_w − z_w): the kernel's input-feature sums added over the inside taps, which
+differ from the full sum only near the border — a batch-free map built from a static 0/1 matrix per
 spatial axis (`_inside_sums`; no convolution), one number per output channel without padding.
 The corrections vanish for symmetric operands. The bracket is exact in int32 (wrapping
 intermediate sums included) when K · max|q_x − z_x| · max|q_w − z_w| < 2^31, checked at trace
@@ -78,7 +78,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from jquant._src import numerics
-from jquant._src.dot import Accumulator, quantize_operand
+from jquant._src.dot import Accumulator, quantize_operand, require_qarrays
 from jquant._src.qarray import QArray
 
 _INT32_LIMIT = 2 ** 31
@@ -171,9 +171,7 @@ def int_conv_general_dilated(lhs: QArray, rhs: QArray, window_strides, padding, 
       TypeError: an operand is not a QArray.
       ValueError: what `integer_conv_problem` says.
     """
-    for name, op in (("lhs", lhs), ("rhs", rhs)):
-        if not isinstance(op, QArray):
-            raise TypeError(f"int_conv_general_dilated: {name} must be a QArray, got {type(op).__name__}")
+    require_qarrays("int_conv_general_dilated", lhs, rhs)
     problem = integer_conv_problem(lhs, rhs, dimension_numbers, feature_group_count)
     if problem is not None:
         raise ValueError(problem)

@@ -287,9 +287,7 @@ def int_dot_general(lhs: QArray, rhs: QArray, dimension_numbers) -> Accumulator:
       TypeError: an operand is not a QArray.
       ValueError: what `integer_dot_problem` says.
     """
-    for name, op in (("lhs", lhs), ("rhs", rhs)):
-        if not isinstance(op, QArray):
-            raise TypeError(f"int_dot_general: {name} must be a QArray, got {type(op).__name__}")
+    require_qarrays("int_dot_general", lhs, rhs)
     problem, plan = _plan(lhs, rhs, dimension_numbers)
     if problem is not None:
         raise ValueError(problem)
@@ -309,6 +307,13 @@ def int_dot_general(lhs: QArray, rhs: QArray, dimension_numbers) -> Accumulator:
         acc = acc + k * left.aligned(left.zero_point, n_free_r) * right.aligned(right.zero_point, n_free_l)
     scale = left.aligned(left.scale, n_free_r) * right.aligned(right.scale, n_free_l)
     return Accumulator(acc, scale.astype(jnp.float32), len(lb) if split else None)
+
+
+def require_qarrays(op: str, lhs, rhs) -> None:
+    """TypeError naming `op` and the operand unless both operands are QArrays (the integer ops)."""
+    for name, operand in (("lhs", lhs), ("rhs", rhs)):
+        if not isinstance(operand, QArray):
+            raise TypeError(f"{op}: {name} must be a QArray, got {type(operand).__name__}")
 
 
 def integer_dot_problem(lhs, rhs, dimension_numbers) -> Optional[str]:
