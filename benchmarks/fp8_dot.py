@@ -12,7 +12,6 @@ is the fastest measured here for the backend (`float_dot`'s docstring quotes the
 """
 
 import jax
-import jax.numpy as jnp
 
 import jquant
 from common import Table, interleaved_ms, standalone

@@ -2,7 +2,7 @@
 
 Run: python benchmarks/run.py [--quick] [--only NAME ...] [--output PATH]
 Tables (one module each, in this order): quantize_throughput, qat_step, dot_paths, fp8_dot, conv_paths, weight_only,
-decode, quality (decode trains its LM on the first run, ~12 min, then loads it from ~/.cache/jquant/).
+decode, quality, calibration_time (decode trains its LM on the first run, ~12 min, then loads it from ~/.cache/jquant/).
 `--quick` uses fewer sizes and repeats (a few minutes on 2 CPU cores; the full run takes longer)
 and only prints: the committed RESULTS.md holds full runs, so a quick run writes a file
 only where `--output` names one. Peers (Qwix, AQT) come from the `bench` extra
@@ -20,7 +20,8 @@ from pathlib import Path
 from common import environment
 
 RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
-TABLES = ("quantize_throughput", "qat_step", "dot_paths", "fp8_dot", "conv_paths", "weight_only", "decode", "quality")
+TABLES = ("quantize_throughput", "qat_step", "dot_paths", "fp8_dot", "conv_paths", "weight_only", "decode", "quality",
+          "calibration_time")
 
 
 def main(argv=None) -> int:

@@ -13,10 +13,16 @@ training text, so a second run only quantizes and evaluates (text, training and 
 Each row quantizes the same float parameters and reports the evaluation perplexity
 exp(mean cross-entropy per byte):
   RTN, k-means  `jquant.quantize_params(params, policy)` (round to nearest / Lloyd codebooks);
+  HQQ           the same with `calibration=jquant.HQQ()`: each group's scale and zero-point fitted
+                to the weights (data-free) instead of their min/max;
   GPTQ, AWQ     `jquant.ptq.gptq` / `jquant.ptq.awq` with calibration windows from files that
-                appear in neither the training nor the evaluation split.
+                appear in neither the training nor the evaluation split;
+  + Hadamard    the weight stored as Q(Rᵀ·W) with a randomized Hadamard rotation R along its
+                inputs (`rotation=jquant.Hadamard()`), for RTN or GPTQ (Hessian in the rotated basis).
 Quantized params are served dequantized (`jquant.dequantize_params`) through the same jitted
-forward. Policy: every `kernel` (attention query/key/value/out, MLP up/down) is quantized; the
+forward, except the W4A8 / W4A4 rows: there every kernel is multiplied by `jquant.dot_general`
+with the activation quantized per token (asymmetric, 8 or 4 bits) — after rotating it online
+for a rotated weight. Policy: every `kernel` (attention query/key/value/out, MLP up/down) is quantized; the
 byte and position embeddings (lookups, not matmuls) and the output head stay in float, as in
 GPTQ's and AWQ's own LLM results. bits/weight counts everything stored for the quantized
 kernels (codes, scales, zero-points, codebooks); "model bytes" is the whole parameter tree.
@@ -25,8 +31,10 @@ kernels (codes, scales, zero-points, codebooks); "model bytes" is the whole para
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import re
 import time
+from typing import NamedTuple, Optional
 
 import jax
 
@@ -44,10 +52,36 @@ MXFP4 = QuantSpec(4, method="mxfp4", channel_axes=(1,), group_size=32)
 NVFP4 = QuantSpec(4, method="nvfp4", channel_axes=(1,), group_size=16)
 KMEANS3 = QuantSpec(3, method="kmeans", channel_axes=(1,))
 KMEANS2 = QuantSpec(2, method="kmeans", channel_axes=(1,))
+INT2_G128 = g128(2)
+INT2_G64 = QuantSpec(2, symmetric=False, channel_axes=(1,), group_size=64)
 
-# (row label, spec, algorithm): "rtn" is quantize_params (k-means specs give Lloyd codebooks);
-# "awq+gptq" runs GPTQ on the AWQ-scaled params.
-ROWS = [
+
+A8, A4 = (QuantSpec(bits, symmetric=False, channel_axes=(0, 1)) for bits in (8, 4))  # per token
+
+
+def hqq(spec: QuantSpec) -> QuantSpec:
+    """`spec` with its grid fitted by HQQ (`jquant.HQQ()`) instead of the min/max range."""
+    return dataclasses.replace(spec, calibration=jquant.HQQ())
+
+
+def rotated(spec: QuantSpec) -> QuantSpec:
+    """`spec` stored in a Hadamard-rotated basis along the contraction (`jquant.Hadamard()`)."""
+    return dataclasses.replace(spec, rotation=jquant.Hadamard())
+
+
+class Row(NamedTuple):
+    """label; weight spec; algorithm: "rtn" is quantize_params (k-means specs give Lloyd codebooks),
+    "awq+gptq" runs GPTQ on the AWQ-scaled params; act: None serves the dequantized weights, a
+    spec serves every kernel through `jquant.dot_general` with the activation quantized by it
+    (per token; a rotated weight rotates the activation first, and the rotated one is quantized)."""
+
+    label: str
+    spec: QuantSpec
+    algorithm: str
+    act: Optional[QuantSpec] = None
+
+
+ROWS = [Row(*row) for row in [
     ("int8 per-channel RTN", INT8, "rtn"),
     ("int4 g128 RTN", INT4_G128, "rtn"),
     ("int4 g128 GPTQ", INT4_G128, "gptq"),
@@ -61,7 +95,22 @@ ROWS = [
     ("3-bit g128 GPTQ", INT3_G128, "gptq"),
     ("3-bit k-means per-channel", KMEANS3, "rtn"),
     ("2-bit k-means per-channel", KMEANS2, "rtn"),
-]
+    ("2-bit g128 RTN", INT2_G128, "rtn"),
+    ("2-bit g64 RTN", INT2_G64, "rtn"),
+    ("int4 g128 HQQ", hqq(INT4_G128), "rtn"),
+    ("3-bit g128 HQQ", hqq(INT3_G128), "rtn"),
+    ("2-bit g128 HQQ", hqq(INT2_G128), "rtn"),
+    ("2-bit g64 HQQ", hqq(INT2_G64), "rtn"),
+    ("3-bit g128 RTN + Hadamard", rotated(INT3_G128), "rtn"),
+    ("3-bit g128 GPTQ + Hadamard", rotated(INT3_G128), "gptq"),
+    ("2-bit g64 GPTQ", INT2_G64, "gptq"),
+    ("2-bit g64 RTN + Hadamard", rotated(INT2_G64), "rtn"),
+    ("2-bit g64 GPTQ + Hadamard", rotated(INT2_G64), "gptq"),
+    ("W4A8 per-token (int4 g128 RTN)", INT4_G128, "rtn", A8),
+    ("W4A8 per-token (int4 g128 RTN) + Hadamard", rotated(INT4_G128), "rtn", A8),
+    ("W4A4 per-token (int4 g128 GPTQ)", INT4_G128, "gptq", A4),
+    ("W4A4 per-token (int4 g128 GPTQ) + Hadamard", rotated(INT4_G128), "gptq", A4),
+]]
 
 
 def quantize(params, spec: QuantSpec, algorithm: str, batches):
@@ -80,6 +129,31 @@ def quantize(params, spec: QuantSpec, algorithm: str, batches):
     return scaled, jquant.ptq.gptq(lm.forward, scaled, policy, batches, progress=False).params  # awq+gptq
 
 
+@jax.tree_util.register_pytree_node_class
+class _Served:
+    """A kernel leaf that `x @ leaf` multiplies through `jquant.dot_general` with the activation
+    quantized by `act` (the model's `x @ kernel` stays as written)."""
+
+    def __init__(self, kernel: jquant.QArray, act: QuantSpec):
+        self.kernel, self.act = kernel, act
+
+    def tree_flatten(self):
+        return (self.kernel,), self.act
+
+    @classmethod
+    def tree_unflatten(cls, act, children):
+        return cls(children[0], act)
+
+    def __rmatmul__(self, x):
+        return jquant.dot_general(x, self.kernel, (((x.ndim - 1,), (0,)), ((), ())), lhs_spec=self.act)
+
+
+def served(qtree, act: QuantSpec):
+    """`qtree` with every QArray kernel served with activations quantized by `act`."""
+    return jax.tree_util.tree_map(lambda leaf: _Served(leaf, act) if isinstance(leaf, jquant.QArray) else leaf,
+                                  qtree, is_leaf=lambda leaf: isinstance(leaf, jquant.QArray))
+
+
 def table(params, eval_windows, batches, rows=ROWS) -> str:
     """The markdown table: one row per method, perplexity and Δ against the float model."""
     float_bytes = sum(x.nbytes for x in jax.tree_util.tree_leaves(params))
@@ -87,11 +161,11 @@ def table(params, eval_windows, batches, rows=ROWS) -> str:
     lines = ["| method | bits/weight | model bytes | eval perplexity | Δ vs float |", "|---|---|---|---|---|",
              f"| float32 | 32.00 | {float_bytes:,} | {float_ppl:.3f} | - |"]
     print(lines[-1], flush=True)
-    for label, spec, algorithm in rows:
+    for label, spec, algorithm, act in rows:
         start = time.perf_counter()
         reference, qtree = quantize(params, spec, algorithm, batches)
         rep = jquant.report(reference, qtree, kernel_policy(spec))
-        ppl = perplexity(jquant.dequantize_params(qtree), eval_windows)
+        ppl = perplexity(jquant.dequantize_params(qtree) if act is None else served(qtree, act), eval_windows)
         delta = ppl - float_ppl
         lines.append(f"| {label} | {rep.quantized_bits_per_weight:.2f} | {rep.bytes_after:,} | {ppl:.3f} | "
                      f"{delta:+.3f} ({100 * delta / float_ppl:+.1f}%) |")

@@ -11,7 +11,10 @@ char_lm examples).
 
 `Decoder` is the same model as a Flax Linen module, for serving with a KV cache: Flax's own
 `nn.MultiHeadDotProductAttention` (3-D `DenseGeneral` kernels, `decode=True` keeps the cache)
-and `nn.Dense` MLP; `linen_params` maps `init`'s tree onto it.
+and `nn.Dense` MLP; `linen_params` maps `init`'s tree onto it. The model itself stays
+unmodified: `jquant.flax.quantize(Decoder(config, decode=True), policy, kv_cache=jquant.KV_INT8)`
+keeps that cache int8 per token and head (its `"cache"` collection holds QArrays), and `init`
+with a `(batch, context)` input allocates it.
 """
 
 from __future__ import annotations
@@ -115,7 +118,9 @@ class Decoder(nn.Module):
     """`forward` as a Linen module. `decode=False`: `(tokens (batch, time), positions (batch,
     time)) -> logits`, causal over the given time steps. `decode=True`: one token per call
     (time = 1) attending to the KV cache (the `"cache"` collection, sized by `init` with a
-    `(batch, context)` input, updated with `mutable=["cache"]`); `positions` is the token's index."""
+    `(batch, context)` input, updated with `mutable=["cache"]`); `positions` is the token's index.
+    With a quantized cache (`jquant.flax.quantize(..., kv_cache=spec)`) a call may also take
+    several tokens at once (a prompt), each attending causally to the cache."""
     config: Config
     decode: bool = False
 

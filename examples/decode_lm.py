@@ -13,6 +13,13 @@ the context. Four variants of the same weights, side by side:
   int4 g128    `jquant.int4_weights()`: int4 asymmetric, groups of 128 inputs, weight-only;
   W8A8         `jquant.w8a8()`: int8 weights and int8 dynamic activations, integer dots.
 
+Then the KV cache (float weights): Flax's float32 cache against the same cache stored quantized
+per token and head through `jquant.flax.quantize(decoder, policy, kv_cache=spec)` — int8
+(`jquant.KV_INT8`) and FP8 e4m3 — with its bytes, the perplexity of teacher-forced decoding
+(every byte of `--ppl-windows` evaluation windows fed through the cache, one per step, in a
+jitted `lax.scan`), and ms per token of the generation loop (the variants timed in alternating
+rounds).
+
 Each quantized variant is `jquant.quantize_params(params, policy)` served through
 `jquant.flax.quantize(decoder, policy).apply` (every kernel, the head included; embeddings stay
 float). Printed per variant: resident weight bytes (the parameter tree, scales included), the
@@ -36,9 +43,11 @@ import numpy as np
 import char_lm_model as lm
 import jquant
 import jquant.flax
-from _common import Training, add_lm_arguments, interleaved_ms, lm_config, stdlib_splits, trained_params
+from _common import (Training, add_lm_arguments, interleaved_ms, lm_config, stdlib_splits, trained_params,
+                     windows)
 
 POLICIES = {"int8": jquant.int8_weights(), "int4 g128": jquant.int4_weights(), "W8A8": jquant.w8a8()}
+KV_CACHES = {"int8": jquant.KV_INT8, "fp8 e4m3": jquant.QuantSpec(8, method="fp8_e4m3", channel_axes=(0, 1, 2))}
 
 
 class Row(NamedTuple):
@@ -49,6 +58,15 @@ class Row(NamedTuple):
     ms_per_token: float
     same_bytes: int
     text: str
+
+
+class CacheRow(NamedTuple):
+    name: str
+    cache_bytes: int
+    temp_bytes: int
+    perplexity: float
+    ms_per_token: float
+    same_bytes: int
 
 
 def leaves(tree) -> list:
@@ -105,6 +123,60 @@ def measure(params: Dict, config: lm.Config, prompt: np.ndarray, *, rounds: int 
     return rows
 
 
+def teacher_forced(model, params, cache, evaluation: np.ndarray, batch: int) -> float:
+    """Perplexity (exp of the mean cross-entropy per byte) of `evaluation` windows (count, context + 1) fed
+    through the KV cache one byte per step (a jitted `lax.scan`), `batch` windows at a time."""
+
+    @jax.jit
+    def nll(window):
+        def step(cache, t):
+            token = window[:, t][:, None]
+            logits, updated = model.apply({"params": params, "cache": cache}, token, jnp.full_like(token, t),
+                                          mutable=["cache"])
+            return updated["cache"], -jnp.take_along_axis(jax.nn.log_softmax(logits[:, 0]), window[:, t + 1, None], 1)
+
+        return jnp.sum(jax.lax.scan(step, cache, jnp.arange(window.shape[1] - 1))[1])
+
+    total = sum(float(nll(jnp.asarray(evaluation[i:i + batch]))) for i in range(0, len(evaluation) - batch + 1, batch))
+    return math.exp(total / ((len(evaluation) // batch) * batch * (evaluation.shape[1] - 1)))
+
+
+def measure_cache(params: Dict, config: lm.Config, prompt: np.ndarray, evaluation: np.ndarray, *, rounds: int = 3,
+                  repeats: int = 2) -> List[CacheRow]:
+    """The KV-cache table's rows: Flax's float32 cache, then each of KV_CACHES (float weights);
+    perplexity over the `evaluation` windows (count, context + 1), `batch` (the prompt's) at a time."""
+    batch, prompt_len = prompt.shape
+    decoder = lm.Decoder(config, decode=True)
+    zeros = jnp.zeros((batch, config.context), jnp.int32)
+    params = lm.linen_params(params)
+    variants = [("float32", decoder)] + [(name, jquant.flax.quantize(decoder, jquant.Policy([]), kv_cache=spec))
+                                         for name, spec in KV_CACHES.items()]
+    caches = [model.init(jax.random.key(0), zeros, zeros)["cache"] for _, model in variants]
+    prompt = jnp.asarray(prompt, jnp.int32)
+    fns = [generator(model, prompt_len, config.context) for _, model in variants]
+    args = [(params, cache, prompt) for cache in caches]
+    temps = [fn.lower(*a).compile().memory_analysis().temp_size_in_bytes for fn, a in zip(fns, args)]
+    outputs = [np.asarray(fn(*a)) for fn, a in zip(fns, args)]
+    times = interleaved_ms(fns, args, rounds=rounds, repeats=repeats)
+    return [CacheRow(name, sum(int(x.nbytes) for x in leaves(cache)), temp,
+                     teacher_forced(model, params, cache, evaluation, batch), ms / config.context,
+                     int(np.sum(out[:, prompt_len:] == outputs[0][:, prompt_len:])))
+            for (name, model), cache, temp, out, ms in zip(variants, caches, temps, outputs, times)]
+
+
+def cache_markdown(rows: List[CacheRow], generated: int) -> str:
+    """The KV-cache rows as a markdown table, ratios to the first (float cache) row."""
+    base = rows[0]
+    lines = ["| KV cache | cache MB | × float | loop temporaries MB | teacher-forced perplexity | Δ vs float | "
+             "ms/token | × float | bytes as float |", "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r.name} | {r.cache_bytes / 1e6:.3f} | {r.cache_bytes / base.cache_bytes:.3f} | "
+                     f"{r.temp_bytes / 1e6:.2f} | "
+                     f"{r.perplexity:.4f} | {100 * (r.perplexity / base.perplexity - 1):+.2f}% | "
+                     f"{r.ms_per_token:.3f} | {r.ms_per_token / base.ms_per_token:.2f} | {r.same_bytes}/{generated} |")
+    return "\n".join(lines)
+
+
 def markdown(rows: List[Row], generated: int) -> str:
     """The rows as a markdown table, ratios to the first (float) row."""
     base = rows[0]
@@ -126,6 +198,8 @@ def add_decode_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--prompt", type=int, default=32, help="prompt bytes (from the evaluation text)")
     parser.add_argument("--batch", type=int, default=1, help="sequences decoded together")
     parser.add_argument("--rounds", type=int, default=3, help="alternating timing rounds")
+    parser.add_argument("--ppl-windows", type=int, default=32,
+                        help="evaluation windows decoded teacher-forced through the KV cache")
 
 
 def trained(args) -> tuple:
@@ -133,10 +207,19 @@ def trained(args) -> tuple:
     config = lm_config(args)
     splits = stdlib_splits()
     params, _ = trained_params(config, Training(args.steps, args.train_batch), splits["train"].data, args.cache)
-    text = splits["evaluation"].data
-    starts = np.linspace(0, len(text) - args.prompt, args.batch + 2)[1:-1].astype(int)
-    prompt = np.stack([text[s:s + args.prompt] for s in starts]).astype(np.int32)
-    return params, config, prompt
+    return params, config, prompts(args.batch, args.prompt)
+
+
+def prompts(batch: int, length: int) -> np.ndarray:
+    """`batch` prompts (batch, length) int32 from evenly spaced places of the evaluation text."""
+    text = stdlib_splits()["evaluation"].data
+    starts = np.linspace(0, len(text) - length, batch + 2)[1:-1].astype(int)
+    return np.stack([text[s:s + length] for s in starts]).astype(np.int32)
+
+
+def eval_windows(config: lm.Config, count: int) -> np.ndarray:
+    """`count` evaluation windows (count, context + 1), what teacher-forced decoding reads."""
+    return windows(stdlib_splits()["evaluation"].data, config.context, count)
 
 
 def cached_decode_gap(params: Dict, config: lm.Config, tokens: np.ndarray) -> float:
@@ -165,6 +248,10 @@ def main(argv=None):
     print(f"\nbatch {prompt.shape[0]}, {prompt.shape[1]}-byte prompt + {config.context - prompt.shape[1]} generated "
           f"bytes per sequence, {config.context} steps timed; {math.prod(prompt.shape)} prompt bytes\n")
     print(markdown(rows, generated))
+    cache_rows = measure_cache(params, config, prompt, eval_windows(config, args.ppl_windows), rounds=args.rounds)
+    print(f"\nKV cache (float weights), batch {prompt.shape[0]}; perplexity over {args.ppl_windows} windows of "
+          f"{config.context} bytes decoded teacher-forced through the cache\n")
+    print(cache_markdown(cache_rows, generated))
     for r in rows:
         print(f"\n--- {r.name}:\n{r.text}")
 

@@ -21,13 +21,14 @@ def test_import_jquant_does_not_import_flax_and_namespaces_load_on_first_use():
 def test_top_level_names():
     assert sorted(jquant.__all__) == sorted([
         "QuantSpec", "Format", "Uniform", "Sign", "KMeans", "NF4", "FP8E4M3", "FP8E5M2", "MXFP8", "MXFP4", "NVFP4",
-        "MinMax", "Percentile", "MSE", "QArray",
+        "MinMax", "Percentile", "MSE", "HQQ", "Hadamard", "QArray",
         "quantize", "dequantize", "fake_quant", "ste_round", "Accumulator", "dot_general", "int_dot_general",
         "conv_general_dilated", "int_conv_general_dilated",
-        "requantize", "QuantDot", "QuantEinsum", "QuantConv", "Rule", "Policy", "int8_weights", "int4_weights",
+        "requantize", "QuantDot", "QuantEinsum", "QuantConv", "Rule", "Policy", "LoRA", "merge", "int8_weights", "int4_weights",
         "w8a8", "fp8_w8a8", "quantize_params", "dequantize_params", "fake_quant_params", "checked", "report",
         "Report", "save",
-        "load", "QuantSave", "QuantRestore", "export_safetensors", "import_safetensors", "flax", "learned", "ptq"])
+        "load", "QuantSave", "QuantRestore", "export_safetensors", "import_safetensors", "KVCache", "kv_cache", "KV_INT8",
+        "flax", "learned", "ptq"])
     for name in jquant.__all__:
         assert getattr(jquant, name) is not None
     for namespace in (jquant.ptq, jquant.learned, jquant.flax):

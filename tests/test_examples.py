@@ -78,8 +78,12 @@ def test_char_lm_lsq(lm_cache):
 
 def test_decode_lm(lm_cache):
     out = _run("decode_lm.py", *TINY_LM, "--width", "128", "--steps", "5", "--prompt", "16", "--rounds", "1",
-               "--cache", lm_cache)
+               "--ppl-windows", "4", "--cache", lm_cache)
     gap = float(re.search(r"max \|cached decode - forward\| logits over the prompt: (\S+)", out).group(1))
     assert gap < 1e-4
     for text in ("| weights | weight MB |", "| float32 |", "| int8 |", "| int4 g128 |", "| W8A8 |"):
         assert text in out, text
+    kv = out[out.index("| KV cache |"):]
+    for name in ("float32", "int8", "fp8 e4m3"):
+        assert f"| {name} | " in kv, name
+    assert "| int8 | 0.017 | 0.266 |" in kv  # int8 entries and a float32 scale per token and head

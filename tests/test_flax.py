@@ -16,7 +16,7 @@ from sklearn.datasets import load_digits
 import jquant
 from jquant._src.formats import uniform
 from jquant._src import paths
-from jquant import MSE, MinMax, Percentile, Policy, QuantSpec, Rule
+from jquant import HQQ, MSE, MinMax, Percentile, Policy, QuantSpec, Rule
 from jquant.flax import _observers as observers
 
 from helpers import Mlp, NnxMlp, int8_convs, normal
@@ -282,17 +282,18 @@ def test_nnx_calibration(digits):
     np.testing.assert_allclose(np.asarray(served), np.asarray(static), rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("calibration", [MinMax(), Percentile(99.0), MSE(num_ratios=20)], ids=repr)
+@pytest.mark.parametrize("calibration", [MinMax(), Percentile(99.0), MSE(num_ratios=20), HQQ(iters=5)], ids=repr)
 def test_activation_observers_follow_the_spec_calibration(calibration):
-    act = QuantSpec(8, symmetric=False, calibration=calibration)
+    # HQQ at 4 bits, where its fitted range is ~5% off the min/max one (at 8 bits, 0.3%)
+    act = QuantSpec(4 if isinstance(calibration, HQQ) else 8, symmetric=False, calibration=calibration)
     batches = [np.asarray(normal(20 + i, (64, 32))) for i in range(3)]
     stats = tuple(make() for _, make in observers.initial_stats())
     for x in batches:
         stats = observers.observe(stats, jnp.asarray(x), act, 0.5, "test")
     expected = None
     for x in batches:
-        if isinstance(calibration, MSE):
-            qa = jquant.quantize(x, act)  # the MSE-searched range, recovered from scale and zero-point
+        if isinstance(calibration, (MSE, HQQ)):
+            qa = jquant.quantize(x, act)  # the searched / fitted range, recovered from scale and zero-point
             scale, zero = float(qa.scale.reshape(())), float(qa.zero_point.reshape(()))
             batch = np.array([(act.qmin - zero) * scale, (act.qmax - zero) * scale])
         else:

@@ -54,6 +54,16 @@ Taken for at most `_WEIGHT_ONLY_MAX_ROWS` rows (the largest measured) and K a mu
 anything else (GPU/TPU, which fuse the dequantization into the dot themselves; batch axes;
 other layouts) dequantizes whole. Measured ratios: benchmarks/RESULTS.md ("Weight-only
 inference", "LM decoding").
+
+Rotated operands (`QuantSpec(rotation=...)`: a QArray storing Q(Rᵀ·W), dequantizing to
+R·Q(Rᵀ·W); `jquant._src.rotation`), decided in one place, `rotated_operands`, before anything
+above: since x·(R·W') = (x·R)·W' (R along a contracted axis, x·R = Rᵀ applied to x along the
+paired axis), a float operand is rotated online and the QArray taken in its stored basis
+(`qarray.in_stored_basis`) — the rotated weight never becomes a float matrix, and its dot is any
+of the paths above (the weight-only chunks, or, with an activation spec, the integer path on
+the quantized *rotated* activation). Two QArrays rotated alike along a contracted pair multiply
+their stored integers (Σ (R q_x)(R q_w) = Σ q_x q_w). A rotation along a free axis, or a
+rotated QArray met by a differently rotated one, is dequantized (R·Q, then the float dot).
 """
 
 from __future__ import annotations
@@ -67,8 +77,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from jquant._src import float_dot, numerics, packing
-from jquant._src.qarray import QArray, decode, quantize
+from jquant._src import float_dot, numerics, packing, rotation
+from jquant._src.qarray import QArray, decode, in_stored_basis, quantize
 from jquant._src.spec import QuantSpec
 
 _INT32_LIMIT = 2 ** 31
@@ -126,7 +136,9 @@ def dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_element_t
     """`lax.dot_general` for quantized operands; a drop-in for `nn.Dense(dot_general=...)`.
 
     Operands may be QArrays or float arrays. A float operand with a spec is quantized on the fly
-    (dynamic quantization: its scale comes from this call's values).
+    (dynamic quantization: its scale comes from this call's values). A rotated QArray
+    (`QuantSpec(rotation=...)`) rotates the other operand online (module docstring, "Rotated
+    operands"); the other's spec then quantizes the rotated operand (W4A8, W4A4 with rotation).
     * QArray × QArray → the exact integer path (`int_dot_general`), then one multiply by s_l·s_r.
       With floating-point elements (FP8, MX, NVFP4) → `jquant._src.float_dot` instead.
     * QArray × float (no spec) → weight-only: the QArray is dequantized and a float dot runs.
@@ -142,6 +154,12 @@ def dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_element_t
     Returns:
       float array shaped like `lax.dot_general`'s output.
     """
+    # A rotated spec quantizes first (its QArray is resolved with the others); a plain spec
+    # quantizes what `rotated_operands` leaves, i.e. the rotated activation.
+    first = lambda x, spec: spec is not None and (spec.rotation is not None or isinstance(x, QArray))  # noqa: E731
+    lhs, lhs_spec = (quantize_operand(lhs, lhs_spec, "lhs"), None) if first(lhs, lhs_spec) else (lhs, lhs_spec)
+    rhs, rhs_spec = (quantize_operand(rhs, rhs_spec, "rhs"), None) if first(rhs, rhs_spec) else (rhs, rhs_spec)
+    lhs, rhs = rotated_operands(lhs, rhs, dimension_numbers)
     lhs = quantize_operand(lhs, lhs_spec, "lhs")
     rhs = quantize_operand(rhs, rhs_spec, "rhs")
     out_dtype = preferred_element_type or jnp.result_type(lhs.dtype, rhs.dtype)
@@ -158,6 +176,40 @@ def dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_element_t
     rhs = rhs.dequantize() if isinstance(rhs, QArray) else rhs
     return lax.dot_general(lhs, rhs, dimension_numbers, precision=precision,
                            preferred_element_type=preferred_element_type)
+
+
+def rotated_operands(lhs, rhs, dimension_numbers):
+    """(lhs, rhs) for the same product with no rotated QArray left (module docstring, "Rotated
+    operands"): a rotated QArray whose rotation axis is contracted moves its rotation onto the
+    other operand — a float one is rotated (Rᵀ along the paired axis, in float32, cast back to
+    its dtype), one rotated alike loses it too — and is taken in its stored basis; any other
+    rotated QArray is dequantized."""
+    (lc, rc), _ = dimension_numbers
+    rhs, lhs = _move_rotation(rhs, lhs, rc, lc)
+    lhs, rhs = _move_rotation(lhs, rhs, lc, rc)
+    return lhs, rhs
+
+
+def rotated_pair(a_shape, spec: QuantSpec, a_contract, b_contract):
+    """(a's rotation axis, the paired axis of the other operand) for an operand of `a_shape`
+    quantized with the rotated `spec`, or None when its rotation axis is not contracted."""
+    axis = numerics.layout(tuple(a_shape), spec).rotation_axis
+    contract = [c % len(a_shape) for c in a_contract]
+    return (axis, b_contract[contract.index(axis)]) if axis in contract else None
+
+
+def _move_rotation(a, b, a_contract, b_contract):
+    if not isinstance(a, QArray) or a.spec.rotation is None:
+        return a, b
+    pair = rotated_pair(a.shape, a.spec, a_contract, b_contract)
+    if pair is None:
+        return a.dequantize(), b
+    paired = pair[1] % b.ndim
+    if not isinstance(b, QArray):
+        return in_stored_basis(a), rotation.to_rotated(b, a.spec.rotation, paired).astype(b.dtype)
+    if b.spec.rotation == a.spec.rotation and b.layout.rotation_axis == paired:
+        return in_stored_basis(a), in_stored_basis(b)
+    return a.dequantize(), b
 
 
 def _weight_only(x, w: QArray, dimension_numbers, precision, preferred_element_type, out_dtype):
@@ -283,11 +335,18 @@ def quantize_operand(x, spec: Optional[QuantSpec], name: str, op: str = "dot_gen
 def int_dot_general(lhs: QArray, rhs: QArray, dimension_numbers) -> Accumulator:
     """The exact integer dot of two QArrays: int32 bracket (see module docstring) and s_l·s_r.
 
+    Two operands rotated alike along a contracted pair multiply their stored integers (module
+    docstring, "Rotated operands"); another rotated operand is an error (`jquant.dot_general`
+    rotates a float operand online instead).
+
     Raises:
       TypeError: an operand is not a QArray.
       ValueError: what `integer_dot_problem` says.
     """
     require_qarrays("int_dot_general", lhs, rhs)
+    if lhs.spec.rotation is not None and rhs.spec.rotation == lhs.spec.rotation:
+        alike = rotated_operands(lhs, rhs, dimension_numbers)
+        lhs, rhs = alike if all(isinstance(a, QArray) for a in alike) else (lhs, rhs)
     problem, plan = _plan(lhs, rhs, dimension_numbers)
     if problem is not None:
         raise ValueError(problem)
@@ -337,6 +396,9 @@ def _plan(lhs, rhs, dimension_numbers):
         problem = op.spec.method.integer_problem(op.spec)
         if problem is not None:
             return f"int_dot_general: {name} {problem}", None
+        if op.spec.rotation is not None:
+            return (f"int_dot_general: {name} is rotated ({op.spec!r}) and the other operand is not rotated alike "
+                    "along the paired contracted axis; jquant.dot_general rotates a float operand online"), None
     (lc, rc), (lb, rb) = dimension_numbers
     for name, op, given in (("lhs", lhs, tuple(lc) + tuple(lb)), ("rhs", rhs, tuple(rc) + tuple(rb))):
         ndim = len(op.shape)

@@ -95,6 +95,9 @@ def lsq_fake_quant(x, step, spec: QuantSpec, *, grad_scale: Optional[float] = No
 def _check_lsq_spec(spec: QuantSpec):
     if not spec.method.ranged:
         raise ValueError(f"LSQ learns the step of a uniform grid; {spec!r} has method={spec.method.name!r}")
+    if spec.rotation is not None:
+        raise ValueError(f"LSQ does not train rotated specs ({spec!r}): its steps are learned on the unrotated "
+                         "weight; use STE QAT (jquant.fake_quant, QuantDot) or drop the rotation")
 
 
 def lsq_grad_scale(size: int, num_steps: int, spec: QuantSpec) -> float:

@@ -46,6 +46,9 @@ class Layout:
       channel_axes: non-negative channel axes in original coordinates.
       group_axis: the non-negative split axis in original coordinates, or None.
       reduce_axes: axes of the grouped view that share one scale.
+      rotation_axis: the non-negative axis a `spec.rotation` rotates, or None without one: the
+        group axis, or without a group the axis a group would default to (the largest axis that
+        is not a channel axis, the last of equal ones).
     """
 
     shape: Tuple[int, ...]
@@ -53,6 +56,7 @@ class Layout:
     channel_axes: Tuple[int, ...]
     group_axis: Optional[int]
     reduce_axes: Tuple[int, ...]
+    rotation_axis: Optional[int] = None
 
     @property
     def scale_shape(self) -> Tuple[int, ...]:
@@ -94,8 +98,8 @@ def layout(shape: Tuple[int, ...], spec) -> Layout:
 
 def layout_problem(shape: Tuple[int, ...], spec) -> Optional[str]:
     """Why `spec` does not fit a tensor of `shape` (None: it fits): a channel/group axis out of
-    range, a group size that does not divide its axis, or a group size without any non-channel
-    axis to split."""
+    range, a group size that does not divide its axis, a group size without any non-channel
+    axis to split, or a rotation without an axis to rotate or of a size it cannot rotate."""
     return _resolve(shape, spec)[0]
 
 
@@ -109,15 +113,16 @@ def _resolve(shape, spec):
     if len(set(channel)) != len(channel):
         return f"QuantSpec.channel_axes={spec.channel_axes} name the same axis twice for rank {ndim}", None
     group_axis = None
+    candidates = [a for a in range(ndim) if a not in channel]
+    # The largest shared axis (the last of equals): the contraction axis of Dense (in, out),
+    # Conv HWIO and DenseGeneral kernels alike, and the axis where one scale covers most values.
+    default_axis = max(reversed(candidates), key=lambda a: shape[a]) if candidates else None
     if spec.group_size is not None:
         if spec.group_axis is None:
-            candidates = [a for a in range(ndim) if a not in channel]
             if not candidates:
                 return (f"QuantSpec.group_size={spec.group_size} needs an axis to split, but every axis of shape "
                         f"{shape} is a channel axis {channel}"), None
-            # The largest shared axis (the last of equals): the contraction axis of Dense (in, out),
-            # Conv HWIO and DenseGeneral kernels alike, and the axis where one scale covers most values.
-            group_axis = max(reversed(candidates), key=lambda a: shape[a])
+            group_axis = default_axis
         else:
             if _axis_problem(spec.group_axis, ndim, "group_axis"):
                 return _axis_problem(spec.group_axis, ndim, "group_axis"), None
@@ -128,6 +133,16 @@ def _resolve(shape, spec):
         if n % spec.group_size:
             return (f"QuantSpec.group_size={spec.group_size} does not divide axis {group_axis} of size {n} (shape "
                     f"{shape}); choose a divisor of {n}"), None
+    rotation = getattr(spec, "rotation", None)
+    rotation_axis = None
+    if rotation is not None:
+        rotation_axis = default_axis if group_axis is None else group_axis
+        if rotation_axis is None:
+            return (f"QuantSpec.rotation={rotation!r} needs an axis to rotate (the contraction axis), but every axis "
+                    f"of shape {shape} is a channel axis {channel}"), None
+        problem = rotation.size_problem(shape[rotation_axis])
+        if problem is not None:
+            return f"QuantSpec.rotation along axis {rotation_axis} of shape {shape}: {problem}", None
     if group_axis is None:
         grouped = shape
         reduce_axes = tuple(a for a in range(ndim) if a not in channel)
@@ -136,7 +151,7 @@ def _resolve(shape, spec):
         grouped = shape[:group_axis] + (shape[group_axis] // g, g) + shape[group_axis + 1:]
         reduce_axes = tuple(sorted(
             [a + (a > group_axis) for a in range(ndim) if a not in channel and a != group_axis] + [group_axis + 1]))
-    return None, Layout(shape, grouped, channel, group_axis, reduce_axes)
+    return None, Layout(shape, grouped, channel, group_axis, reduce_axes, rotation_axis)
 
 
 def compute_dtype(dtype) -> jnp.dtype:

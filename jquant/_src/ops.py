@@ -16,6 +16,11 @@ One object serves both phases of a weight's life:
   activation is quantized per call and the exact integer path runs (`jquant.dot_general`); without
   one the weight is dequantized on the fly (weight-only).
 Both phases compute the same x̂·ŵ, so served outputs equal QAT outputs up to float rounding.
+A rotated weight spec (`QuantSpec(rotation=...)`, R along a contracted axis) works in the
+rotated basis in both phases — y = fq_act(x·R)·fq(Rᵀ·W) in QAT, the rotated QArray with the
+activation rotated online when served (`dot.rotated_operands`) — so the activation spec
+quantizes x·R in both. `QuantConv` has no online rotation: a rotated kernel is dequantized
+(R·Q) when served and fake-quantized as R·fq(Rᵀ·W) in QAT.
 
     dense = nn.Dense(128, dot_general=QuantDot(weight=QuantSpec(8, channel_axes=(1,)), act=QuantSpec(8)))
     y = jnp.einsum("bi,io->bo", x, w, _dot_general=QuantDot(weight=QuantSpec(4, channel_axes=(1,))))
@@ -32,9 +37,9 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from jquant._src import float_dot
+from jquant._src import float_dot, rotation
 from jquant._src.conv import conv_general_dilated, integer_conv_problem, runs_on_int8
-from jquant._src.dot import Operand, dot_general, integer_dot_problem
+from jquant._src.dot import Operand, dot_general, integer_dot_problem, rotated_operands, rotated_pair
 from jquant._src.packing import is_packed
 from jquant._src.qarray import QArray, quantize
 from jquant._src.spec import QuantSpec
@@ -66,17 +71,46 @@ class _QuantOp:
             rhs = fake_quant(rhs, self.weight)
         return lhs, rhs
 
-    def served_operands(self, lhs, rhs: QArray):
-        """Serving: (activation, weight) for `jquant.dot_general`. With an integer-grid weight the
-        activation becomes a QArray (the integer path); a codebook weight has no integer grid, so
-        the activation is fake-quantized and the weight dequantized (the same numbers as QAT).
+    def served_operands(self, lhs, rhs: QArray, dimension_numbers):
+        """Serving: (activation, weight) for `jquant.dot_general`. A rotated weight first rotates
+        the activation (`dot.rotated_operands`). With an integer-grid weight the activation
+        becomes a QArray (the integer path); a codebook weight has no integer grid, so the
+        activation is fake-quantized and the weight dequantized (the same numbers as QAT).
         Floating-point formats (FP8, MX, NVFP4) quantize the activation for their own dot
         (`jquant._src.float_dot`)."""
+        if rhs.spec.rotation is not None:
+            self._no_static_act_range()
+        lhs, rhs = rotated_operands(lhs, rhs, dimension_numbers)
         if self.act is None:
             return lhs, rhs
-        if rhs.spec.method.integer_problem(rhs.spec) is not None and not float_dot.takes(self.act, rhs):
-            return self.fake_quant_inputs(lhs, rhs)[0], rhs.dequantize()
+        if not isinstance(rhs, QArray) or (rhs.spec.method.integer_problem(rhs.spec) is not None
+                                           and not float_dot.takes(self.act, rhs)):
+            return self.fake_quant_inputs(lhs, rhs)[0], rhs if not isinstance(rhs, QArray) else rhs.dequantize()
         return quantize(lhs, self.act, scale=self.act_scale, zero_point=self.act_zero_point), rhs
+
+    def _no_static_act_range(self):
+        # A static range is calibrated on x (the observers see the layer's input), but a rotated
+        # weight's dot quantizes x·R, whose range differs: refuse rather than clip wrongly.
+        if self.act_scale is not None:
+            raise ValueError("a static (calibrated) activation range cannot be used with a rotated weight spec: "
+                             "the dot quantizes the rotated activation x·R, not the x it was calibrated on; "
+                             "quantize the activation dynamically (no calibration) or drop the rotation")
+
+    def in_rotated_basis(self, lhs, rhs, dimension_numbers):
+        """QAT with a rotated weight spec whose rotation axis is contracted: (this op with the
+        rotation taken off its weight spec, x·R, Rᵀ·W) — the served numbers' basis (module
+        docstring); None otherwise (a rotation on a free axis fake-quantizes as R·fq(Rᵀ·W))."""
+        if self.weight is None or self.weight.rotation is None or isinstance(rhs, QArray):
+            return None
+        (lc, rc), _ = dimension_numbers
+        pair = rotated_pair(jnp.shape(rhs), self.weight, rc, lc)
+        if pair is None:
+            return None
+        self._no_static_act_range()
+        rot = self.weight.rotation
+        op = dataclasses.replace(self, weight=dataclasses.replace(self.weight, rotation=None))
+        lhs = rotation.to_rotated(lhs, rot, pair[1]).astype(jnp.result_type(lhs))
+        return op, lhs, rotation.to_rotated(rhs, rot, pair[0]).astype(jnp.result_type(rhs))
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -92,7 +126,12 @@ class QuantDot(_QuantOp):
 
     def __call__(self, lhs, rhs, dimension_numbers, precision=None, preferred_element_type=None, **unused):
         if isinstance(rhs, QArray):
-            return dot_general(*self.served_operands(lhs, rhs), dimension_numbers, precision, preferred_element_type)
+            return dot_general(*self.served_operands(lhs, rhs, dimension_numbers), dimension_numbers, precision,
+                               preferred_element_type)
+        rotated = self.in_rotated_basis(lhs, rhs, dimension_numbers)
+        if rotated is not None:
+            op, lhs, rhs = rotated
+            return op(lhs, rhs, dimension_numbers, precision, preferred_element_type)
         if self._integer_forward(lhs, rhs, dimension_numbers):
             return _integer_qat_dot(self, dimension_numbers, precision, preferred_element_type, lhs, rhs,
                                     self.act_scale, self.act_zero_point)
@@ -147,10 +186,14 @@ class QuantEinsum(_QuantOp):
 
     def __call__(self, subscripts, lhs, rhs, precision=None, preferred_element_type=None, **unused):
         if not isinstance(rhs, QArray):
-            lhs, rhs = self.fake_quant_inputs(lhs, rhs)
+            rotated = self.in_rotated_basis(lhs, rhs, einsum_dimension_numbers(subscripts)[0]) \
+                if self.weight is not None and self.weight.rotation is not None else None
+            op, lhs, rhs = (self, lhs, rhs) if rotated is None else rotated
+            lhs, rhs = op.fake_quant_inputs(lhs, rhs)
             return jnp.einsum(subscripts, lhs, rhs, precision=precision, preferred_element_type=preferred_element_type)
         dimension_numbers, out_order = einsum_dimension_numbers(subscripts)
-        y = dot_general(*self.served_operands(lhs, rhs), dimension_numbers, precision, preferred_element_type)
+        y = dot_general(*self.served_operands(lhs, rhs, dimension_numbers), dimension_numbers, precision,
+                        preferred_element_type)
         return jnp.transpose(y, out_order)
 
 

@@ -16,12 +16,17 @@ Kernel conventions (what the presets and the docs assume; a rule can say anythin
 * Embedding tables `(vocab, features)`: one scale per token row → `channel_axes=(0,)`.
 * Stacked layers (`nn.scan`, `nnx.vmap`): `(L, *kernel)`; a rule written for one layer says
   `stacked=1`, and the transforms give each layer its own scales (`Rule.stacked`).
+* LoRA adapters (`Rule(..., lora=LoRA(r))`) of a kernel whose first n axes are contracted (Dense
+  `(in, out)`: n = 1; attention out `(heads, head_dim, out)`: n = 2): A `(*kernel[:n], r)` and
+  B `(r, *kernel[n:])`, stacked layers' axes in front of both (`jquant._src.lora`).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import itertools
+import math
+import numbers
 import re
 import warnings
 from typing import Callable, List, NamedTuple, Optional, Tuple
@@ -32,6 +37,55 @@ from jax.experimental import checkify
 
 from jquant._src.paths import at_path, is_float_array, is_qarray, leaves_with_paths, map_with_paths
 from jquant._src.spec import QuantSpec, stacked
+
+
+@dataclasses.dataclass(frozen=True)
+class LoRA:
+    """Low-rank adapters on the kernels a rule matches (LoRA, Hu et al. 2021; over a quantized
+    kernel, QLoRA, Dettmers et al. 2023): a layer computes
+
+        y = x·Ŵ + (α/r)·(x·A)·B,
+
+    Ŵ the kernel as the rule's spec makes it (the QArray through its serving path, a float
+    kernel fake-quantized for QAT, or the float kernel when the rule has no spec), A `(in, r)`
+    initialised he-uniform and B `(r, out)` zero (as `flax.nnx.LoRA`), so training starts at the
+    base model exactly, and only A and B train. `jquant.merge` folds them into W. The term takes
+    the layer's float input; a kernel served on the integer path (a rule with `act`) quantizes
+    that input for x·Ŵ, which has no derivative, so adapters below such a layer get no gradient
+    through it: train those in QAT (float params) or over weight-only served kernels.
+
+    Args:
+      rank: r, an int ≥ 1.
+      alpha: α > 0, the adapters' scale is α/r; None: α = r (scale 1), which is `flax.nnx.LoRA`
+        (no scale) and PEFT's default (lora_alpha = r = 8).
+
+    Raises:
+      TypeError: rank is not an int, alpha not a real number or None.
+      ValueError: rank < 1, or alpha not finite and > 0.
+    """
+
+    rank: int
+    alpha: Optional[float] = None
+
+    def __post_init__(self):
+        if isinstance(self.rank, bool) or not isinstance(self.rank, int):
+            raise TypeError(f"LoRA.rank must be an int ≥ 1, got {type(self.rank).__name__}: {self.rank!r}")
+        if self.rank < 1:
+            raise ValueError(f"LoRA.rank must be ≥ 1, got {self.rank}")
+        if self.alpha is not None:
+            if isinstance(self.alpha, bool) or not isinstance(self.alpha, numbers.Real):
+                raise TypeError(f"LoRA.alpha must be a real number > 0 or None (α = rank), got "
+                                f"{type(self.alpha).__name__}: {self.alpha!r}")
+            if not (math.isfinite(self.alpha) and self.alpha > 0):
+                raise ValueError(f"LoRA.alpha must be finite and > 0 (None: α = rank), got {self.alpha!r}")
+
+    @property
+    def scale(self) -> float:
+        """α/r, the factor of the low-rank term."""
+        return (self.rank if self.alpha is None else self.alpha) / self.rank
+
+    def __repr__(self) -> str:
+        return f"LoRA({self.rank}" + ("" if self.alpha is None else f", alpha={self.alpha!r}") + ")"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,9 +107,13 @@ class Rule:
         the scan applies it; a transform over the tree quantizes each layer with its own scales
         (`spec.stacked(spec, k)`: the stack axes become channel axes), and the scan slices the
         resulting QArray into each layer's. `ndim` counts the stack axes too.
+      lora: `LoRA(rank, alpha)` to give matched kernels low-rank adapters (the Flax wrappers:
+        Dense/DenseGeneral, Linear/LinearGeneral), on top of `spec` (QLoRA; QAT) or of a float
+        kernel (`spec=None`); ignored by the parameter transforms.
 
     Raises:
-      TypeError: the pattern is not a str, a spec is not a QuantSpec, or ndim is not an int ≥ 0.
+      TypeError: the pattern is not a str, a spec is not a QuantSpec, lora not a LoRA, or ndim is
+        not an int ≥ 0.
       ValueError: the pattern is not a valid regular expression.
     """
 
@@ -65,6 +123,7 @@ class Rule:
     ndim: Optional[int] = None
     optional: bool = False
     stacked: int = 0
+    lora: Optional[LoRA] = None
 
     def __post_init__(self):
         if not isinstance(self.pattern, str):
@@ -81,6 +140,8 @@ class Rule:
             raise TypeError(f"Rule.ndim must be None or an int ≥ 0 (a leaf's rank), got {self.ndim!r}")
         if isinstance(self.stacked, bool) or not isinstance(self.stacked, int) or self.stacked < 0:
             raise TypeError(f"Rule.stacked must be an int ≥ 0 (leading stack axes), got {self.stacked!r}")
+        if self.lora is not None and not isinstance(self.lora, LoRA):
+            raise TypeError(f"Rule.lora must be a jquant.LoRA or None, got {type(self.lora).__name__}: {self.lora!r}")
 
     def matches(self, path: str, ndim: Optional[int] = None, *, layer: bool = False) -> bool:
         """Whether the rule applies to a leaf at `path` of rank `ndim` (None: unknown, which a
@@ -103,7 +164,8 @@ class Rule:
 
     def __repr__(self) -> str:
         extra = "".join(f", {name}={getattr(self, name)!r}" for name, default in
-                        (("act", None), ("ndim", None), ("optional", False), ("stacked", 0))
+                        (("act", None), ("ndim", None), ("optional", False), ("stacked", 0),
+                                                  ("lora", None))
                         if getattr(self, name) != default)
         return f"Rule({self.pattern!r}, {self.spec!r}{extra})"
 
@@ -288,36 +350,41 @@ ATTENTION_IN = r"(.*/)?(query|key|value)/kernel"
 ATTENTION_OUT = r"(.*/)?out/kernel"
 
 
-def int8_weights(embeddings: bool = False, stacked: int = 0) -> Policy:
+def int8_weights(embeddings: bool = False, stacked: int = 0, lora: Optional[LoRA] = None) -> Policy:
     """int8 symmetric, one scale per output channel (and per head) for every `kernel`, and per
     token row for `embedding` tables if asked; the layouts are `_kernel_rules`'. `stacked`: the
-    kernels' leading layer axes (1 for an `nn.scan`/`nnx.vmap` stack; see `Rule`)."""
-    return Policy(_kernel_rules(8, True, None, stacked) + _embedding_rules(QuantSpec(8, channel_axes=(0,)), embeddings))
+    kernels' leading layer axes (1 for an `nn.scan`/`nnx.vmap` stack; see `Rule`). `lora`:
+    adapters on every kernel (QLoRA; embeddings get none)."""
+    return Policy(_kernel_rules(8, True, None, stacked, lora=lora)
+                  + _embedding_rules(QuantSpec(8, channel_axes=(0,)), embeddings))
 
 
-def int4_weights(group_size: int = 128, embeddings: bool = False, stacked: int = 0) -> Policy:
+def int4_weights(group_size: int = 128, embeddings: bool = False, stacked: int = 0,
+                 lora: Optional[LoRA] = None) -> Policy:
     """int4 asymmetric, per output channel (and per head) and `group_size` groups along the
     contraction axis (`_kernel_rules`); embedding rows in groups of `group_size` if asked;
-    `stacked` as for `int8_weights`."""
+    `stacked` and `lora` as for `int8_weights`."""
     embedding = QuantSpec(4, symmetric=False, channel_axes=(0,), group_size=group_size)
-    return Policy(_kernel_rules(4, False, group_size, stacked) + _embedding_rules(embedding, embeddings))
+    return Policy(_kernel_rules(4, False, group_size, stacked, lora=lora) + _embedding_rules(embedding, embeddings))
 
 
-def w8a8(stacked: int = 0) -> Policy:
+def w8a8(stacked: int = 0, lora: Optional[LoRA] = None) -> Policy:
     """int8 per-channel (and per-head) kernels and int8 per-tensor dynamic activations (the integer
-    matmul path); `stacked` as for `int8_weights`."""
-    return Policy(_kernel_rules(8, True, None, stacked, act=QuantSpec(8)))
+    matmul path); `stacked` and `lora` as for `int8_weights` (served, the quantized input has no
+    derivative: adapters train in QAT, see `LoRA`)."""
+    return Policy(_kernel_rules(8, True, None, stacked, act=QuantSpec(8), lora=lora))
 
 
-def fp8_w8a8(stacked: int = 0) -> Policy:
+def fp8_w8a8(stacked: int = 0, lora: Optional[LoRA] = None) -> Policy:
     """FP8 E4M3 kernels with a float32 scale per output channel (and per head) and FP8 E4M3
     per-tensor dynamic activations (`method="fp8_e4m3"`: the FP8 dot, `jquant._src.float_dot`);
-    `stacked` as for `int8_weights`."""
-    return Policy(_kernel_rules(8, True, None, stacked, act=QuantSpec(8, method="fp8_e4m3"), method="fp8_e4m3"))
+    `stacked` and `lora` as for `w8a8`."""
+    return Policy(_kernel_rules(8, True, None, stacked, act=QuantSpec(8, method="fp8_e4m3"), method="fp8_e4m3",
+                                lora=lora))
 
 
 def _kernel_rules(bits: int, symmetric: bool, group_size: Optional[int], stacked: int,
-                  act: Optional[QuantSpec] = None, method: str = "uniform"):
+                  act: Optional[QuantSpec] = None, method: str = "uniform", lora: Optional[LoRA] = None):
     """The presets' kernel rules, first match wins:
 
     * attention in (query/key/value, 3-D `(in, heads, head_dim)`): a scale per head and head_dim
@@ -332,7 +399,7 @@ def _kernel_rules(bits: int, symmetric: bool, group_size: Optional[int], stacked
     named `out` gets the general rule).
     """
     grouped = {} if group_size is None else {"group_size": group_size}
-    common = dict(act=act, optional=True, stacked=stacked)
+    common = dict(act=act, optional=True, stacked=stacked, lora=lora)
     fmt = dict(bits=bits, symmetric=symmetric, method=method)
     return (Rule(ATTENTION_IN, QuantSpec(channel_axes=(-2, -1), **grouped, **fmt), ndim=3 + stacked, **common),
             Rule(ATTENTION_OUT, QuantSpec(channel_axes=(-1,), group_axis=0, group_size=1, **fmt), ndim=3 + stacked,

@@ -10,10 +10,15 @@ Storage (`QArray.value`):
 Scale and zero-point have shape `numerics.layout(shape, spec).scale_shape`: the tensor's shape
 (with the group axis split) and 1 on every axis that shares a scale. For `method="kmeans"` the
 `scale` holds each group's sorted levels instead, shape `scale_shape + (2^bits,)`.
+
+Rotated specs (`QuantSpec(rotation=jquant.Hadamard())`): storage, scale and zero-point are those
+of Rᵀ·x (`in_stored_basis` is that QArray, same storage), and `dequantize` returns R·(its
+dequantization) (`jquant._src.rotation`).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Tuple
 
@@ -21,7 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jquant._src import numerics, packing
+from jquant._src import numerics, packing, rotation
 from jquant._src.spec import QuantSpec, unstacked
 
 
@@ -110,7 +115,8 @@ class QArray:
         raise TypeError(_WHERE_FLOAT.format(self))
 
     def dequantize(self):
-        """x̂ = s · (q - z) (codebook methods: the indexed level) in the original shape and dtype."""
+        """x̂ = s · (q - z) (codebook methods: the indexed level) in the original shape and dtype;
+        R·(that) for a rotated spec."""
         return decode(self.q, self.scale, self.zero_point, self.spec, self.shape, self.dtype)
 
     @property
@@ -132,11 +138,24 @@ class QArray:
 def decode(q, scale, zero_point, spec: QuantSpec, shape, dtype, *, saturate: bool = True):
     """`QArray.dequantize` of unpacked integers `q` of `shape` (for callers that unpack storage
     piecewise, e.g. the weight-only dot's bit planes); `saturate=False` where the format's
-    `saturates(scale, spec)` is False (it then skips a per-element clip)."""
+    `saturates(scale, spec)` is False (it then skips a per-element clip). A rotated spec's values
+    are rotated back (R·, in float32) before the cast to `dtype`."""
     lay = numerics.layout(tuple(shape), spec)
     values = (spec.method.decode(q, scale, zero_point, spec, lay) if saturate
               else spec.method.decode(q, scale, zero_point, spec, lay, saturate=False))
+    if spec.rotation is not None:
+        values = rotation.from_rotated(values, spec.rotation, lay.rotation_axis)
     return numerics.cast_saturating(values, dtype)
+
+
+def in_stored_basis(qa: QArray) -> QArray:
+    """A rotated QArray (Q(Rᵀ·x), dequantizing to R·Q(Rᵀ·x)) as the plain QArray of Q(Rᵀ·x): the
+    same storage, scale and zero-point under the spec without its rotation; `qa` itself if it has
+    no rotation."""
+    if qa.spec.rotation is None:
+        return qa
+    return QArray(qa.value, qa.scale, qa.zero_point, spec=dataclasses.replace(qa.spec, rotation=None),
+                  shape=qa.shape, dtype=qa.dtype)
 
 
 def _layer_of_stack(spec: QuantSpec, shape, value):
@@ -191,6 +210,10 @@ def quantize(x, spec: QuantSpec, *, scale=None, zero_point=None) -> QArray:
     """
     x = check_float_input(x, spec, "quantize")
     lay = numerics.layout(x.shape, spec)
+    if spec.rotation is not None:
+        rotated = rotation.to_rotated(x, spec.rotation, lay.rotation_axis)
+        stored = quantize(rotated, dataclasses.replace(spec, rotation=None), scale=scale, zero_point=zero_point)
+        return QArray(stored.value, stored.scale, stored.zero_point, spec=spec, shape=x.shape, dtype=x.dtype)
     fmt = spec.method
     fixed = scale is not None
     scale, zero_point = fmt.params(x, spec, lay, scale, zero_point)

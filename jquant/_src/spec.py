@@ -8,6 +8,7 @@ from typing import Optional, Tuple, Union
 from jquant._src import formats
 from jquant._src.calibration import CALIBRATIONS, Calibration, MinMax
 from jquant._src.formats import Format
+from jquant._src.rotation import Hadamard
 
 
 @dataclasses.dataclass(frozen=True)
@@ -41,8 +42,17 @@ class QuantSpec:
         E4M3 block scales and a tensor scale). Stored as the object; each format's module
         documents its numerics.
       calibration: how a uniform grid's range is chosen from the data when no fixed scale is
-        given: `MinMax()` (default: absmax / min-max), `Percentile(p)` or `MSE()` (searched clip
-        ratio). See `jquant._src.calibration`.
+        given: `MinMax()` (default: absmax / min-max), `Percentile(p)`, `MSE()` (searched clip
+        ratio) or `HQQ()` (scale and integer zero-point fitted to min Σ|x − x̂|^p, p < 1). See
+        `jquant._src.calibration`.
+      rotation: None (default), or `jquant.Hadamard(seed=..., block=...)`: the tensor is stored as
+        Q(Rᵀ·x) with R orthogonal along its contraction axis and dequantizes to R·Q(Rᵀ·x)
+        (`jquant._src.rotation`). The rotated axis is the group axis, or without a group the axis
+        a group would default to (see `group_axis`) — for a per-tensor spec on a 2-D kernel that
+        is the larger axis (the last of a square one), which need not be the contraction: give
+        `channel_axes` (or a group) to pin it. Its size n must have a Hadamard matrix (`Hadamard`
+        says which; else a ValueError names n and what is allowed). A dot with a rotated weight
+        rotates the activation instead (`dot_general`); one rotated along a free axis dequantizes.
 
     Raises:
       TypeError: a field of the wrong type. ValueError: a value the format does not allow; both
@@ -57,6 +67,7 @@ class QuantSpec:
     group_axis: Optional[int] = None
     method: Format = formats.FORMATS["uniform"]
     calibration: Calibration = MinMax()
+    rotation: Optional[Hadamard] = None
 
     def __post_init__(self):
         axes = self.channel_axes
@@ -81,7 +92,10 @@ class QuantSpec:
                 raise TypeError(f"QuantSpec.{flag} must be True or False, got {getattr(self, flag)!r}")
         if not isinstance(self.calibration, CALIBRATIONS):
             raise TypeError(f"QuantSpec.calibration={self.calibration!r} is not a calibration; allowed: "
-                            "jquant.MinMax(), Percentile(p), MSE(...)")
+                            "jquant.MinMax(), Percentile(p), MSE(...), HQQ(...)")
+        if self.rotation is not None and not isinstance(self.rotation, Hadamard):
+            raise TypeError(f"QuantSpec.rotation={self.rotation!r} is not a rotation; allowed: None, "
+                            "jquant.Hadamard(seed=..., block=...)")
         self.method.validate(self)
 
         if self.group_size is not None:
@@ -138,6 +152,8 @@ class QuantSpec:
                          else f"method={self.method!r}")
         if not isinstance(self.calibration, MinMax):
             parts.append(f"calibration={self.calibration!r}")
+        if self.rotation is not None:
+            parts.append(f"rotation={self.rotation!r}")
         return f"QuantSpec({', '.join(parts)})"
 
 

@@ -7,12 +7,13 @@ jvp∘grad), which a `custom_vjp` would refuse; the backward pass is the one the
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import jax
 import jax.numpy as jnp
 
-from jquant._src import numerics
+from jquant._src import numerics, rotation
 from jquant._src.qarray import check_float_input
 from jquant._src.spec import QuantSpec
 
@@ -42,7 +43,8 @@ def fake_quant(x, spec: QuantSpec, *, scale=None, zero_point=None):
     `MSE`) or a fixed `scale`/`zero_point` the elements beyond the range get zero gradient. The
     scale and zero-point receive no gradient (a learned step size is a separate estimator,
     `jquant.learned`). Sign and codebook formats have no clip: their gradient is the identity
-    (BinaryConnect STE).
+    (BinaryConnect STE). A rotated spec computes R·fq(Rᵀ·x), the rotations ordinary linear maps:
+    the gradient is R·(mask ⊙ Rᵀ·g), the mask taken in the rotated basis.
 
     Args:
       x: float array; spec: the QuantSpec; scale, zero_point: as in `jquant.quantize`.
@@ -55,6 +57,10 @@ def fake_quant(x, spec: QuantSpec, *, scale=None, zero_point=None):
     """
     x = check_float_input(x, spec, "fake_quant")
     lay = numerics.layout(x.shape, spec)
+    if spec.rotation is not None:
+        rotated = rotation.to_rotated(x, spec.rotation, lay.rotation_axis)
+        x_hat = fake_quant(rotated, dataclasses.replace(spec, rotation=None), scale=scale, zero_point=zero_point)
+        return numerics.cast_saturating(rotation.from_rotated(x_hat, spec.rotation, lay.rotation_axis), x.dtype)
     fixed = scale is not None
     scale, zero_point = spec.method.params(jax.lax.stop_gradient(x), spec, lay, scale, zero_point)
     scale = jax.lax.stop_gradient(scale)

@@ -7,24 +7,47 @@ learned quantizers. Lower layers take plain trees.
 * `quantize(model, policy)`: a Linen module → `QuantizedLinen` (same `init`/`apply`, same params);
   an NNX module → the same module, its layers switched to quantized ops in place.
 * `calibrate(model, batches, variables=None)`: static activation ranges from observers, for both.
+* `quantize(model, policy, kv_cache=spec)`: Flax's attention decode caches (Linen
+  `MultiHeadDotProductAttention(decode=True)`, NNX `MultiHeadAttention`) kept quantized per token
+  and head (`jquant.KVCache`); `init_cache(model, batch, context)` allocates an NNX model's.
 * `act_ranges(variables)`, `learned_stats(learned, policy)`: between a Linen model's observers and
   `jquant.learned`.
+* LoRA (`Rule(..., lora=jquant.LoRA(r))`): Linen adapters in the `"lora"` collection (`LORA`),
+  NNX adapters as `nnx.LoRAParam`s; `adapters(model)` (NNX) keys them like the kernels for
+  `jquant.merge`.
 """
 
-from jquant.flax._linen import STATS, QuantizedLinen, act_ranges, learned_stats, quantize_linen
-from jquant.flax._nnx import QuantStat, calibrate_nnx, quantize_nnx
+from jquant.flax._linen import LORA, STATS, QuantizedLinen, act_ranges, learned_stats, quantize_linen
+from jquant.flax._nnx import QuantStat, adapters, calibrate_nnx, quantize_nnx
+from jquant.flax._kvcache import QuantizedCacheLinen, init_cache, with_kv_cache
 
-__all__ = ["quantize", "calibrate", "act_ranges", "learned_stats", "QuantizedLinen", "QuantStat", "STATS"]
+__all__ = ["quantize", "calibrate", "act_ranges", "learned_stats", "adapters", "QuantizedLinen", "QuantStat",
+           "STATS", "LORA", "init_cache", "QuantizedCacheLinen"]
 
 
-def quantize(model, policy):
+def quantize(model, policy, *, rngs=None, kv_cache=None):
     """Quantize a Flax model by `policy`: a Linen module → `QuantizedLinen` (same `init`/`apply`,
-    same params); an NNX module → the same module, its layers switched to quantized ops in place."""
+    same params; LoRA adapters come from `init`'s key); an NNX module → the same module, its layers
+    switched to quantized ops in place (LoRA adapters drawn from `rngs`, an `nnx.Rngs`).
+
+    `kv_cache`: a QuantSpec (e.g. `jquant.KV_INT8`) for the attention layers' decode caches:
+    Linen `MultiHeadDotProductAttention(decode=True)` and NNX `MultiHeadAttention` keep their
+    keys and values quantized per token and head (`jquant.KVCache`; NNX allocates them with
+    `jquant.flax.init_cache(model, batch, context)`); None: Flax's float caches.
+
+    Raises:
+      TypeError: `rngs` given for a Linen model, or missing for an NNX policy with LoRA rules;
+        `kv_cache` not a QuantSpec.
+    """
     from flax import linen as nn
 
     if isinstance(model, nn.Module):
-        return quantize_linen(model, policy)
-    return quantize_nnx(model, policy)
+        if rngs is not None:
+            raise TypeError("jquant.flax.quantize: a Linen model draws its adapters in init(key, ...); pass rngs=None")
+        wrapped = quantize_linen(model, policy)
+    else:
+        wrapped = quantize_nnx(model, policy, rngs)
+    return wrapped if kv_cache is None else with_kv_cache(wrapped, kv_cache)
 
 
 def calibrate(model, batches, *, variables=None, momentum: float = 0.9):

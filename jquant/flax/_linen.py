@@ -19,7 +19,15 @@ variables. Nothing in JAX or Flax is patched.
 * Learned quantizers (`jquant.learned`): `apply({"params": params, **learned}, x)` with the
   `lsq_step` / `pact_clip` collections from `jquant.learned.init` trains LSQ steps and PACT clips;
   serve with `jquant.learned.quantize_params` and `learned_stats` (static ranges in `quant_stats`).
-`init` always runs the float layers (it only creates the params).
+* LoRA (`Rule(..., lora=jquant.LoRA(r, alpha))`, Dense and DenseGeneral): `init` also returns a
+  `"lora"` collection, the adapters keyed like the kernels (`lora/<module path>/kernel/lora_a`,
+  `.../lora_b`, `jquant._src.lora`); `apply({"params": ..., "lora": lora}, x)` adds
+  (α/r)·(x·A)·B to each adapted layer's x·Ŵ (Ŵ: the QArray through `jquant.dot_general`, a
+  fake-quantized float kernel, or the float kernel under `spec=None`). Train the adapters alone by
+  differentiating with respect to the `"lora"` collection only (the params — QArrays, whose
+  integer codes no optimizer can take and whose scales must not move — are constants);
+  without a `"lora"` collection the layers run their base (e.g. after `jquant.merge`).
+`init` always runs the float layers (it only creates the params, and the adapters).
 """
 
 from __future__ import annotations
@@ -29,10 +37,12 @@ import dataclasses
 import functools
 import warnings
 
+import flax.errors
 import jax.numpy as jnp
 from flax import linen as nn
 
 from jquant._src import learned
+from jquant._src import lora as lora_lib
 from jquant.flax import _observers as observers
 from jquant._src.ops import QuantConv, QuantDot
 from jquant._src.paths import at_path, leaves_with_paths, nest
@@ -41,6 +51,8 @@ from jquant._src.qarray import QArray
 
 STATS = "quant_stats"
 """The Linen collection holding activation observers (`act_lo`, `act_hi`, `count` per layer)."""
+LORA = "lora"
+"""The Linen collection holding LoRA adapters (`<module path>/kernel/lora_a`, `.../lora_b`)."""
 
 _INSIDE = contextvars.ContextVar("jquant_linen_inside", default=False)
 _CALIBRATION = contextvars.ContextVar("jquant_linen_calibration", default=None)  # momentum while calibrating
@@ -58,7 +70,13 @@ class QuantizedLinen:
         """The model's `init`. Afterwards the policy is checked against the new variables by the
         policy walk: a rule that matches no parameter, or a kernel that no supported layer
         (Dense, DenseGeneral, Conv, Einsum) uses — it would stay float — is reported in a warning;
-        a stacked kernel (`nn.scan`) whose rule does not say so is an error (`check_stack`)."""
+        a stacked kernel (`nn.scan`) whose rule does not say so is an error (`check_stack`). Rules
+        with a `LoRA` add the adapters (the `"lora"` collection; A drawn from the "params" rng).
+
+        Raises:
+          ValueError: a LoRA rule on a layer other than Dense/DenseGeneral, or on a DenseGeneral
+            with batch dimensions (naming the kernel).
+        """
         layers = {}
         token = _LAYERS.set(layers)
         try:
@@ -68,7 +86,7 @@ class QuantizedLinen:
             _LAYERS.reset(token)
         left = []
         for m in matches(variables, self.policy, where="jquant.flax.quantize (Linen init)",
-                         selects=lambda rule: rule.spec is not None or rule.act is not None):
+                         selects=lambda rule: rule.spec is not None or rule.act is not None or rule.lora is not None):
             if m.path in layers:
                 check_stack(m.path, m.leaf.ndim, layers[m.path], self.policy.rules[m.index])
             else:
@@ -174,11 +192,13 @@ def _intercept(policy, next_fun, args, kwargs, context):
         return next_fun(*args, **kwargs)
     hook = _hook(module)
     rule = _rule_for(policy, module) if hook is not None else None
-    if rule is None or (rule.spec is None and rule.act is None) or module.is_initializing():
+    if rule is None or (rule.spec is None and rule.act is None and rule.lora is None) or module.is_initializing():
         out = next_fun(*args, **kwargs)
         if hook is not None and _LAYERS.get() is not None:  # init: the layer's kernel exists now
             kernel = module.variables.get("params", {}).get("kernel")
             _LAYERS.get()[_kernel_path(module)] = None if kernel is None else kernel.ndim
+            if rule is not None and rule.lora is not None and kernel is not None:
+                _init_adapters(module, kernel, rule.lora)
         return out
     attribute, op_class, cleared = hook
     variables = module.variables
@@ -198,6 +218,10 @@ def _intercept(policy, next_fun, args, kwargs, context):
         stand_in = jnp.broadcast_to(jnp.zeros((), kernel.dtype), kernel.shape)
         variables = {**variables, "params": {**variables["params"], "kernel": stand_in}}
         op = _WithWeight(op, kernel)
+    adapters = variables.get(LORA, {}).get("kernel") if rule.lora is not None else None
+    if adapters is not None:
+        _lora_inputs(module)
+        op = lora_lib.WithAdapters(op, adapters[lora_lib.A], adapters[lora_lib.B], rule.lora.scale)
     variant = module.clone(parent=None, **{attribute: op}, **{name: None for name in cleared})
     token = _INSIDE.set(True)
     try:
@@ -206,6 +230,32 @@ def _intercept(policy, next_fun, args, kwargs, context):
         raise at_path(_kernel_path(module), err, f"rule {rule!r}: ") from None
     finally:
         _INSIDE.reset(token)
+
+
+def _lora_inputs(module) -> int:
+    """How many leading kernel axes the layer contracts (the adapters' layout, `jquant._src.lora`).
+
+    Raises:
+      ValueError: the layer is not a Dense or a DenseGeneral without batch dimensions.
+    """
+    if isinstance(module, nn.Dense):
+        return 1
+    if isinstance(module, nn.DenseGeneral) and not module.batch_dims:
+        return len(module.axis) if isinstance(module.axis, (tuple, list)) else 1
+    raise ValueError(f"{_kernel_path(module)}: LoRA adapters are for Dense and DenseGeneral (without batch_dims) "
+                     f"kernels, not {type(module).__name__}; give this layer a rule without lora")
+
+
+def _init_adapters(module, kernel, config) -> None:
+    """Create the layer's adapters in the `"lora"` collection (A he-uniform, B zero)."""
+    inputs = _lora_inputs(module)
+    try:
+        module.variable(LORA, "kernel", lambda: lora_lib.init(module.make_rng("params"), kernel.shape, inputs, config,
+                                                              kernel.dtype))
+    except flax.errors.ScopeCollectionNotFound:
+        raise ValueError(f"{_kernel_path(module)}: the layer's LoRA adapters cannot be created in the '{LORA}' "
+                         f"collection inside a lifted transform (nn.scan, nn.vmap) that does not map it; add it "
+                         f"as the params are, e.g. variable_axes={{'params': 0, '{LORA}': 0}}") from None
 
 
 def _apply_learned(rule, variables, args, kernel):

@@ -12,6 +12,13 @@ this is done in place and the same model is returned.
   kernels (integer path with `rule.act`, dequantize-on-the-fly without).
 * `jquant.flax.calibrate(model, batches)` → static activation ranges: each quantized activation gets an
   observer (`QuantStat` variables: EMA of the per-tensor min/max), then keeps those ranges.
+* LoRA (`Rule(..., lora=jquant.LoRA(r, alpha))`, Linear and LinearGeneral): the layer's op
+  becomes a `LoRADot` holding the adapters as `nnx.LoRAParam` variables (`<layer>/dot_general/
+  lora_a`, `.../lora_b`; A he-uniform from `rngs.params()`, B zero, `flax.nnx.LoRA`'s layout),
+  which adds (α/r)·(x·A)·B to the layer's x·Ŵ. `nnx.Optimizer(model, tx, wrt=nnx.LoRAParam)` and
+  `nnx.grad(..., argnums=nnx.DiffState(0, nnx.LoRAParam))` train them alone; `LoRAParam` is a
+  `Param`, so `nnx.state(model, nnx.Param)` holds them too (the presets' `kernel` rules do not
+  match them). `adapters(model)` gives them keyed like the kernels, for `jquant.merge`.
 """
 
 from __future__ import annotations
@@ -22,18 +29,25 @@ from flax import nnx
 
 from jquant.flax import _observers as observers
 from jquant.flax._dtypes import promote_dtype_nnx
+from jquant._src import lora as lora_lib
 from jquant._src.ops import QuantConv, QuantDot, QuantEinsum, _QuantOp
 from jquant._src.numerics import layout
+from jquant._src.paths import nest
 from jquant._src.policy import Policy, check_stack, walk
 
 
-def quantize_nnx(model, policy: Policy):
+def quantize_nnx(model, policy: Policy, rngs=None):
     """Switch `model`'s matched layers to quantized ops, in place; returns `model`.
 
     The rules are matched by the policy walk over `nnx.state(model, nnx.Param)` (the paths that
     `nnx.state` and `Policy.explain` show, e.g. `kernel` for a top-level layer), so a rule that
     matches no parameter is reported, and a NaN/Inf kernel or a spec that does not fit one raises
-    naming its path, as for `jquant.quantize_params`.
+    naming its path, as for `jquant.quantize_params`. Rules with a `LoRA` add adapters (module
+    docstring), drawn from `rngs` (an `nnx.Rngs`).
+
+    Raises:
+      TypeError: a LoRA rule but no `rngs`.
+      ValueError: a LoRA rule on a layer other than Linear / LinearGeneral without batch axes.
     """
     rules = {}
 
@@ -44,7 +58,9 @@ def quantize_nnx(model, policy: Policy):
         return match.leaf
 
     walk(nnx.state(model, nnx.Param), policy, record, where="jquant.flax.quantize",
-         selects=lambda rule: rule.spec is not None or rule.act is not None)
+         selects=lambda rule: rule.spec is not None or rule.act is not None or rule.lora is not None)
+    if rngs is None and any(rule.lora is not None for rule in rules.values()):
+        raise TypeError("jquant.flax.quantize: the policy gives LoRA adapters; pass rngs=nnx.Rngs(...) to draw them")
     for path, node in nnx.iter_graph(model):
         rule = rules.get(kernel_path(path))
         if rule is None or not isinstance(node, (nnx.Linear, nnx.LinearGeneral, nnx.Einsum, nnx.Conv)):
@@ -59,7 +75,44 @@ def quantize_nnx(model, policy: Policy):
             node.dot_general = QuantDot(rule.spec, rule.act)
             if getattr(node, "dot_general_cls", None) is not None:
                 node.dot_general_cls = None
+        if rule.lora is not None:
+            node.dot_general = nnx.data(LoRADot(node, kernel_path(path), rule.lora, rngs))
     return model
+
+
+class LoRADot(nnx.Module):
+    """A Linear/LinearGeneral's `dot_general` with LoRA adapters: op(x, Ŵ) + (α/r)·(x·A)·B, A and B
+    `nnx.LoRAParam`s (`jquant._src.lora` for the layout; a stack's axes in front, as the kernel's)."""
+
+    def __init__(self, layer, where: str, config, rngs):
+        if isinstance(layer, nnx.LinearGeneral) and not layer.batch_axis:
+            inputs = len(layer.in_features)
+        elif isinstance(layer, nnx.Linear):
+            inputs = 1
+        else:
+            raise ValueError(f"{where}: LoRA adapters are for Linear and LinearGeneral (without batch_axis) kernels, "
+                             f"not {type(layer).__name__}; give this layer a rule without lora")
+        kernel = layer.kernel.get_value()
+        adapters = lora_lib.init(rngs.params(), kernel.shape, inputs, config, kernel.dtype,
+                                 stacked=kernel.ndim - _layer_rank(layer))
+        self.op = layer.dot_general
+        self.scale = config.scale
+        self.lora_a = nnx.LoRAParam(adapters[lora_lib.A])
+        self.lora_b = nnx.LoRAParam(adapters[lora_lib.B])
+
+    def __call__(self, *args, **kwargs):
+        return lora_lib.WithAdapters(self.op, self.lora_a[...], self.lora_b[...], self.scale)(*args, **kwargs)
+
+
+def adapters(model) -> dict:
+    """The model's LoRA adapters keyed like its kernels (`<layer>/kernel/lora_a`, `.../lora_b`, the
+    layout `jquant.merge` reads): {layer path: {"kernel": {"lora_a": A, "lora_b": B}}} nested."""
+    out = {}
+    for path, node in nnx.iter_graph(model):
+        if isinstance(node, LoRADot):
+            nest(out, kernel_path(path[:-1]) + "/" + lora_lib.A, node.lora_a.get_value())
+            nest(out, kernel_path(path[:-1]) + "/" + lora_lib.B, node.lora_b.get_value())
+    return out
 
 
 def _layer_rank(node) -> int:
@@ -113,10 +166,11 @@ def calibrate_nnx(model, batches, momentum: float = 0.9):
     """
     targets = []
     for path, node in nnx.iter_graph(model):
-        for attribute, position in _OP_ATTRIBUTES:
+        lora = isinstance(node, LoRADot)  # its quantized op: `op` (the layer's `dot_general` is the LoRADot)
+        for attribute, position in (("op", 0),) if lora else _OP_ATTRIBUTES:
             op = getattr(node, attribute, None) if isinstance(node, nnx.Module) else None
             if isinstance(op, _QuantOp) and op.act is not None:
-                where = kernel_path(path)
+                where = kernel_path(path[:-1] if lora else path)
                 targets.append((node, attribute, ObservedOp(op, position, where)))
             elif isinstance(op, ObservedOp):
                 targets.append((node, attribute, op))

@@ -2,9 +2,9 @@
 
 State per observed activation: `act_lo`, `act_hi` (float32 scalars) and `count` (int32, batches
 seen). Each batch's range [lo_b, hi_b] is what the activation spec's `calibration` picks for that
-batch: min/max (`MinMax`, default; ±absmax when symmetric), percentiles (`Percentile(p)`) or the
-MSE-searched clip (`MSE()`). The first batch sets lo/hi; later ones move them by
-lo ← m·lo + (1 − m)·lo_b (same for hi) with momentum m. Static ranges are per-tensor: a
+batch: min/max (`MinMax`, default; ±absmax when symmetric), percentiles (`Percentile(p)`), the
+MSE-searched clip (`MSE()`), HQQ's fitted grid (`HQQ()`). The first batch sets lo/hi; later
+ones move them by lo ← m·lo + (1 − m)·lo_b (same for hi) with momentum m. Static ranges are per-tensor: a
 per-feature activation scale would vary along the contraction and rule out the integer path, and
 a per-token one depends on the batch.
 """
@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import jax.numpy as jnp
 
-from jquant._src.calibration import MSE
+from jquant._src.calibration import MinMax, Percentile
 from jquant._src.formats.uniform import calibrated_range, scale_from_range
 from jquant._src.numerics import layout
 from jquant._src.spec import QuantSpec
@@ -47,10 +47,10 @@ def observe(stats, x, act: QuantSpec, momentum: float, where: str):
 
 def _batch_range(x, act: QuantSpec):
     # Min/max and percentiles observe both tails (a symmetric spec takes max(|lo|, |hi|) at the
-    # end); the MSE clip depends on the grid, so it is searched on the spec's own grid.
-    if isinstance(act.calibration, MSE):
-        return calibrated_range(x, act, layout(x.shape, act))
-    return act.calibration.group_range(x, tuple(range(x.ndim)), symmetric=False)
+    # end); a range fitted to the grid (MSE's clip, HQQ's fit) is searched on the spec's own grid.
+    if isinstance(act.calibration, (MinMax, Percentile)):
+        return act.calibration.group_range(x, tuple(range(x.ndim)), symmetric=False)
+    return calibrated_range(x, act, layout(x.shape, act))
 
 
 def static_scale(stats, act: QuantSpec):

@@ -5,7 +5,8 @@ Conventions (tested against a NumPy float64 reference):
 * Integer ranges: symmetric b-bit → [-(2^(b-1)-1), 2^(b-1)-1] (int8: [-127, 127]); asymmetric →
   [-2^(b-1), 2^(b-1)-1] (int8: [-128, 127]); mid-rise → [-2^(b-1), 2^(b-1)-1].
 * Clip range [lo, hi] per group: the data's range by default; `QuantSpec.calibration` may
-  clip it (percentile, MSE-searched ratio — `calibration`). The formulas below use it.
+  clip it (percentile, MSE-searched ratio, HQQ-fitted grid — `calibration`). The formulas below
+  use it.
 * Symmetric scale: z = 0, s = absmax / Qmax.
 * Mid-rise (symmetric, `QuantSpec.midrise`): q in [-2^(b-1), 2^(b-1)-1], s = absmax / 2^(b-1),
   q = clip(floor(x / s), Qmin, Qmax) (a value on a decision boundary goes up), x̂ = s·(q + 1/2).
@@ -30,7 +31,6 @@ import jax.numpy as jnp
 import numpy as np
 
 from jquant._src import numerics
-from jquant._src.calibration import MSE
 from jquant._src.formats.base import Format, broadcast_fixed
 
 
@@ -106,7 +106,7 @@ class Uniform(Format):
 
     def inside(self, x, spec, lay, scale, zero_point, *, fixed: bool):
         # A min/max range computed from x contains x: the mask would be all ones. Clipping
-        # calibrations (percentile, MSE) and fixed ranges leave values outside.
+        # calibrations (percentile, MSE, HQQ) and fixed ranges leave values outside.
         if not fixed and not spec.calibration.clips:
             return None
         bounded = not fixed and reciprocal_is_normal(spec, x.dtype)
@@ -162,47 +162,53 @@ def scale_from_range(lo, hi, spec):
 def calibrated_range(xg, spec, lay: numerics.Layout):
     """(lo, hi) of each group of the grouped view `xg` per `spec.calibration` (scale shape).
 
-    `MinMax`/`Percentile` reduce the group directly; `MSE` then searches the clip ratio (see
-    `calibration`). An empty tensor has range [0, 0] (a reduction over nothing has no
-    identity).
+    The calibration's statistic (`group_range`), then its `refine` on this grid (`MSE` searches
+    the clip ratio, `HQQ` fits the grid; see `calibration`). An empty tensor has range [0, 0] (a
+    reduction over nothing has no identity).
     """
     if xg.size == 0:
         zeros = jnp.zeros(lay.scale_shape, xg.dtype)
         return zeros, zeros
     lo, hi = spec.calibration.group_range(xg, lay.reduce_axes, spec.symmetric)
-    if isinstance(spec.calibration, MSE):
-        lo, hi = _search_clip_ratio(xg, lo, hi, spec, lay)
-    return lo, hi
+    return spec.calibration.refine(xg, lo, hi, CalibrationGrid(spec, lay.reduce_axes,
+                                                               reciprocal_is_normal(spec, xg.dtype)))
 
 
-def _search_clip_ratio(xg, lo, hi, spec, lay: numerics.Layout):
-    """r·(lo, hi) with the candidate ratio r of `spec.calibration` that minimises Σ|x - Q_r(x)|^p.
+@dataclasses.dataclass(frozen=True)
+class CalibrationGrid:
+    """The uniform grid of `spec` as a calibration's `refine` sees it (the protocol is in the
+    `calibration` module docstring): groups reduce over `axes`; `bounded` is the division mode of
+    the format's own quantize pass on this data (`reciprocal_is_normal`)."""
 
-    The search runs on each group divided by its absmax (the error's argmin is scale-invariant,
-    and the powers cannot overflow for data near the float max). Candidates are visited from
-    r = 1 downwards and only a strictly smaller error replaces the best, so ties keep the larger
-    range. A NaN in a group makes every error NaN, so r stays 1 and the NaN reaches the scale.
-    """
-    cal = spec.calibration
-    unit = numerics.safe_divisor(jnp.maximum(jnp.abs(lo), jnp.abs(hi)))
-    xn, lo_n, hi_n = numerics.divide(xg, unit), lo / unit, hi / unit  # x·(1/unit): see `divide`
-    ratios = cal.ratios().astype(xg.dtype)
+    spec: object
+    axes: tuple
+    bounded: bool
 
-    def error(r):
-        scale, zero_point = scale_from_range(lo_n * r, hi_n * r, spec)
-        diff = jnp.abs(fake_quantize_grouped(xn, scale, zero_point, spec, bounded=True) - xn)  # scales <= 1
-        return jnp.sum(diff ** cal.norm, axis=lay.reduce_axes, keepdims=True)
+    def params(self, lo, hi):
+        """The stored (scale, zero-point) of the range [lo, hi] (`scale_from_range`)."""
+        return scale_from_range(lo, hi, self.spec)
 
-    def visit(i, best):
-        best_error, best_ratio = best
-        r = ratios[ratios.shape[0] - 1 - i]
-        e = error(r)
-        better = e < best_error
-        return jnp.where(better, e, best_error), jnp.where(better, r, best_ratio)
+    def fake_quantize(self, xg, scale, zero_point, *, bounded: bool):
+        """x̂, the numbers `quantize` then `dequantize` return (`fake_quantize_grouped`)."""
+        return fake_quantize_grouped(xg, scale, zero_point, self.spec, bounded=bounded)
 
-    first = (error(ratios[-1]), jnp.ones_like(lo))
-    _, ratio = jax.lax.fori_loop(1, ratios.shape[0], visit, first)
-    return lo * ratio, hi * ratio
+    def levels(self, xg, scale, zero_point):
+        """k = clip(q) − z + offset in the scale's dtype: x̂ = s·k (before saturation)."""
+        spec = self.spec
+        k = jnp.clip(unclipped_integers(xg, scale, zero_point, spec, bounded=self.bounded), spec.qmin, spec.qmax)
+        if zero_point is not None:
+            k = k - zero_point.astype(k.dtype)
+        return k + spec.offset if spec.offset else k
+
+    def range_of(self, scale, zero_point):
+        """[lo, hi] whose `params` are (scale, zero_point) (up to the rounding of the scale):
+        ±s·Qmax symmetric (mid-rise ±s·2^(b−1)), [s·(Qmin − z), s·(Qmax − z)] asymmetric."""
+        spec = self.spec
+        if zero_point is None:
+            top = scale * (spec.qmax + 1 if spec.midrise else spec.qmax)
+            return -top, top
+        zero_point = zero_point.astype(scale.dtype)
+        return scale * (spec.qmin - zero_point), scale * (spec.qmax - zero_point)
 
 
 def reciprocal_is_normal(spec, dtype) -> bool:

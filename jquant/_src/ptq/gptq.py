@@ -18,10 +18,15 @@ is the upper Cholesky factor of H⁻¹ (H⁻¹ = UᵀU). Conventions:
   the paper. With act-order all groups are fixed at the start ("static groups").
 * Output: a QArray with exactly GPTQ's values on the stored grid, and the relative output error
   tr(ΔᵀHΔ) / tr(WᵀHW) on the calibration inputs, next to round-to-nearest's for comparison.
+* Rotated specs (`QuantSpec(rotation=...)`, R along a contracted axis): GPTQ runs on W' = Rᵀ·W
+  with the Hessian of the rotated inputs X·R, H' = Rᵀ·H·R (R acting on its axis of K), and
+  the QArray stores Q(W') as `jquant.quantize` would; both errors are measured in the original
+  basis (against rotated round-to-nearest).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 from typing import NamedTuple, Tuple
@@ -30,7 +35,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jquant._src import numerics
+from jquant._src import numerics, rotation
 from jquant._src.qarray import QArray, quantize
 from jquant._src.spec import QuantSpec
 
@@ -64,16 +69,39 @@ def gptq_weight(w, xtx, rows: int, spec: QuantSpec, order: Tuple[int, ...], *, d
 
     Returns:
       (the QArray, its LayerError).
+
+    Raises:
+      ValueError: `damp` ≤ 0; a rotated spec whose rotation axis is not in `order`.
     """
     if not damp > 0:
         raise ValueError(f"gptq damp={damp} must be > 0")
     w = jnp.asarray(w)
+    order = tuple(a % w.ndim for a in order)
     hessian = 2 * jnp.asarray(xtx, jnp.float32) / max(rows, 1)
-    values, grid = _run(w.astype(jnp.float32), hessian, spec, tuple(order), float(damp), bool(act_order))
-    qarray = quantize(values.astype(w.dtype), spec, scale=grid[0], zero_point=grid[1])
+    stored_spec, target, target_hessian = spec, w.astype(jnp.float32), hessian
+    if spec.rotation is not None:  # GPTQ of W' = RᵀW under H' = RᵀHR (module docstring)
+        axis = numerics.layout(w.shape, spec).rotation_axis
+        if axis not in order:
+            raise ValueError(f"gptq: {spec!r} rotates axis {axis} of the weight of shape {w.shape}, which its inputs "
+                             f"do not contract (contracted axes {order}); rotate a contracted axis")
+        stored_spec = dataclasses.replace(spec, rotation=None)
+        target = rotation.to_rotated(target, spec.rotation, axis)
+        target_hessian = _rotated_hessian(hessian, tuple(w.shape[a] for a in order), order.index(axis), spec.rotation)
+    values, grid = _run(target, target_hessian, stored_spec, order, float(damp), bool(act_order))
+    values = values if spec.rotation is not None else values.astype(w.dtype)
+    stored = quantize(values, stored_spec, scale=grid[0], zero_point=grid[1])
+    qarray = QArray(stored.value, stored.scale, stored.zero_point, spec=spec, shape=w.shape, dtype=w.dtype)
     rtn = quantize(w, spec).dequantize()
     return qarray, LayerError(_relative_error(w, qarray.dequantize(), hessian, order),
                               _relative_error(w, rtn, hessian, order))
+
+
+def _rotated_hessian(hessian, sizes, position, rot):
+    """Rᵀ·H·R for H over K = the product of `sizes` (row-major), R acting on K's axis `position`."""
+    k = hessian.shape[0]
+    h = jnp.reshape(hessian, sizes + sizes)
+    h = rotation.to_rotated(h, rot, position)
+    return jnp.reshape(rotation.to_rotated(h, rot, len(sizes) + position), (k, k))
 
 
 def _relative_error(w, w_hat, hessian, order):
