@@ -164,30 +164,30 @@ def measure_cache(params: Dict, config: lm.Config, prompt: np.ndarray, evaluatio
             for (name, model), cache, temp, out, ms in zip(variants, caches, temps, outputs, times)]
 
 
+def _markdown(header: List[str], rows: List[List[str]]) -> str:
+    return "\n".join(["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+                     + ["| " + " | ".join(row) + " |" for row in rows])
+
+
 def cache_markdown(rows: List[CacheRow], generated: int) -> str:
     """The KV-cache rows as a markdown table, ratios to the first (float cache) row."""
     base = rows[0]
-    lines = ["| KV cache | cache MB | × float | loop temporaries MB | teacher-forced perplexity | Δ vs float | "
-             "ms/token | × float | bytes as float |", "|---|---|---|---|---|---|---|---|---|"]
-    for r in rows:
-        lines.append(f"| {r.name} | {r.cache_bytes / 1e6:.3f} | {r.cache_bytes / base.cache_bytes:.3f} | "
-                     f"{r.temp_bytes / 1e6:.2f} | "
-                     f"{r.perplexity:.4f} | {100 * (r.perplexity / base.perplexity - 1):+.2f}% | "
-                     f"{r.ms_per_token:.3f} | {r.ms_per_token / base.ms_per_token:.2f} | {r.same_bytes}/{generated} |")
-    return "\n".join(lines)
+    return _markdown(["KV cache", "cache MB", "× float", "loop temporaries MB", "teacher-forced perplexity",
+                      "Δ vs float", "ms/token", "× float", "bytes as float"],
+                     [[r.name, f"{r.cache_bytes / 1e6:.3f}", f"{r.cache_bytes / base.cache_bytes:.3f}",
+                       f"{r.temp_bytes / 1e6:.2f}", f"{r.perplexity:.4f}",
+                       f"{100 * (r.perplexity / base.perplexity - 1):+.2f}%", f"{r.ms_per_token:.3f}",
+                       f"{r.ms_per_token / base.ms_per_token:.2f}", f"{r.same_bytes}/{generated}"] for r in rows])
 
 
 def markdown(rows: List[Row], generated: int) -> str:
     """The rows as a markdown table, ratios to the first (float) row."""
     base = rows[0]
-    lines = ["| weights | weight MB | × float | kernels × float | loop temporaries MB | ms/token | × float | bytes as float |",
-             "|---|---|---|---|---|---|---|---|"]
-    for r in rows:
-        lines.append(f"| {r.name} | {r.weight_bytes / 1e6:.2f} | {r.weight_bytes / base.weight_bytes:.3f} | "
-                     f"{r.kernel_ratio:.3f} | "
-                     f"{r.temp_bytes / 1e6:.2f} | {r.ms_per_token:.3f} | {r.ms_per_token / base.ms_per_token:.2f} | "
-                     f"{r.same_bytes}/{generated} |")
-    return "\n".join(lines)
+    return _markdown(["weights", "weight MB", "× float", "kernels × float", "loop temporaries MB", "ms/token",
+                      "× float", "bytes as float"],
+                     [[r.name, f"{r.weight_bytes / 1e6:.2f}", f"{r.weight_bytes / base.weight_bytes:.3f}",
+                       f"{r.kernel_ratio:.3f}", f"{r.temp_bytes / 1e6:.2f}", f"{r.ms_per_token:.3f}",
+                       f"{r.ms_per_token / base.ms_per_token:.2f}", f"{r.same_bytes}/{generated}"] for r in rows])
 
 
 def add_decode_arguments(parser: argparse.ArgumentParser) -> None:
