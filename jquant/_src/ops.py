@@ -42,7 +42,7 @@ from jquant._src.conv import conv_general_dilated, integer_conv_problem, runs_on
 from jquant._src.dot import Operand, dot_general, integer_dot_problem, rotated_operands, rotated_pair
 from jquant._src.packing import is_packed
 from jquant._src.qarray import QArray, quantize
-from jquant._src.spec import QuantSpec
+from jquant._src.spec import QuantSpec, unrotated
 from jquant._src.ste import fake_quant
 
 
@@ -108,7 +108,7 @@ class _QuantOp:
             return None
         self._no_static_act_range()
         rot = self.weight.rotation
-        op = dataclasses.replace(self, weight=dataclasses.replace(self.weight, rotation=None))
+        op = dataclasses.replace(self, weight=unrotated(self.weight))
         lhs = rotation.to_rotated(lhs, rot, pair[1]).astype(jnp.result_type(lhs))
         return op, lhs, rotation.to_rotated(rhs, rot, pair[0]).astype(jnp.result_type(rhs))
 

@@ -18,7 +18,6 @@ dequantization) (`jquant._src.rotation`).
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from typing import Tuple
 
@@ -27,7 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jquant._src import numerics, packing, rotation
-from jquant._src.spec import QuantSpec, unstacked
+from jquant._src.spec import QuantSpec, unrotated, unstacked
 
 
 # What converting a QArray to an array says (NumPy and jax.numpy ask through __array__ and
@@ -154,7 +153,7 @@ def in_stored_basis(qa: QArray) -> QArray:
     no rotation."""
     if qa.spec.rotation is None:
         return qa
-    return QArray(qa.value, qa.scale, qa.zero_point, spec=dataclasses.replace(qa.spec, rotation=None),
+    return QArray(qa.value, qa.scale, qa.zero_point, spec=unrotated(qa.spec),
                   shape=qa.shape, dtype=qa.dtype)
 
 
@@ -212,7 +211,7 @@ def quantize(x, spec: QuantSpec, *, scale=None, zero_point=None) -> QArray:
     lay = numerics.layout(x.shape, spec)
     if spec.rotation is not None:
         rotated = rotation.to_rotated(x, spec.rotation, lay.rotation_axis)
-        stored = quantize(rotated, dataclasses.replace(spec, rotation=None), scale=scale, zero_point=zero_point)
+        stored = quantize(rotated, unrotated(spec), scale=scale, zero_point=zero_point)
         return QArray(stored.value, stored.scale, stored.zero_point, spec=spec, shape=x.shape, dtype=x.dtype)
     fmt = spec.method
     fixed = scale is not None

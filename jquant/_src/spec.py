@@ -157,6 +157,11 @@ class QuantSpec:
         return f"QuantSpec({', '.join(parts)})"
 
 
+def unrotated(spec: QuantSpec) -> QuantSpec:
+    """The spec of a rotated spec's stored values, Q(Rᵀ·x): the same spec without its rotation."""
+    return dataclasses.replace(spec, rotation=None)
+
+
 def stacked(spec: QuantSpec, layers: int) -> QuantSpec:
     """`spec` for a stack of layers along `layers` new leading axes (`nn.scan`, `nnx.vmap`): each
     layer keeps its own scales (the leading axes become channel axes) and every axis `spec` names

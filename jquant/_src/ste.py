@@ -7,7 +7,6 @@ jvp∘grad), which a `custom_vjp` would refuse; the backward pass is the one the
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 
 import jax
@@ -15,7 +14,7 @@ import jax.numpy as jnp
 
 from jquant._src import numerics, rotation
 from jquant._src.qarray import check_float_input
-from jquant._src.spec import QuantSpec
+from jquant._src.spec import QuantSpec, unrotated
 
 
 @jax.custom_jvp
@@ -59,7 +58,7 @@ def fake_quant(x, spec: QuantSpec, *, scale=None, zero_point=None):
     lay = numerics.layout(x.shape, spec)
     if spec.rotation is not None:
         rotated = rotation.to_rotated(x, spec.rotation, lay.rotation_axis)
-        x_hat = fake_quant(rotated, dataclasses.replace(spec, rotation=None), scale=scale, zero_point=zero_point)
+        x_hat = fake_quant(rotated, unrotated(spec), scale=scale, zero_point=zero_point)
         return numerics.cast_saturating(rotation.from_rotated(x_hat, spec.rotation, lay.rotation_axis), x.dtype)
     fixed = scale is not None
     scale, zero_point = spec.method.params(jax.lax.stop_gradient(x), spec, lay, scale, zero_point)

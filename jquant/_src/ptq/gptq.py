@@ -26,7 +26,6 @@ is the upper Cholesky factor of H⁻¹ (H⁻¹ = UᵀU). Conventions:
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import math
 from typing import NamedTuple, Tuple
@@ -37,7 +36,7 @@ import numpy as np
 
 from jquant._src import numerics, rotation
 from jquant._src.qarray import QArray, quantize
-from jquant._src.spec import QuantSpec
+from jquant._src.spec import QuantSpec, unrotated
 
 
 class LayerError(NamedTuple):
@@ -84,7 +83,7 @@ def gptq_weight(w, xtx, rows: int, spec: QuantSpec, order: Tuple[int, ...], *, d
         if axis not in order:
             raise ValueError(f"gptq: {spec!r} rotates axis {axis} of the weight of shape {w.shape}, which its inputs "
                              f"do not contract (contracted axes {order}); rotate a contracted axis")
-        stored_spec = dataclasses.replace(spec, rotation=None)
+        stored_spec = unrotated(spec)
         target = rotation.to_rotated(target, spec.rotation, axis)
         target_hessian = _rotated_hessian(hessian, tuple(w.shape[a] for a in order), order.index(axis), spec.rotation)
     values, grid = _run(target, target_hessian, stored_spec, order, float(damp), bool(act_order))
