@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import re
 
 import jax
 import jax.numpy as jnp
@@ -44,6 +45,13 @@ POLICIES = {
     "W2A8": Policy([Rule(KERNEL, QuantSpec(2, symmetric=False, channel_axes=(-1,)), act=QuantSpec(8))]),
     "W1A8 (sign)": Policy([Rule(KERNEL, QuantSpec(1, method="sign", channel_axes=(-1,)), act=QuantSpec(8))]),
     "FP8 W8A8 (e4m3)": jquant.fp8_w8a8(),
+    # MX/NV blocks run along a Dense kernel's input axis (rank 2); the CNN's conv kernels (1 and 16
+    # input features: no block of 16 or 32 fits) keep an explicit int8 per-channel rule (optional: the
+    # MLPs have none)
+    "MXFP4 weight-only": Policy([Rule(KERNEL, QuantSpec(4, method="mxfp4", group_size=32, channel_axes=(-1,)), ndim=2),
+                                 Rule(KERNEL, QuantSpec(8, channel_axes=(-1,)), ndim=4, optional=True)]),
+    "NVFP4 weight-only": Policy([Rule(KERNEL, QuantSpec(4, method="nvfp4", group_size=16, channel_axes=(-1,)), ndim=2),
+                                 Rule(KERNEL, QuantSpec(8, channel_axes=(-1,)), ndim=4, optional=True)]),
 }
 BATCH = 64
 
@@ -134,7 +142,10 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--epochs", type=int, default=15, help="float training epochs (QAT fine-tunes for as many)")
     parser.add_argument("--timing-steps", type=int, default=300, help="train steps timed per model and policy")
+    parser.add_argument("--policies", default=None, help="regex: run only the policies whose name it matches")
     args = parser.parse_args()
+    policies = {name: policy for name, policy in POLICIES.items()
+                if args.policies is None or re.search(args.policies, name)}
     (x_train, y_train), (x_test, y_test) = digits(images=True)
     runners = {"Linen MLP": LinenRunner(LinenMLP()), "Linen CNN": LinenRunner(LinenCNN()),
                "NNX MLP": NnxRunner(lambda: NnxMLP(nnx.Rngs(0)))}
@@ -148,7 +159,7 @@ def main():
         return float(np.mean(np.argmax(np.asarray(logits), -1) == y_test))
 
     served_convs = []
-    total = len(runners) * (1 + len(POLICIES)) * args.epochs * (len(x_train) // BATCH)
+    total = len(runners) * (1 + len(policies)) * args.epochs * (len(x_train) // BATCH)
     with Progress(transient=True) as progress:
         task = progress.add_task("training", total=total)
         advance = lambda i, losses: progress.advance(task)
@@ -159,7 +170,7 @@ def main():
             float_params, float_step = train(float_forward, init, x_train, y_train, args.epochs, advance)
             table.add_row(name, "float32", "-", f"{accuracy(jax.jit(float_forward)(float_params, x_test)):.3f}",
                           "-", "-", f"{model_bytes(float_params):,}", "1.00")
-            for policy_name, policy in POLICIES.items():
+            for policy_name, policy in policies.items():
                 progress.update(task, description=f"{name}: {policy_name} QAT")
                 qat_forward = runner.forward(float_params, policy)
                 # one jitted function serves the float tree (QAT logits) and the quantized trees of

@@ -321,8 +321,8 @@ def test_midrise_integer_dot_is_exact(bits):
         jquant.int_dot_general(lhs[0], jquant.quantize(normal(10, (64, 6)), QuantSpec(8, midrise=True)), DN)
 
 
-@pytest.mark.parametrize("spec", [QuantSpec(8, channel_axes=(-1,)), QuantSpec(4, symmetric=False, channel_axes=(-1,), group_size=128)],
-                         ids=repr)
+@pytest.mark.parametrize("spec", [QuantSpec(8, channel_axes=(-1,)), QuantSpec(4, symmetric=False, channel_axes=(-1,), group_size=128),
+                                  QuantSpec(4, method="nvfp4", channel_axes=(-1,), group_size=16)], ids=repr)
 def test_chunked_weight_only_keeps_the_saturation_at_the_float_limit(spec):
     # a column at the float limit: s·(q − z) of its grid ends would overflow without the clip
     # that `dequantize` applies; the chunked dot (which skips the clip where no scale needs it)
@@ -335,6 +335,9 @@ def test_chunked_weight_only_keeps_the_saturation_at_the_float_limit(spec):
     ref = np.asarray(x, np.float64) @ np.asarray(qa.dequantize(), np.float64)
     assert np.all(np.isfinite(np.asarray(y)))
     np.testing.assert_allclose(np.asarray(y, np.float64), ref, rtol=1e-5, atol=1e-5 * np.max(np.abs(ref)))
+    # ordinary weights need no clip (NVFP4: its format sees the tensor scale), so the dot skips it
+    ordinary = jquant.quantize(normal(16, (1024, 96)), spec)
+    assert not bool(spec.method.saturates(ordinary.scale, ordinary.zero_point, spec))
 
 
 @pytest.mark.parametrize("spec", [QuantSpec(8, channel_axes=(-1,)), QuantSpec(4, channel_axes=(-1,)),

@@ -28,17 +28,19 @@ def lm_cache(tmp_path_factory):
 
 
 def test_digits_qat_demo():
-    out = _run("digits_qat.py", "--epochs", "1", "--timing-steps", "3")
-    for text in ("Linen MLP", "Linen CNN", "NNX MLP", "W8A8", "W4 weight-only", "W2A8", "W1A8 (sign)", "FP8 W8A8 (e4m3)",
-                 "PTQ acc"):
+    # three of the demo's policies (integer W8A8, FP8 W8A8, a microscaled weight-only one): every
+    # policy's Flax QAT and serving has its own tests; this checks the demo around them
+    out = _run("digits_qat.py", "--epochs", "1", "--timing-steps", "3", "--policies", "^(W8A8|FP8 .*|NVFP4 .*)$")
+    for text in ("Linen MLP", "Linen CNN", "NNX MLP", "W8A8", "FP8 W8A8 (e4m3)", "NVFP4 weight-only", "PTQ acc"):
         assert text in out, text
+    assert "W4 weight-only" not in out
     # the served Linen CNN's second conv (16 input features) runs int8 × int8 → int32
     assert "W8A8: 1 int8 × int8 → int32 convolution(s); served = QAT argmax 1.000" in out
 
 
 def test_digits_lsq():
-    out = _run("digits_lsq.py", "--epochs", "1", "--seeds", "1", "--configs", "W2A8 ternary", "W2A2")
-    for text in ("| STE | LSQ | LSQ + PACT |", "W2A8 ternary", "W2A2", "float accuracy"):
+    out = _run("digits_lsq.py", "--epochs", "1", "--seeds", "1", "--configs", "W2A2")
+    for text in ("| STE | LSQ | LSQ + PACT |", "W2A2", "float accuracy"):
         assert text in out, text
 
 

@@ -282,6 +282,39 @@ def test_nnx_calibration(digits):
     np.testing.assert_allclose(np.asarray(served), np.asarray(static), rtol=1e-4, atol=1e-4)
 
 
+def test_static_fp8_activation_ranges(digits):
+    # FP8 W8A8 (the preset) calibrated: the observed per-tensor range gives s = max(−lo, hi) / 448,
+    # the Linen and NNX models serve it, and serving equals the calibrated QAT forward
+    x = digits[0]
+    batches = [(x[i * 32:(i + 1) * 32],) for i in range(3)]
+    policy = jquant.fp8_w8a8()
+    act = policy.rules[-1].act
+    lo, hi = _ema_reference([b[0] for b in batches], 0.5)
+    qmodel = jquant.flax.quantize(Mlp(), policy)
+    variables = jquant.flax.calibrate(qmodel, batches, variables=qmodel.init(jax.random.key(0), x[:1]), momentum=0.5)
+    stats = variables["quant_stats"]["Dense_0"]
+    np.testing.assert_allclose([float(stats["act_lo"]), float(stats["act_hi"])], [lo, hi], rtol=1e-6)
+    scale, zero_point = observers.static_scale([stats[k] for k, _ in observers.initial_stats()], act)
+    assert zero_point is None and float(scale) == np.float32(max(-lo, hi)) / np.float32(448)
+    static = jax.jit(qmodel.apply)(variables, x[:64])
+    dynamic = jax.jit(qmodel.apply)({"params": variables["params"]}, x[:64])
+    assert float(jnp.max(jnp.abs(static - dynamic))) > 1e-5
+    served = jax.jit(qmodel.apply)(jquant.quantize_params(variables, policy), x[:64])
+    np.testing.assert_allclose(np.asarray(served), np.asarray(static), rtol=1e-4, atol=1e-4)
+
+    model = jquant.flax.quantize(NnxMlp(64, 32, 10, nnx.Rngs(0)), policy)
+    jquant.flax.calibrate(model, batches, momentum=0.5)
+    observer = model.hidden.dot_general
+    np.testing.assert_allclose([float(observer.act_lo.get_value()), float(observer.act_hi.get_value())], [lo, hi],
+                               rtol=1e-6)
+    static = _forward(model, x[:64])
+    nnx.update(model, jquant.quantize_params(nnx.state(model, nnx.Param), policy))
+    np.testing.assert_allclose(np.asarray(_forward(model, x[:64])), np.asarray(static), rtol=1e-4, atol=1e-4)
+    with pytest.raises(ValueError, match="per-tensor uniform or FP8"):
+        mx = Policy([Rule(r".*kernel", None, act=QuantSpec(4, method="mxfp4", group_size=32))])
+        jquant.flax.calibrate(jquant.flax.quantize(Mlp(), mx), batches[:1], variables=variables)
+
+
 @pytest.mark.parametrize("calibration", [MinMax(), Percentile(99.0), MSE(num_ratios=20), HQQ(iters=5)], ids=repr)
 def test_activation_observers_follow_the_spec_calibration(calibration):
     # HQQ at 4 bits, where its fitted range is ~5% off the min/max one (at 8 bits, 0.3%)

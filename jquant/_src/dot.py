@@ -313,7 +313,7 @@ def _chunked_weight_only(x, w: QArray, chunk: int, precision, out_dtype):
     # Dequantizing clips each product s·(q − z) at the float range's edge, a per-element select
     # that costs a third of an int4 chunk's decode; it is skipped unless some scale is large
     # enough for it to matter (`Format.saturates`), so the result is always dequantize-then-dot's.
-    saturates = w.spec.method.saturates(w.scale, w.spec)  # None: its decode never clips
+    saturates = w.spec.method.saturates(w.scale, w.zero_point, w.spec)  # None: its decode never clips
     acc = run(True) if saturates is None else lax.cond(saturates, lambda: run(True), lambda: run(False))
     # plane i holds the columns i, i + planes, ...: interleave them back (a small output array)
     return jnp.reshape(jnp.moveaxis(acc, 0, -1), x.shape[:-1] + (n,)).astype(out_dtype)

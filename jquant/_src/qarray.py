@@ -137,7 +137,7 @@ class QArray:
 def decode(q, scale, zero_point, spec: QuantSpec, shape, dtype, *, saturate: bool = True):
     """`QArray.dequantize` of unpacked integers `q` of `shape` (for callers that unpack storage
     piecewise, e.g. the weight-only dot's bit planes); `saturate=False` where the format's
-    `saturates(scale, spec)` is False (it then skips a per-element clip). A rotated spec's values
+    `saturates(scale, zero_point, spec)` is False (it then skips a per-element clip). A rotated spec's values
     are rotated back (R·, in float32) before the cast to `dtype`."""
     lay = numerics.layout(tuple(shape), spec)
     values = (spec.method.decode(q, scale, zero_point, spec, lay) if saturate

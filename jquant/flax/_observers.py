@@ -6,7 +6,9 @@ batch: min/max (`MinMax`, default; ±absmax when symmetric), percentiles (`Perce
 MSE-searched clip (`MSE()`), HQQ's fitted grid (`HQQ()`). The first batch sets lo/hi; later
 ones move them by lo ← m·lo + (1 − m)·lo_b (same for hi) with momentum m. Static ranges are per-tensor: a
 per-feature activation scale would vary along the contraction and rule out the integer path, and
-a per-token one depends on the batch.
+a per-token one depends on the batch. The format turns the range into its grid
+(`Format.range_params`): a uniform one as `scale_from_range` says, FP8 (e4m3, e5m2) with
+s = max(−lo, hi) / largest.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from __future__ import annotations
 import jax.numpy as jnp
 
 from jquant._src.calibration import MinMax, Percentile
-from jquant._src.formats.uniform import calibrated_range, scale_from_range
+from jquant._src.formats.uniform import calibrated_range
 from jquant._src.numerics import layout
 from jquant._src.spec import QuantSpec
 
@@ -31,9 +33,9 @@ def observe(stats, x, act: QuantSpec, momentum: float, where: str):
     Raises:
       ValueError: `act` is not a per-tensor uniform spec, or momentum is outside [0, 1).
     """
-    if act.channel_axes or act.group_size is not None or not act.method.ranged:
-        raise ValueError(f"{where}: static activation ranges are per-tensor uniform; {act!r} has channels, groups "
-                         "or a non-uniform method — use it dynamically (no calibration) instead")
+    if act.channel_axes or act.group_size is not None or not act.method.static_range:
+        raise ValueError(f"{where}: static activation ranges are per-tensor uniform or FP8; {act!r} has channels, "
+                         "groups or another method — use it dynamically (no calibration) instead")
     if not 0 <= momentum < 1:
         raise ValueError(f"calibration momentum={momentum} must be in [0, 1)")
     lo, hi, count = stats
@@ -56,4 +58,4 @@ def _batch_range(x, act: QuantSpec):
 def static_scale(stats, act: QuantSpec):
     """(scale, zero_point) for `act` from observed (act_lo, act_hi, count)."""
     lo, hi, _ = stats
-    return scale_from_range(lo, hi, act)
+    return act.method.range_params(lo, hi, act)

@@ -34,8 +34,10 @@ class Format(abc.ABC):
     integer_grid: ClassVar[bool] = False
     """Whether x̂ = s·(q − z) with integers q that an int8 × int8 → int32 dot can multiply."""
     ranged: ClassVar[bool] = False
-    """Whether the grid is set by a clip range [lo, hi] (calibration, static activation ranges,
-    learned steps and clips apply)."""
+    """Whether the grid is set by a clip range [lo, hi] (calibration, learned steps and clips apply)."""
+    static_range: ClassVar[bool] = False
+    """Whether one per-tensor grid can be set from an observed range [lo, hi] (`range_params`: the
+    Flax wrappers' static activation ranges)."""
 
     # --- the spec ------------------------------------------------------------------------
     @abc.abstractmethod
@@ -61,6 +63,11 @@ class Format(abc.ABC):
         """(scale, zero_point) for `x`: computed from its values when `scale` is None, else the
         given ones checked and broadcast to the scale shape. zero_point is None without one."""
 
+    def range_params(self, lo, hi, spec):
+        """(scale, zero_point) of the grid that covers [lo, hi] (lo ≤ hi, scalars or arrays of the
+        scale's shape); only called where `static_range`."""
+        raise NotImplementedError(f"{self.name} has no static range")
+
     # --- values --------------------------------------------------------------------------
     @abc.abstractmethod
     def encode(self, x, spec, lay: numerics.Layout, scale, zero_point, *, fixed: bool):
@@ -72,9 +79,9 @@ class Format(abc.ABC):
         """x̂ from stored integers, in the scale's dtype, x's shape. A format that overrides
         `saturates` also takes `saturate=False`: skip clipping products beyond the float range."""
 
-    def saturates(self, scale, spec):
+    def saturates(self, scale, zero_point, spec):
         """None if `decode` never clips (the default); otherwise a scalar bool array, False when
-        no product of these scales and the grid's integers can leave the float range, so that
+        no product of these scales (and zero-points) and the grid's integers can leave the float range, so that
         `decode(..., saturate=False)` equals `decode` — a per-element clip the caller may skip
         (the weight-only dot does, decoding a weight chunk by chunk)."""
         return None

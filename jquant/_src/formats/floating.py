@@ -190,10 +190,11 @@ class _Floating(Format):
         x = self.element.decode(lay.to_grouped(q), s.dtype)
         return lay.from_grouped(numerics.saturating_product(s, x) if saturate else s * x)
 
-    def saturates(self, scale, spec):
+    def saturates(self, scale, zero_point, spec):
         # |s · element| ≤ s · largest: only a finite scale above max / largest can overflow (a
-        # computed FP8 scale can, by rounding, at the float limit; an E8M0 one from 2^119 (E4M3))
-        s = self.element_scale(scale, None, jnp.float32 if scale.dtype == jnp.uint8 else scale.dtype)
+        # computed FP8 scale can, by rounding, at the float limit; an E8M0 one from 2^119 (E4M3);
+        # NVFP4's s = t · e from a tensor scale t above max / (448 · 6))
+        s = self.element_scale(scale, zero_point, jnp.float32 if scale.dtype == jnp.uint8 else scale.dtype)
         finite = jnp.isfinite(s)
         return jnp.any(finite & (jnp.where(finite, s, 0) > jnp.finfo(s.dtype).max / self.element.largest))
 
@@ -220,6 +221,8 @@ class _Floating(Format):
 class _FP8(_Floating):
     """FP8 elements with one float32 scale per group of the spec's granularity (module docstring)."""
 
+    static_range = True
+
     def validate(self, spec) -> None:
         if spec.bits != 8:
             raise ValueError(f"QuantSpec.bits={spec.bits} with method={self.name!r}; FP8 is 8-bit (bits=8)")
@@ -231,6 +234,11 @@ class _FP8(_Floating):
         if scale is not None:
             return broadcast_fixed("scale", jnp.asarray(scale, xg.dtype), spec, lay), None
         return numerics.divide_by_constant(numerics.extrema(xg, lay.reduce_axes, "absmax"), self.element.largest), None
+
+    def range_params(self, lo, hi, spec):
+        # amax = max(−lo, hi), s = amax / largest, as for a group's own amax
+        amax = jnp.maximum(-jnp.asarray(lo, jnp.float32), jnp.asarray(hi, jnp.float32))
+        return numerics.divide_by_constant(amax, self.element.largest), None
 
     def inside(self, x, spec, lay, scale, zero_point, *, fixed: bool):
         # amax · (1/(amax/largest)) stays within rounding of the largest element: nothing saturates.
@@ -392,9 +400,6 @@ class NVFP4(_Blocked):
 
     def element_scale(self, scale, zero_point, dtype):
         return zero_point.astype(dtype) * self._scale_of(scale, dtype)
-
-    def saturates(self, scale, spec):
-        return None  # the tensor scale is not given here: always clip
 
 
 FLOATING_FORMATS = (FP8E4M3(), FP8E5M2(), MXFP8(), MXFP4(), NVFP4())

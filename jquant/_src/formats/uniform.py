@@ -41,6 +41,7 @@ class Uniform(Format):
     name = "uniform"
     integer_grid = True
     ranged = True
+    static_range = True
 
     def validate(self, spec) -> None:
         if not 2 <= spec.bits <= 8:
@@ -94,7 +95,10 @@ class Uniform(Format):
         x = numerics.dequantize_grouped(lay.to_grouped(q), scale, zero_point, spec.offset, saturate=saturate)
         return lay.from_grouped(x)
 
-    def saturates(self, scale, spec):
+    def range_params(self, lo, hi, spec):
+        return scale_from_range(lo, hi, spec)
+
+    def saturates(self, scale, zero_point, spec):
         # |q − z + offset| < 2^bits on the grid: a finite scale below max / 2^bits cannot overflow
         # (a non-finite one is left to propagate either way)
         finite = jnp.isfinite(scale)
