@@ -11,7 +11,8 @@ Shapes: batch N, H×W input, C → O features, k×k kernel, stride, feature grou
   W8A8 served `jquant.conv_general_dilated(float x, QArray w, lhs_spec=int8 asymmetric)`: the
               activation quantized in the same call (what `QuantConv` serves)
   route       the route `jquant/_src/conv.py` chose for the float result ("int": int8 conv → int32;
-              "dot": a 1×1 kernel as one int8 matrix product; "float" / "float dot": the
+              "dot": a 1×1 kernel as one int8 matrix product; "taps": one input feature per group
+              (depthwise), an int32 sum over the kernel's taps; "float" / "float dot": the
               dequantized operands in one f32 conv / dot)
 All candidates of a shape are timed in alternating rounds (median), so their ratios share the
 machine's slow and fast phases.
@@ -29,9 +30,13 @@ from jquant._src import conv as conv_module
 ACT = jquant.QuantSpec(8, symmetric=False)
 NOTES = [
     "XLA:CPU runs int8 × int8 → int32 convolutions fast (YNNPACK) only channels-last with input "
-    "features per group a multiple of 4. With 1, 2, 3, 5 or 6 input features (an RGB stem, a depthwise "
-    "conv) or another layout (NCHW: 45–70× f32) the int8 kernel is a slow generic one, so jquant "
-    "convolves the dequantized operands in float32 there (the QAT forward's numbers).",
+    "features per group a multiple of 4. With 2, 3, 5 or 6 input features (an RGB stem) or another layout "
+    "(NCHW: 45–70× f32) the int8 kernel is a slow generic one, so jquant convolves the dequantized "
+    "operands in float32 there (the QAT forward's numbers).",
+    "A depthwise conv (one input feature per group) is slow in XLA:CPU in f32 and int8 alike (a generic "
+    "loop); jquant sums its kernel's taps instead — the shifted centred int8 input times each tap's "
+    "kernel row, accumulated in int32, which XLA fuses into one elementwise loop: exact, and a few "
+    "percent of the f32 conv's time.",
     "The int8 kernel's float result costs one more pass over the output than the f32 conv (the int32 "
     "accumulator written, read back, corrected and scaled), so it is taken only from 128 taps per output "
     "(kernel window × input features); fewer taps take the float route. A 1×1 kernel runs as a matrix "
@@ -48,10 +53,10 @@ def shapes(quick: bool):
     rows = [(8, 56, 64, 64, 3, 1, 1, "NHWC"), (8, 28, 128, 128, 3, 1, 1, "NHWC"),
             (8, 14, 256, 256, 3, 1, 1, "NHWC"), (8, 7, 512, 512, 3, 1, 1, "NHWC"),
             (8, 56, 64, 256, 1, 1, 1, "NHWC"), (8, 56, 64, 128, 3, 2, 1, "NHWC"),
-            (8, 224, 3, 64, 7, 2, 1, "NHWC"), (8, 56, 64, 64, 3, 1, 64, "NHWC"),
+            (8, 224, 3, 64, 7, 2, 1, "NHWC"), (8, 56, 64, 64, 3, 1, 64, "NHWC"), (8, 28, 128, 128, 5, 1, 128, "NHWC"),
             (8, 28, 128, 128, 3, 1, 4, "NHWC"), (8, 28, 128, 128, 3, 1, 1, "NCHW"),
             (1, 56, 64, 64, 3, 1, 1, "NHWC")]
-    return rows[:3] + rows[6:8] if quick else rows
+    return rows[:3] + rows[6:9] if quick else rows
 
 
 def run(quick: bool) -> Table:

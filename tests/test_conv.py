@@ -46,6 +46,7 @@ def _check(x, w, lspec, rspec, conv_args, route):
     """int32 accumulator == NumPy int64 conv of q − z; float result within f32 rounding of the
     float64 conv of the dequantized operands."""
     chunks = {"int": lambda rhs, dn: "int", "dot": lambda rhs, dn: "dot", "float dot": lambda rhs, dn: "float dot",
+              "taps": lambda rhs, dn: "taps",
               "float": lambda rhs, dn: 1,  # float: in one conv or one per feature (the int32 accumulator)
               "float per feature": lambda rhs, dn: rhs.shape[dn.rhs_spec[1]], "chosen": None}[route]
     if route == "chosen":  # as `conv._route` chooses
@@ -72,14 +73,15 @@ def _check(x, w, lspec, rspec, conv_args, route):
 
 
 @st.composite
-def conv_cases(draw):
+def conv_cases(draw, one_feature=None):
     """Shapes, conv arguments and specs: 1-2 spatial axes, strides, string or explicit padding,
     lhs/rhs dilation, feature groups, three layouts each; the activation per tensor or per batch
     entry, the kernel per output channel, symmetric or not, 2-8 bits or sign."""
     nsp = draw(st.integers(1, 2))
+    one_feature = draw(st.booleans()) if one_feature is None else one_feature
     lhs_l, rhs_l, out_l = draw(st.sampled_from(LAYOUTS[nsp]))
     groups = draw(st.sampled_from([1, 1, 2, 3]))
-    n, i, o = draw(st.integers(1, 3)), draw(st.sampled_from([1, 3, 4])), groups * draw(st.integers(1, 3))
+    n, i, o = draw(st.integers(1, 3)), 1 if one_feature else draw(st.sampled_from([3, 4])), groups * draw(st.integers(1, 3))
     spatial = [draw(st.integers(1, 7)) for _ in range(nsp)]
     kernel = [draw(st.integers(1, 3)) for _ in range(nsp)]
     strides = tuple(draw(st.integers(1, 2)) for _ in range(nsp))
@@ -115,6 +117,34 @@ def test_integer_conv_equals_int64_reference(case, route, seed):
     groups, on either route: the int32 bracket equals NumPy's int64 convolution bit for bit."""
     lshape, rshape, lspec, rspec, conv_args = case
     _check(normal(seed, lshape), normal(seed + 1, rshape), lspec, rspec, conv_args, route)
+
+
+@settings(max_examples=10, deadline=None)
+@given(conv_cases(one_feature=True), st.integers(0, 2 ** 16))
+def test_taps_route_equals_int64_reference(case, seed):
+    """One input feature per group (depthwise, any channel multiplier; one group too), any layout,
+    strides, padding, dilations, per-batch zero-points: the sum over the kernel's taps equals
+    NumPy's int64 convolution bit for bit."""
+    lshape, rshape, lspec, rspec, conv_args = case
+    _check(normal(seed, lshape), normal(seed + 1, rshape), lspec, rspec, conv_args, "taps")
+
+
+@pytest.mark.parametrize("multiplier, layout", [(1, ("NHWC", "HWIO", "NHWC")), (2, ("NCHW", "OIHW", "NCHW"))])
+def test_depthwise_conv_takes_the_taps_and_is_exact(multiplier, layout):
+    """A MobileNet-sized depthwise conv (56×56×64, 3×3, batch 8, SAME, asymmetric activation and
+    kernel): the chosen route is the taps' int32 sum (no convolution in the program), exact."""
+    x, w = normal(4, (8, 56, 56, 64)), normal(5, (3, 3, 1, 64 * multiplier))
+    if layout[0] == "NCHW":
+        x, w = jnp.transpose(x[:2], (0, 3, 1, 2)), jnp.transpose(w, (3, 2, 0, 1))
+    lspec = QuantSpec(8, symmetric=False)
+    rspec = QuantSpec(8, symmetric=False, channel_axes=(layout[1].index("O"),))
+    lq, rq = jquant.quantize(x, lspec), jquant.quantize(w, rspec)
+    dn = lax.conv_dimension_numbers(x.shape, w.shape, layout)
+    assert conv_module._route(lq, rq, dn, 64) == conv_module._route(lq, rq, dn, 64, exact=False) == "taps"
+    jaxpr = jax.make_jaxpr(lambda a, b: jquant.conv_general_dilated(a, b, (1, 1), "SAME", dimension_numbers=layout,
+                                                                     feature_group_count=64))(lq, rq)
+    assert "conv_general_dilated" not in str(jaxpr)
+    _check(x, w, lspec, rspec, ((1, 1), "SAME", None, None, layout, 64), "chosen")
 
 
 def test_resnet_sized_conv_is_exact():
@@ -154,9 +184,9 @@ def test_route_choice():
     route (the f32 conv of the dequantized operands, or dot) under 128 taps."""
     from jquant._src.dot import Operand
 
-    def route(xs, ws, spec=("NHWC", "HWIO", "NHWC"), rspec=QuantSpec(8), exact=True):
+    def route(xs, ws, spec=("NHWC", "HWIO", "NHWC"), rspec=QuantSpec(8), exact=True, groups=1):
         dn = lax.conv_dimension_numbers(xs, ws, spec)
-        return conv_module._route(Operand(xs, QuantSpec(8)), Operand(ws, rspec), dn, 1, exact)
+        return conv_module._route(Operand(xs, QuantSpec(8)), Operand(ws, rspec), dn, groups, exact)
 
     assert route((1, 8, 8, 8), (3, 3, 8, 4)) == "int"
     assert route((1, 8, 8, 64), (1, 1, 64, 4)) == "dot"
@@ -171,6 +201,12 @@ def test_route_choice():
     assert route((1, 8, 8, 8), (8, 8, 3, 3), ("NCHW", "OIHW", "NCHW")) == 1
     assert route((1, 128, 8, 8), (8, 128, 3, 3), ("NCHW", "OIHW", "NCHW")) == 2  # 9·64·127² < 2^24 ≤ 9·128·127²
     assert route((1, 8, 8, 8), (8, 8, 3, 3), ("NCHW", "OIHW", "NCHW"), QuantSpec(4)) == 1
+    # one input feature per group, several groups (depthwise, any layout): the taps, up to 9×9
+    for exact in (True, False):
+        assert route((1, 8, 8, 16), (3, 3, 1, 32), groups=16, exact=exact) == "taps"
+        assert route((1, 16, 8, 8), (16, 1, 9, 9), ("NCHW", "OIHW", "NCHW"), groups=16, exact=exact) == "taps"
+    assert route((1, 16, 12, 12), (16, 1, 11, 11), ("NCHW", "OIHW", "NCHW"), groups=16) == 1
+    assert route((1, 8, 8, 1), (3, 3, 1, 4), exact=False) == "float"  # one group: XLA's conv is fast
 
 
 def test_bad_operands_raise_clear_errors():

@@ -38,7 +38,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from jquant._src import float_dot, rotation
-from jquant._src.conv import conv_general_dilated, integer_conv_problem, runs_on_int8
+from jquant._src.conv import conv_general_dilated, integer_conv_problem, runs_on_integers
 from jquant._src.dot import Operand, dot_general, integer_dot_problem, rotated_operands, rotated_pair
 from jquant._src.packing import is_packed
 from jquant._src.qarray import QArray, quantize
@@ -292,7 +292,7 @@ class QuantConv(_QuantOp):
         multiply-adds (output size × taps per output)."""
         if self.weight is None or not self._integer_operands(lhs, rhs, args):
             return False
-        if not runs_on_int8(Operand(jnp.shape(lhs), self.act), Operand(jnp.shape(rhs), self.weight), args[4], args[5]):
+        if not runs_on_integers(Operand(jnp.shape(lhs), self.act), Operand(jnp.shape(rhs), self.weight), args[4], args[5]):
             return False  # served as the float conv of x̂ and ŵ: the fake-quantized conv itself
         out = jax.eval_shape(lambda a, b: lax.conv_general_dilated(a, b, *args[:7]),
                              jax.ShapeDtypeStruct(jnp.shape(lhs), jnp.float32),
