@@ -44,12 +44,18 @@ chunk) and no float copy can be hoisted, since every chunk's conversion depends 
   them (a shuffle: 4–6× float at M = 1). Each bit plane of the bytes (the columns ≡ i mod 8/b) is
   decoded with its columns' scales and multiplied on its own — shifts and masks on whole bytes —
   and the planes' outputs are interleaved at the end (3-bit codes straddle bytes and are unpacked).
-* Each chunk (512, 256 or 128 rows, `_WEIGHT_CHUNKS`: the largest that cuts K at least in two)
-  is dequantized as `QArray.dequantize` would, its float-limit clip only where a scale needs it
+* Each chunk (512, 256 or 128 rows, `_WEIGHT_CHUNKS`: the largest that cuts K at least in two;
+  at most 256 for more than 64 rows of x) is dequantized as `QArray.dequantize` would, its float-limit clip only where a scale needs it
   (`Format.saturates`, chosen by `lax.cond`: the clip is a third of an int4 chunk's decode).
   Multiplying the stored integers as they are and scaling after the dot (s·(Σ x q − z Σ x), no
   per-element scale) looked faster on a loaded machine but measured 1.0–1.5× the dequantized
   chunks on an idle one, and needs centring against cancellation: not used.
+* Temporaries: the float chunk (chunk × N × 4 bytes), the f32 accumulator (rows of x × N) and
+  the output; x's chunks are read in place (`dynamic_slice`, not a split copy of x). For a
+  4096² layer at 256 rows, 512-row chunks held 17.3 MB (over a quarter of the 67 MB float
+  weight) and 256-row chunks 12.9 MB at the same speed (1.08× vs 1.11× the float dot, alternating),
+  hence the cap; at up to 64 rows 512-row chunks were as fast or faster (int4 g128 at 64 rows:
+  0.88× vs 0.97×).
 Taken for at most `_WEIGHT_ONLY_MAX_ROWS` rows (the largest measured) and K a multiple of 128;
 anything else (GPU/TPU, which fuse the dequantization into the dot themselves; batch axes;
 other layouts) dequantizes whole. Measured ratios: benchmarks/RESULTS.md ("Weight-only
@@ -88,6 +94,9 @@ _GEMV_CHUNK_MIN, _GEMV_CHUNK_MAX = 128, 512
 # and the most rows of the other operand for which the chunked path is taken.
 _WEIGHT_CHUNKS = (512, 256, 128)
 _WEIGHT_ONLY_MAX_ROWS = 256
+# Above this many rows of the other operand, chunks of at most this many weight rows (the float
+# chunk is a temporary beside the rows' accumulator: module docstring, "Weight-only").
+_WEIGHT_ONLY_WIDE_ROWS, _WEIGHT_WIDE_CHUNK = 64, 256
 
 
 @jax.tree_util.register_pytree_with_keys_class
@@ -268,7 +277,8 @@ def _weight_chunk(x, w: QArray) -> int:
     if jax.default_backend() != "cpu" or rows > _WEIGHT_ONLY_MAX_ROWS:
         return 0
     k = w.shape[0]
-    chunks = [math.lcm(c, w.spec.group_size or 1) for c in _WEIGHT_CHUNKS]
+    chunks = [math.lcm(c, w.spec.group_size or 1) for c in _WEIGHT_CHUNKS
+              if rows <= _WEIGHT_ONLY_WIDE_ROWS or c <= _WEIGHT_WIDE_CHUNK]
     return next((c for c in chunks if k % c == 0 and k > c), 0)
 
 
@@ -291,11 +301,12 @@ def _chunked_weight_only(x, w: QArray, chunk: int, precision, out_dtype):
     split = lambda a, axis: None if a is None else jnp.moveaxis(
         jnp.reshape(a, a.shape[:axis] + (steps, a.shape[axis] // steps) + a.shape[axis + 1:]), axis, 0)
     grouped = w.spec.group_size is not None  # scales vary along K: they are cut with the rows
-    xs = (split(x, x.ndim - 1), split(w.value, 0),
+    xs = (jnp.arange(steps) * chunk, split(w.value, 0),
           split(w.scale, 0) if grouped else None, split(w.zero_point, 0) if grouped else None)
 
     def step(saturate, acc, chunk_xs):
-        xc, value, scale, zero_point = chunk_xs
+        start, value, scale, zero_point = chunk_xs
+        xc = lax.dynamic_slice_in_dim(x, start, chunk, axis=x.ndim - 1)
         scale, zero_point = (w.scale, w.zero_point) if scale is None else (scale, zero_point)
         if planes == 1:  # int8 storage, or 3-bit codes that straddle bytes: the chunk's integers
             qs = [QArray(value, scale, zero_point, spec=w.spec, shape=(chunk, n), dtype=w.dtype).q]
