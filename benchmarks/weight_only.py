@@ -27,7 +27,9 @@ NOTES = [
     "speed depends on whether the conversion costs less than the float weight bytes it saves.",
     "Converting a whole 4096² int8 kernel to float32 on XLA:CPU costs several times the f32 dot at "
     "small batch (Qwix pays that). jquant converts a few rows at a time inside a `lax.scan` while "
-    "they are in cache and never holds a float copy of the weight (chunks of 512 rows here). "
+    "they are in cache and never holds a float copy of the weight (chunks of 512 rows here, 256 "
+    "at batch 256, where the float chunk beside the batch's accumulator would otherwise pass a quarter "
+    "of the float kernel). "
     "Sub-byte codes packed along the output axis are decoded by bit planes (the columns of each "
     "nibble multiplied on their own, the outputs interleaved), never shuffled.",
 ]
