@@ -33,9 +33,10 @@ def ensure_environment() -> None:
 
 def main(argv) -> int:
     # The suite runs on every core (pytest-xdist): its time is mostly XLA compiling many small
-    # programs, one test at a time, so two cores nearly halve it (8.4 → 5.6 min on 2 cores).
+    # programs, one test at a time, so two cores nearly halve it (8.4 → 5.6 min on 2 cores);
+    # "worksteal" lets an idle worker take tests queued for a busy one (the examples' long tests).
     commands = {"demo": [str(ROOT / "examples" / "digits_qat.py")],
-                "test": ["-m", "pytest", "-n", "auto", str(ROOT / "tests")]}
+                "test": ["-m", "pytest", "-n", "auto", "--dist", "worksteal", str(ROOT / "tests")]}
     if not argv or argv[0] not in commands:
         print(__doc__)
         return 2

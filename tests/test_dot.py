@@ -58,7 +58,7 @@ specs_rhs = st.sampled_from([
     QuantSpec(2, symmetric=False, channel_axes=(1,)), QuantSpec(8), QuantSpec(1, method="sign", channel_axes=(1,))])
 
 
-@settings(max_examples=25, deadline=None)
+@settings(max_examples=15, deadline=None)
 @given(m=st.integers(1, 9), k=st.sampled_from([1, 8, 24, 64]), n=st.integers(1, 9),
        lspec=specs_lhs, rspec=specs_rhs, seed=st.integers(0, 2 ** 16))
 def test_int32_accumulator_equals_int64_matmul(m, k, n, lspec, rspec, seed):
@@ -71,7 +71,7 @@ def test_int32_accumulator_equals_int64_matmul(m, k, n, lspec, rspec, seed):
     _assert_float_close(y, lhs, rhs)
 
 
-@settings(max_examples=20, deadline=None)
+@settings(max_examples=12, deadline=None)
 @given(m=st.integers(1, 6), groups=st.integers(1, 4), group_size=st.sampled_from([4, 16, 32]), n=st.integers(1, 6),
        lsym=st.booleans(), rsym=st.booleans(), rbits=st.sampled_from([2, 4, 8]), lgrouped=st.booleans(),
        seed=st.integers(0, 2 ** 16))

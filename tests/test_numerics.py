@@ -27,7 +27,7 @@ import reference
 from helpers import normal, quantize_jit
 from reference import as_f64
 
-SETTINGS = settings(max_examples=60, deadline=None)
+SETTINGS = settings(max_examples=40, deadline=None)
 DTYPES = ("float32", "bfloat16", "float16")
 
 

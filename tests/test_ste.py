@@ -50,7 +50,7 @@ def test_ste_round_forward_is_round_half_to_even():
     assert np.all(ties % 2 == 0)
 
 
-@settings(max_examples=40, deadline=None)
+@settings(max_examples=25, deadline=None)
 @given(hnp.arrays(np.float32, hnp.array_shapes(min_dims=0, max_dims=2, max_side=5),
                   elements=st.floats(-1e6, 1e6, width=32)))
 def test_ste_round_forward_and_grad(x):
