@@ -18,6 +18,7 @@ dequantization) (`jquant._src.rotation`).
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Tuple
 
@@ -198,6 +199,10 @@ def quantize(x, spec: QuantSpec, *, scale=None, zero_point=None) -> QArray:
         shape `numerics.layout(x.shape, spec).scale_shape`; default: computed from `x`
         (absmax, min/max, or mean|x| for sign). `zero_point` is needed iff `spec.symmetric` is False.
 
+    Eagerly (a concrete `x`, scales computed from it) this runs as one compiled program per shape,
+    dtype and spec — the numbers of the same call under `jit` (eager = jit bit for bit is the
+    library's rule, tested) at one compilation, where op-by-op dispatch compiled each primitive.
+
     Returns:
       QArray with `shape == x.shape` and `dtype == x.dtype`.
 
@@ -209,6 +214,12 @@ def quantize(x, spec: QuantSpec, *, scale=None, zero_point=None) -> QArray:
     """
     x = check_float_input(x, spec, "quantize")
     lay = numerics.layout(x.shape, spec)
+    if scale is None and zero_point is None and not isinstance(x, jax.core.Tracer):
+        return _quantize_eagerly(x, spec)
+    return _quantize(x, spec, lay, scale, zero_point)
+
+
+def _quantize(x, spec, lay, scale, zero_point):
     if spec.rotation is not None:
         rotated = rotation.to_rotated(x, spec.rotation, lay.rotation_axis)
         stored = quantize(rotated, unrotated(spec), scale=scale, zero_point=zero_point)
@@ -219,6 +230,11 @@ def quantize(x, spec: QuantSpec, *, scale=None, zero_point=None) -> QArray:
     q = fmt.encode(x, spec, lay, scale, zero_point, fixed=fixed)
     value = packing.pack(fmt.to_codes(q, spec).astype(jnp.uint8), spec.bits) if packing.is_packed(spec.bits) else q
     return QArray(value, scale, zero_point, spec=spec, shape=x.shape, dtype=x.dtype)
+
+
+@functools.partial(jax.jit, static_argnums=1)
+def _quantize_eagerly(x, spec):
+    return _quantize(x, spec, numerics.layout(x.shape, spec), None, None)
 
 
 def check_float_input(x, spec, where: str):
