@@ -288,8 +288,7 @@ def _taps_bracket(qx, qw, zx, zw, dn, strides, pads, lhs_dilation, rhs_dilation)
         shifted = lax.slice(x, (0, *start, 0), (x.shape[0], *[b + (o - 1) * st + 1 for b, o, st in zip(start, out, strides)],
                                                 n_out), (1, *strides, 1))
         value = shifted * w[tap] if value is None else value + shifted * w[tap]
-    source = {dn.out_spec[0]: 0, dn.out_spec[1]: nsp + 1, **{a: 1 + d for d, a in enumerate(dn.out_spec[2:])}}
-    return jnp.transpose(value, tuple(source[a] for a in range(value.ndim)))
+    return _from_channels_last(value, dn)
 
 
 def _explicit_padding(lhs_shape, rhs_shape, dn, strides, padding, lhs_dilation, rhs_dilation):
@@ -329,9 +328,15 @@ def _inside_sums(tap_sums, inside, dn, ndim):
         return _on_output(None, jnp.sum(taps, axis=tuple(range(nsp))), dn.out_spec, ndim)
     tap_letters, out_letters = "abcdefgh"[:nsp], "ABCDEFGH"[:nsp]
     expr = ",".join(p + t for p, t in zip(out_letters, tap_letters)) + f",{tap_letters}o->{out_letters}o"
-    sums = jnp.einsum(expr, *(jnp.asarray(m) for m in inside), taps, preferred_element_type=jnp.int32)[None]
+    return _from_channels_last(jnp.einsum(expr, *(jnp.asarray(m) for m in inside), taps,
+                                          preferred_element_type=jnp.int32)[None], dn)
+
+
+def _from_channels_last(y, dn):
+    """`y` laid out (batch, spatial…, features) transposed to the output layout `dn.out_spec`."""
+    nsp = y.ndim - 2
     source = {dn.out_spec[0]: 0, dn.out_spec[1]: nsp + 1, **{a: 1 + d for d, a in enumerate(dn.out_spec[2:])}}
-    return jnp.transpose(sums, tuple(source[a] for a in range(ndim)))
+    return jnp.transpose(y, tuple(source[a] for a in range(y.ndim)))
 
 
 def _one_by_one(xp, w, strides, out_type, precision=None):
