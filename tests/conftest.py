@@ -1,5 +1,13 @@
-"""Hypothesis profiles for the whole suite.
+"""Settings for the whole suite: XLA's code generation and the hypothesis profiles.
 
+* XLA compiles the suite's programs without LLVM's optimisation passes
+  (`--xla_backend_optimization_level=0`, added to any XLA_FLAGS given): the suite is mostly
+  compilation and the tests check values, HLO and buffer sizes, not speed (a quarter less time).
+  What a program computes is XLA's: its vectorised reductions (the NaN-dropping max of
+  tests/test_numerics.py) behave the same at both levels, and tests/test_determinism.py checks
+  that a process at the default level stores the same bits and integer dot results.
+
+Hypothesis profiles:
 * "ci" (default): derandomized (the same examples on every run and machine), no deadline (the
   first example of a test pays for XLA compilation), no example database, and 15 examples for
   tests that do not set their own `max_examples` (each new shape compiles: the suite must stay
@@ -9,6 +17,10 @@
 """
 
 import os
+
+UNOPTIMISED = "--xla_backend_optimization_level=0"
+if UNOPTIMISED not in os.environ.get("XLA_FLAGS", "").split():
+    os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {UNOPTIMISED}".strip()
 
 from hypothesis import HealthCheck, settings
 

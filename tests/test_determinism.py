@@ -1,5 +1,6 @@
 """Determinism: the same input gives the same bits eagerly and under jit, run after run, process
-after process.
+after process, with and without LLVM's optimisation passes (the suite compiles without them,
+tests/conftest.py; the second process with them).
 
 What is guaranteed (README "Guarantees"): for the MinMax calibration (the default) and every
 method — uniform mid-tread and mid-rise, sign, k-means, NF4 — `quantize` gives bit-identical
@@ -13,6 +14,7 @@ whose range may differ in the last bit between eager and jit (and with it q, nea
 
 import functools
 import hashlib
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -27,6 +29,7 @@ from hypothesis.extra import numpy as hnp
 import jquant
 from jquant import Policy, QuantSpec, Rule
 
+from conftest import UNOPTIMISED
 from helpers import assert_same_bits, jit_quantize
 
 SPECS = [
@@ -74,20 +77,32 @@ def test_quantize_params_eager_equals_jit_equals_quantize():
 
 
 def _digest() -> str:
-    """sha256 over the storage, scales and zero-points of every spec on fixed data."""
-    x = jax.random.normal(jax.random.key(7), (24, 36)) * 3
+    """sha256 over the storage, scales and zero-points of every spec on fixed data, and a 4096-deep
+    layer's integer dot (int32) and weight-only dots (int8 and int4 g128: the chunked path)."""
+    rng = np.random.default_rng(7)  # NumPy's: jax.random's normals may differ in the last bit between XLA levels
+    x = jnp.asarray(rng.standard_normal((24, 36)) * 3, jnp.float32)
     h = hashlib.sha256()
     for spec in SPECS:
         for leaf in jax.tree_util.tree_leaves(jit_quantize(x, spec)):  # eager = jit is tested above
             h.update(np.asarray(leaf).tobytes())
+    w = jnp.asarray(rng.standard_normal((4096, 256)), jnp.float32)
+    a = jnp.asarray(rng.standard_normal((3, 4096)), jnp.float32)
+    dims = (((1,), (0,)), ((), ()))
+    w8 = jit_quantize(w, QuantSpec(8, channel_axes=(1,)))
+    h.update(np.asarray(jquant.int_dot_general(jit_quantize(a, QuantSpec(8, symmetric=False)), w8, dims).value).tobytes())
+    for qw in (w8, jit_quantize(w, QuantSpec(4, symmetric=False, channel_axes=(1,), group_size=128))):
+        h.update(np.asarray(jax.jit(jquant.dot_general, static_argnums=2)(a, qw, dims)).tobytes())
     return h.hexdigest()
 
 
 def test_same_bits_across_runs_and_processes():
+    # the other process compiles at XLA's default optimisation level (this one: tests/conftest.py)
     here = _digest()
     assert _digest() == here
     code = (f"import sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); "
             "import test_determinism as t; print(t._digest())")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    env = dict(os.environ, XLA_FLAGS=" ".join(f for f in os.environ.get("XLA_FLAGS", "").split() if f != UNOPTIMISED))
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                         env={k: v for k, v in env.items() if k != "XLA_FLAGS" or v})
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.strip().splitlines()[-1] == here

@@ -1,6 +1,5 @@
 """The examples run end to end (small settings) and print what they promise."""
 
-import os
 import re
 import subprocess
 import sys
@@ -16,11 +15,9 @@ TINY_LM = ("--depth", "1", "--context", "64", "--eval-windows", "16")
 
 
 def _run(script, *args):
-    # The examples are checked for what they print, not timed: XLA compiles their programs without
-    # LLVM's optimisation passes (a quarter less time for these tests; the numerics are XLA's own).
-    env = dict(os.environ, XLA_FLAGS=f"{os.environ.get('XLA_FLAGS', '')} --xla_backend_optimization_level=0".strip())
+    # checked for what they print, not timed: compiled at the suite's XLA level (tests/conftest.py)
     result = subprocess.run([sys.executable, str(EXAMPLES / script), *args], capture_output=True, text=True,
-                            timeout=600, env=env)
+                            timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     return result.stdout
 
