@@ -293,6 +293,53 @@ def test_quantize_params_with_a_policy_and_the_served_forward():
     np.testing.assert_allclose(forward(served, x), tanh_mlp(jquant.dequantize_params(served), x), atol=1e-5)
 
 
+def test_fold_rotations_moves_the_rotation_into_the_previous_dense_and_reports_the_rest():
+    import flax.linen as nn
+    # LayerNorm → Dense(256) → Dense(64) → relu → Dense(8), every kernel int4 g64 rotated: the
+    # second Dense's input is the first's output plus its bias (foldable); the first reads a
+    # LayerNorm (its γ: a product) and the last a relu (neither commutes with a rotation)
+    model = nn.Sequential([nn.LayerNorm(), nn.Dense(256), nn.Dense(64), nn.relu, nn.Dense(8)])
+    x = normal(20, (16, 128))
+    params = model.init(jax.random.key(0), x)
+    spec = QuantSpec(4, symmetric=False, channel_axes=(1,), group_size=64, rotation=Hadamard(5))
+    policy = jquant.Policy([jquant.Rule(".*kernel", spec)])
+    with pytest.warns(UserWarning, match="2 rotated weight") as record:
+        folded, fpolicy, where = jquant.ptq.fold_rotations(model.apply, params, policy, [(x,)])
+    message = str(record[0].message)
+    assert "params/layers_1/kernel (a product" in message and "params/layers_4/kernel (produced by" in message
+    assert where == {"params/layers_2/kernel": ("params/layers_1/bias", "params/layers_1/kernel")} or \
+        where == {"params/layers_2/kernel": ("params/layers_1/kernel", "params/layers_1/bias")}
+    # the function is unchanged: (h·W₁ + b)·R·(Rᵀ·W₂)
+    np.testing.assert_allclose(model.apply(folded, x), model.apply(params, x), rtol=1e-4, atol=1e-4)
+    r = rotation.matrix(spec.rotation, 256)
+    np.testing.assert_allclose(folded["params"]["layers_1"]["kernel"], as_f64(params["params"]["layers_1"]["kernel"]) @ r,
+                               atol=1e-5)
+    # the folded weight is quantized unrotated, to the very storage its rotated spec stores
+    before = jquant.quantize_params(params, policy)
+    after = jquant.quantize_params(folded, fpolicy)
+    w2, w2_rotated = after["params"]["layers_2"]["kernel"], before["params"]["layers_2"]["kernel"]
+    assert w2.spec == dataclasses.replace(spec, rotation=None)
+    assert after["params"]["layers_4"]["kernel"].spec == spec  # left rotated, served rotating online
+    for a, b in zip(jax.tree_util.tree_leaves(w2), jax.tree_util.tree_leaves(in_stored_basis(w2_rotated))):
+        np.testing.assert_array_equal(a, b)
+    # served: the folded model computes with no online rotation what the dequantized one does
+    served = jax.jit(jquant.flax.quantize(model, fpolicy).apply)
+    np.testing.assert_allclose(served(after, x), model.apply(jquant.dequantize_params(after), x), atol=1e-4)
+
+
+def test_fold_rotations_needs_the_readers_of_an_input_rotated_alike():
+    p = {"w1": normal(21, (32, 128)), "wa": normal(22, (128, 16)), "wb": normal(23, (128, 16))}
+    def fn(p, x):
+        h = x @ p["w1"]
+        return h @ p["wa"] + h @ p["wb"]
+    spec = QuantSpec(4, channel_axes=(1,), rotation=Hadamard(1))
+    policy = jquant.Policy([jquant.Rule("wa", spec), jquant.Rule("wb", dataclasses.replace(spec, rotation=Hadamard(2)))])
+    with pytest.warns(UserWarning, match="not rotated alike"):
+        folded, fpolicy, where = jquant.ptq.fold_rotations(fn, p, policy, [(normal(24, (4, 32)),)])
+    assert where == {} and fpolicy.rules == policy.rules
+    np.testing.assert_array_equal(folded["w1"], p["w1"])
+
+
 def test_checkpoint_and_safetensors_round_trip_bit_exact(tmp_path):
     spec = QuantSpec(3, symmetric=False, channel_axes=(1,), group_size=64,
                      rotation=Hadamard(seed=2 ** 40 + 3, block=64))

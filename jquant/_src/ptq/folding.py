@@ -18,7 +18,8 @@ Every value on the path must be used only by the path (otherwise scaling it woul
 something else) and every folded parameter only once. Anything else (a nonlinearity, a reshape,
 a residual connection, a nested call) stops the walk and the group cannot be scaled; the reason
 is reported. Only the top level of the jaxpr is walked, and only weights contracted over a single
-axis.
+axis. An orthogonal rotation along the channel (`rotating.fold_rotations`) folds the same way,
+except through `mul`: a rotation does not commute with a product.
 """
 
 from __future__ import annotations
@@ -45,17 +46,19 @@ class FoldGroup(NamedTuple):
     reason: str
 
 
-def fold_groups(fn, params, batch: tuple, wanted) -> List[FoldGroup]:
+def fold_groups(fn, params, batch: tuple, wanted, *, rotation: bool = False) -> List[FoldGroup]:
     """The FoldGroups of the weights (leaf indices into `jax.tree_util.tree_leaves(params)`) in
-    `wanted`; a wanted weight with no top-level single-axis site is absent."""
+    `wanted`; a wanted weight with no top-level single-axis site is absent. `rotation=True`: for
+    an orthogonal matrix along the channel instead of a per-channel scale, which commutes with
+    biases and the previous Linear but not with any product (a norm's γ, a gate)."""
     leaves, treedef = jax.tree_util.tree_flatten(params)
     closed = jax.make_jaxpr(flat_program(fn, treedef, len(leaves)))(leaves, *batch)
-    return _Analysis(closed.jaxpr, len(leaves), set(wanted)).groups()
+    return _Analysis(closed.jaxpr, len(leaves), set(wanted), rotation).groups()
 
 
 class _Analysis:
-    def __init__(self, jaxpr, n_leaves: int, wanted):
-        self.jaxpr, self.wanted = jaxpr, wanted
+    def __init__(self, jaxpr, n_leaves: int, wanted, rotation: bool):
+        self.jaxpr, self.wanted, self.rotation = jaxpr, wanted, rotation
         self.producer: Dict = {}
         self.consumers: Dict = defaultdict(list)
         self.weight: Dict = {}  # var → (leaf, perm): a param leaf, re-laid out
@@ -152,6 +155,8 @@ class _Analysis:
             if not self._only_here(ins[0]):
                 return f"the value before {name} is used elsewhere"
             return self._walk(ins[0], eqn.params["permutation"][axis] if name == "transpose" else axis)
+        if name == "mul" and self.rotation:
+            return "a product (a norm's scale, a gate) in the input's making, which a rotation does not commute with"
         if name == "mul":
             for v in ins:
                 if not isinstance(v, jcore.Literal) and v in self.vector and self.vector[v][1] == axis \
@@ -186,7 +191,7 @@ class _Analysis:
                 return "produced by a dot_general whose output channel is not a weight's own axis"
             leaf, perm = self.weight[ins[side]]
             return [(leaf, perm[operand_axis])]
-        return f"produced by {name}, which a per-channel scale does not commute with"
+        return f"produced by {name}, which a {'rotation' if self.rotation else 'per-channel scale'} does not commute with"
 
 
 def scale_along(x, s, axis: int, power: int):
