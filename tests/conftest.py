@@ -7,6 +7,9 @@
   tests/test_numerics.py) behave the same at both levels, and tests/test_determinism.py checks
   that a process at the default level stores the same bits and integer dot results.
 
+The examples' tests (subprocesses of 10–30 s each) are collected first, so that the two
+workers share them from the start instead of one finishing the run alone.
+
 Hypothesis profiles:
 * "ci" (default): derandomized (the same examples on every run and machine), no deadline (the
   first example of a test pays for XLA compilation), no example database, and 15 examples for
@@ -29,3 +32,7 @@ settings.register_profile("ci", derandomize=True, deadline=None, database=None, 
 settings.register_profile("thorough", deadline=None, max_examples=500,
                           suppress_health_check=[HealthCheck.too_slow])
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+
+
+def pytest_collection_modifyitems(items):
+    items.sort(key=lambda item: item.module.__name__ != "test_examples")  # stable: the rest keep their order

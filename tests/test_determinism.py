@@ -77,7 +77,7 @@ def test_quantize_params_eager_equals_jit_equals_quantize():
 
 
 def _digest() -> str:
-    """sha256 over the storage, scales and zero-points of every spec on fixed data, and a 4096-deep
+    """sha256 over the storage, scales and zero-points of every spec on fixed data, and a 1024-deep
     layer's integer dot (int32) and weight-only dots (int8 and int4 g128: the chunked path)."""
     rng = np.random.default_rng(7)  # NumPy's: jax.random's normals may differ in the last bit between XLA levels
     x = jnp.asarray(rng.standard_normal((24, 36)) * 3, jnp.float32)
@@ -85,8 +85,8 @@ def _digest() -> str:
     for spec in SPECS:
         for leaf in jax.tree_util.tree_leaves(jit_quantize(x, spec)):  # eager = jit is tested above
             h.update(np.asarray(leaf).tobytes())
-    w = jnp.asarray(rng.standard_normal((4096, 256)), jnp.float32)
-    a = jnp.asarray(rng.standard_normal((3, 4096)), jnp.float32)
+    w = jnp.asarray(rng.standard_normal((1024, 128)), jnp.float32)
+    a = jnp.asarray(rng.standard_normal((3, 1024)), jnp.float32)
     dims = (((1,), (0,)), ((), ()))
     w8 = jit_quantize(w, QuantSpec(8, channel_axes=(1,)))
     h.update(np.asarray(jquant.int_dot_general(jit_quantize(a, QuantSpec(8, symmetric=False)), w8, dims).value).tobytes())
