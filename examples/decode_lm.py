@@ -228,12 +228,13 @@ def cached_decode_gap(params: Dict, config: lm.Config, tokens: np.ndarray) -> fl
     decoder = lm.Decoder(config, decode=True)
     zeros = jnp.zeros((tokens.shape[0], config.context), jnp.int32)
     state = {"params": lm.linen_params(params), "cache": decoder.init(jax.random.key(0), zeros, zeros)["cache"]}
+    step = jax.jit(lambda state, token, position: decoder.apply(state, token, position, mutable=["cache"]))
     stepped = []
     for t in range(tokens.shape[1]):
-        logits, cache = decoder.apply(state, tokens[:, t:t + 1], np.full((tokens.shape[0], 1), t), mutable=["cache"])
+        logits, cache = step(state, tokens[:, t:t + 1], np.full((tokens.shape[0], 1), t))
         state = {**state, **cache}
         stepped.append(logits)
-    return float(jnp.max(jnp.abs(jnp.concatenate(stepped, 1) - lm.forward(params, jnp.asarray(tokens)))))
+    return float(jnp.max(jnp.abs(jnp.concatenate(stepped, 1) - jax.jit(lm.forward)(params, jnp.asarray(tokens)))))
 
 
 def main(argv=None):
