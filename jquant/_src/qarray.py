@@ -116,7 +116,10 @@ class QArray:
 
     def dequantize(self):
         """x̂ = s · (q - z) (codebook methods: the indexed level) in the original shape and dtype;
-        R·(that) for a rotated spec."""
+        R·(that) for a rotated spec. Eagerly one jitted program per (spec, shape, dtype), as
+        `quantize` (the same numbers as under jit, one compilation instead of one per operation)."""
+        if not any(isinstance(a, jax.core.Tracer) for a in (self.value, self.scale, self.zero_point)):
+            return _dequantize_eagerly(self)
         return decode(self.q, self.scale, self.zero_point, self.spec, self.shape, self.dtype)
 
     @property
@@ -133,6 +136,11 @@ class QArray:
     def __repr__(self) -> str:
         return (f"QArray({self.spec!r}, shape={self.shape}, dtype={self.dtype.name}, "
                 f"bits/weight={self.bits_per_weight:.3f})")
+
+
+@jax.jit
+def _dequantize_eagerly(qa: QArray):
+    return decode(qa.q, qa.scale, qa.zero_point, qa.spec, qa.shape, qa.dtype)
 
 
 def decode(q, scale, zero_point, spec: QuantSpec, shape, dtype, *, saturate: bool = True):
