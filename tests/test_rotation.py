@@ -373,9 +373,8 @@ def test_spec_field_repr_and_errors():
         jquant.quantize(normal(0, (8, 8)), QuantSpec(8, channel_axes=(0, 1), rotation=Hadamard()))
 
 
-def test_static_activation_ranges_and_lsq_refuse_a_rotated_weight():
-    # A static range was calibrated on x, the rotated dot quantizes x·R; LSQ steps are learned
-    # on the unrotated weight: both would be silently wrong, so both raise.
+def test_static_activation_ranges_refuse_a_rotated_weight():
+    # A static range was calibrated on x, the rotated dot quantizes x·R: silently wrong, so it raises.
     spec = QuantSpec(4, channel_axes=(1,), group_size=32, rotation=Hadamard())
     w, x = normal(1, (64, 16)), normal(2, (4, 64))
     op = QuantDot(weight=spec, act=QuantSpec(8), act_scale=jnp.float32(0.05))
@@ -383,5 +382,35 @@ def test_static_activation_ranges_and_lsq_refuse_a_rotated_weight():
         op(x, w, DN)
     with pytest.raises(ValueError, match="rotated activation"):
         op(x, jquant.quantize(w, spec), DN)
-    with pytest.raises(ValueError, match="LSQ does not train rotated specs"):
-        jquant.learned.lsq_init_step(w, spec)
+
+
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_lsq_learns_the_steps_of_the_rotated_weight(symmetric):
+    # x̂ = R·s·clip(round(Rᵀw / s)) and its derivatives (NumPy float64 with the dense R), steps
+    # initialised from Rᵀw, and the export dequantizes to the learned forward
+    spec = QuantSpec(3, symmetric=symmetric, channel_axes=(1,), group_size=64, rotation=Hadamard(4))
+    w = normal(30, (128, 24)) * (1 + 5 * (jnp.arange(128) % 17 == 0))[:, None]  # outlier input rows
+    r = rotation.matrix(spec.rotation, 128)
+    stored = r.T @ as_f64(w)
+    step = jquant.learned.lsq_init_step(w, spec, init="absmax")
+    plain = dataclasses.replace(spec, rotation=None)
+    np.testing.assert_allclose(step, jquant.learned.lsq_init_step(jnp.asarray(stored, jnp.float32), plain, init="absmax"),
+                               rtol=1e-6)
+    step = step * 0.8  # some values beyond the grid: the clip's derivatives
+    s = np.repeat(as_f64(step)[:, 0, :], 64, axis=0)
+    lo, hi = (-3, 3) if symmetric else (-4, 3)
+    v = stored / s
+    expected = r @ (s * np.clip(np.round(v), lo, hi))
+    out = jquant.learned.lsq_fake_quant(w, step, spec)
+    np.testing.assert_allclose(out, expected, atol=1e-5 * np.abs(expected).max())
+    c = normal(31, (128, 24))
+    dw, dstep = jax.grad(lambda w, s: jnp.sum(c * jquant.learned.lsq_fake_quant(w, s, spec)), argnums=(0, 1))(w, step)
+    inside = (v >= lo) & (v <= hi)
+    np.testing.assert_allclose(dw, r @ (inside * (r.T @ as_f64(c))), atol=1e-5)
+    coef = np.where(inside, np.round(v) - v, np.where(v < lo, lo, hi)) * jquant.learned.lsq_grad_scale(w.size, step.size, spec)
+    expected_dstep = (coef * (r.T @ as_f64(c))).reshape(2, 64, 24).sum(1)[:, None, :]
+    np.testing.assert_allclose(dstep, expected_dstep, rtol=1e-4, atol=1e-6)
+    params, policy = {"w": w}, jquant.Policy([jquant.Rule("w", spec)])
+    served = jquant.learned.quantize_params(params, {jquant.learned.LSQ_STEP: {"w": step}}, policy)
+    assert served["w"].spec == spec
+    np.testing.assert_allclose(served["w"].dequantize(), out, atol=1e-6 * np.abs(expected).max())

@@ -19,6 +19,11 @@ Both are ordinary float parameters in a pytree that optax trains next to the mod
   Backward: ∂y/∂x = 1 inside the clip, 0 outside; ∂y/∂α = 1 where x ≥ α (and −1 where x ≤ −α,
   signed), 0 inside (the rounding is straight-through).
 
+A rotated weight spec (`QuantSpec(rotation=Hadamard())`) learns the steps of its stored values:
+x̂ = R · LSQ(Rᵀ·x) along the rotation axis, the steps initialised from Rᵀ·x and exported as the
+scales of the rotated QArray (`quantize(x, spec, scale=step)` stores Q(Rᵀ·x) with them). R is
+orthogonal and linear, so the derivatives are LSQ's, rotated: ∂x̂/∂x = R·diag(inside)·Rᵀ.
+
 Both estimators are `jax.custom_jvp` (as `fake_quant`), so `grad`, `jvp` and Hessian-vector
 products all use them. In forward mode the g factor scales the step's tangent as it scales its
 gradient in reverse mode: it is part of the estimator, not of the function.
@@ -44,13 +49,13 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from jquant._src import numerics
+from jquant._src import numerics, rotation
 from jquant._src.formats import uniform
 from jquant._src.formats.base import broadcast_fixed
 from jquant._src.paths import leaves_with_paths, nest
 from jquant._src.policy import Policy, matches, walk
 from jquant._src.qarray import quantize
-from jquant._src.spec import QuantSpec
+from jquant._src.spec import QuantSpec, unrotated
 from jquant._src.ste import fake_quant
 
 LSQ_STEP = "lsq_step"
@@ -89,15 +94,16 @@ def lsq_fake_quant(x, step, spec: QuantSpec, *, grad_scale: Optional[float] = No
     if grad_scale is None:
         grad_scale = lsq_grad_scale(x.size, step.size, spec)
     step = broadcast_fixed("step", step.astype(numerics.compute_dtype(x.dtype)), spec, lay)
-    return _lsq(spec, lay, float(grad_scale), x, step)
+    if spec.rotation is None:
+        return _lsq(spec, lay, float(grad_scale), x, step)
+    # R · LSQ(Rᵀ·x) in the compute dtype, cast once at the end (as the rotated QArray dequantizes)
+    stored = _lsq(unrotated(spec), lay, float(grad_scale), rotation.to_rotated(x, spec.rotation, lay.rotation_axis), step)
+    return rotation.from_rotated(stored, spec.rotation, lay.rotation_axis).astype(x.dtype)
 
 
 def _check_lsq_spec(spec: QuantSpec):
     if not spec.method.ranged:
         raise ValueError(f"LSQ learns the step of a uniform grid; {spec!r} has method={spec.method.name!r}")
-    if spec.rotation is not None:
-        raise ValueError(f"LSQ does not train rotated specs ({spec!r}): its steps are learned on the unrotated "
-                         "weight; use STE QAT (jquant.fake_quant, QuantDot) or drop the rotation")
 
 
 def lsq_grad_scale(size: int, num_steps: int, spec: QuantSpec) -> float:
@@ -135,14 +141,17 @@ def lsq_init_step(x, spec: QuantSpec, *, init: str = "lsq"):
     `init="lsq"`: the paper's s = 2 · mean|x| / √Q_P over each group; `init="absmax"`: the top
     level at the group's absmax, s = absmax / Q_P (every value inside the grid; coarser at 2–3
     bits, where clipping the tails pays). Q_P = Qmax + offset (mid-rise: Qmax + 1/2). Float32
-    (float64 for float64 x); an all-zero group gets step 1.
+    (float64 for float64 x); an all-zero group gets step 1. A rotated spec: the steps of Rᵀ·x.
     """
     if init not in STEP_INITS:
         raise ValueError(f"init={init!r} is unknown; allowed: {', '.join(STEP_INITS)}")
     _check_lsq_spec(spec)
     x = jnp.asarray(x)
     lay = numerics.layout(x.shape, spec)
-    xg = lay.to_grouped(x.astype(numerics.compute_dtype(x.dtype)))
+    x = x.astype(numerics.compute_dtype(x.dtype))
+    if spec.rotation is not None:
+        x = rotation.to_rotated(x, spec.rotation, lay.rotation_axis)
+    xg = lay.to_grouped(x)
     top = spec.qmax + spec.offset
     if init == "lsq":
         step = 2 * jnp.mean(jnp.abs(xg), axis=lay.reduce_axes, keepdims=True) / math.sqrt(top)
