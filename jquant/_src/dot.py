@@ -331,12 +331,11 @@ def _chunked_weight_only(x, w: QArray, chunk: int, precision, out_dtype):
             if asymmetric:  # q − z (see `zero_point` above), on the chunk's grouped view
                 lay = numerics.layout((chunk, n // planes), w.spec)
                 qs = [lay.from_grouped(lay.to_grouped(c.astype(jnp.int8)) - z[i]) for i, c in enumerate(codes)]
-                z = None
             else:
                 qs = [w.spec.method.from_codes(c, w.spec) for c in codes]
         dims = (((xc.ndim - 1,), (0,)), ((), ()))
         return acc + jnp.stack([
-            lax.dot_general(xc, decode(q, s[i], None if z is None else z[i], w.spec, (chunk, n // planes),
+            lax.dot_general(xc, decode(q, s[i], None if z is None or asymmetric else z[i], w.spec, (chunk, n // planes),
                                        w.dtype, saturate=saturate), dims, precision=precision,
                             preferred_element_type=jnp.float32)
             for i, q in enumerate(qs)]), None
