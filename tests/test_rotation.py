@@ -373,15 +373,60 @@ def test_spec_field_repr_and_errors():
         jquant.quantize(normal(0, (8, 8)), QuantSpec(8, channel_axes=(0, 1), rotation=Hadamard()))
 
 
-def test_static_activation_ranges_refuse_a_rotated_weight():
-    # A static range was calibrated on x, the rotated dot quantizes x·R: silently wrong, so it raises.
-    spec = QuantSpec(4, channel_axes=(1,), group_size=32, rotation=Hadamard())
-    w, x = normal(1, (64, 16)), normal(2, (4, 64))
-    op = QuantDot(weight=spec, act=QuantSpec(8), act_scale=jnp.float32(0.05))
-    with pytest.raises(ValueError, match="rotated activation"):
-        op(x, w, DN)
-    with pytest.raises(ValueError, match="rotated activation"):
-        op(x, jquant.quantize(w, spec), DN)
+def _w4a8_reference(x, w, spec, act_scale, act_zero_point, bias):
+    """float64 (x·R fake-quantized on the static grid)·(R·Q(Rᵀ·w)·…)'s stored part + bias: the
+    served numbers, with R dense and the documented grid q = clip(round(v/s) + z, −128, 127)."""
+    r = rotation.matrix(spec.rotation, w.shape[0])
+    s, z = float(act_scale), float(act_zero_point)
+    xr = as_f64(x) @ r
+    xq = s * (np.clip(np.round(xr / s) + z, -128, 127) - z)
+    stored = np.asarray(jax.jit(in_stored_basis)(jquant.quantize(w, spec)).dequantize(), np.float64)  # Q(Rᵀ·w)
+    return xq @ stored + as_f64(bias)
+
+
+def test_static_activation_ranges_observe_the_rotated_activation():
+    # Calibrated W4A8 with a rotated weight (Linen and NNX): the observer records the range of
+    # x·R — the tensor the dot quantizes — and QAT and serving quantize x·R on that static grid
+    import flax.linen as nn
+    from flax import nnx
+
+    from jquant.flax import _observers as observers
+
+    spec = QuantSpec(4, channel_axes=(1,), group_size=32, rotation=Hadamard(seed=3))
+    act = QuantSpec(8, symmetric=False)
+    policy = jquant.Policy([jquant.Rule(r".*kernel", spec, act=act)])
+    x = jax.nn.gelu(normal(40, (64, 128)) + 3.0 * (jnp.arange(128) % 31 == 0))  # outlier channels
+    batch, other = x[:32], x[32:]
+    r = rotation.matrix(spec.rotation, 128)
+    expected = [float(np.min(as_f64(batch) @ r)), float(np.max(as_f64(batch) @ r))]
+    assert expected[1] < float(jnp.max(batch)) * 0.8  # the rotation spreads the outliers: x's own range is wider
+
+    qmodel = jquant.flax.quantize(nn.Dense(48), policy)
+    variables = jquant.flax.calibrate(qmodel, [(batch,)], variables=qmodel.init(jax.random.key(0), x[:1]))
+    stats = variables["quant_stats"]
+    np.testing.assert_allclose([float(stats["act_lo"]), float(stats["act_hi"])], expected, rtol=1e-5)
+    act_scale, act_zero_point = observers.static_scale([stats[k] for k, _ in observers.initial_stats()], act)
+    params = variables["params"]
+    reference = _w4a8_reference(other, params["kernel"], spec, act_scale, act_zero_point, params["bias"])
+    qat = jax.jit(qmodel.apply)(variables, other)
+    served = jax.jit(qmodel.apply)(jquant.quantize_params(variables, policy), other)
+    for got in (qat, served):
+        np.testing.assert_allclose(np.asarray(got, np.float64), reference, rtol=1e-4, atol=1e-4)
+    dynamic = jax.jit(qmodel.apply)({"params": params}, other)
+    assert float(jnp.max(jnp.abs(dynamic - qat))) > 1e-3  # the static grid is in use
+
+    model = jquant.flax.quantize(nnx.Linear(128, 48, rngs=nnx.Rngs(1)), policy)
+    jquant.flax.calibrate(model, [(batch,)])
+    observer = model.dot_general
+    np.testing.assert_allclose([float(observer.act_lo.get_value()), float(observer.act_hi.get_value())], expected,
+                               rtol=1e-5)
+    act_scale, act_zero_point = observers.static_scale(
+        [v.get_value() for v in (observer.act_lo, observer.act_hi, observer.count)], act)
+    reference = _w4a8_reference(other, model.kernel.get_value(), spec, act_scale, act_zero_point,
+                                model.bias.get_value())
+    np.testing.assert_allclose(np.asarray(model(other), np.float64), reference, rtol=1e-4, atol=1e-4)
+    nnx.update(model, jquant.quantize_params(nnx.state(model, nnx.Param), policy))
+    np.testing.assert_allclose(np.asarray(model(other), np.float64), reference, rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize("symmetric", [True, False])

@@ -19,8 +19,13 @@ Both phases compute the same x̂·ŵ, so served outputs equal QAT outputs up to 
 A rotated weight spec (`QuantSpec(rotation=...)`, R along a contracted axis) works in the
 rotated basis in both phases — y = fq_act(x·R)·fq(Rᵀ·W) in QAT, the rotated QArray with the
 activation rotated online when served (`dot.rotated_operands`) — so the activation spec
-quantizes x·R in both. `QuantConv` has no online rotation: a rotated kernel is dequantized
-(R·Q) when served and fake-quantized as R·fq(Rᵀ·W) in QAT.
+quantizes x·R in both, and a static activation range is a range of x·R. `QuantConv` has no
+online rotation: a rotated kernel is dequantized (R·Q) when served and fake-quantized as
+R·fq(Rᵀ·W) in QAT.
+
+Calibration (`jquant.flax.calibrate`): an op with `observe` set calls it with every activation
+it quantizes — after any rotation, in the compute dtype, just before quantizing it — so the
+observers record the range of the very tensor a static scale will quantize.
 
     dense = nn.Dense(128, dot_general=QuantDot(weight=QuantSpec(8, channel_axes=(1,)), act=QuantSpec(8)))
     y = jnp.einsum("bi,io->bo", x, w, _dot_general=QuantDot(weight=QuantSpec(4, channel_axes=(1,))))
@@ -31,7 +36,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-from typing import Optional
+from typing import Callable, Optional
 
 import jax
 import jax.numpy as jnp
@@ -56,12 +61,20 @@ path from `PACKED_WEIGHT_MACS_FACTOR × INTEGER_QAT_MIN_MACS` multiply-adds."""
 @dataclasses.dataclass(frozen=True, eq=False)
 class _QuantOp:
     """What the three ops share: the weight and activation specs, and an optional static
-    (calibrated) activation scale/zero-point; without one the activation is quantized per call."""
+    (calibrated) activation scale/zero-point; without one the activation is quantized per call.
+    `observe` (calibration only): called with each activation the op quantizes (module docstring)."""
 
     weight: Optional[QuantSpec] = None
     act: Optional[QuantSpec] = None
     act_scale: Optional[object] = None
     act_zero_point: Optional[object] = None
+    observe: Optional[Callable] = None
+
+    def observed(self, lhs):
+        """`lhs`, after handing it to `observe` (if set, and if this op quantizes activations)."""
+        if self.observe is not None and self.act is not None:
+            self.observe(lhs)
+        return lhs
 
     def fake_quant_inputs(self, lhs, rhs):
         """QAT: fake-quantized activation and (float) weight."""
@@ -78,23 +91,14 @@ class _QuantOp:
         activation is fake-quantized and the weight dequantized (the same numbers as QAT).
         Floating-point formats (FP8, MX, NVFP4) quantize the activation for their own dot
         (`jquant._src.float_dot`)."""
-        if rhs.spec.rotation is not None:
-            self._no_static_act_range()
         lhs, rhs = rotated_operands(lhs, rhs, dimension_numbers)
         if self.act is None:
             return lhs, rhs
+        lhs = self.observed(lhs)
         if not isinstance(rhs, QArray) or (rhs.spec.method.integer_problem(rhs.spec) is not None
                                            and not float_dot.takes(self.act, rhs)):
             return self.fake_quant_inputs(lhs, rhs)[0], rhs if not isinstance(rhs, QArray) else rhs.dequantize()
         return quantize(lhs, self.act, scale=self.act_scale, zero_point=self.act_zero_point), rhs
-
-    def _no_static_act_range(self):
-        # A static range is calibrated on x (the observers see the layer's input), but a rotated
-        # weight's dot quantizes x·R, whose range differs: refuse rather than clip wrongly.
-        if self.act_scale is not None:
-            raise ValueError("a static (calibrated) activation range cannot be used with a rotated weight spec: "
-                             "the dot quantizes the rotated activation x·R, not the x it was calibrated on; "
-                             "quantize the activation dynamically (no calibration) or drop the rotation")
 
     def in_rotated_basis(self, lhs, rhs, dimension_numbers):
         """QAT with a rotated weight spec whose rotation axis is contracted: (this op with the
@@ -106,7 +110,6 @@ class _QuantOp:
         pair = rotated_pair(jnp.shape(rhs), self.weight, rc, lc)
         if pair is None:
             return None
-        self._no_static_act_range()
         rot = self.weight.rotation
         op = dataclasses.replace(self, weight=unrotated(self.weight))
         lhs = rotation.to_rotated(lhs, rot, pair[1]).astype(jnp.result_type(lhs))
@@ -132,6 +135,7 @@ class QuantDot(_QuantOp):
         if rotated is not None:
             op, lhs, rhs = rotated
             return op(lhs, rhs, dimension_numbers, precision, preferred_element_type)
+        lhs = self.observed(lhs)
         if self._integer_forward(lhs, rhs, dimension_numbers):
             return _integer_qat_dot(self, dimension_numbers, precision, preferred_element_type, lhs, rhs,
                                     self.act_scale, self.act_zero_point)
@@ -189,7 +193,7 @@ class QuantEinsum(_QuantOp):
             rotated = self.in_rotated_basis(lhs, rhs, einsum_dimension_numbers(subscripts)[0]) \
                 if self.weight is not None and self.weight.rotation is not None else None
             op, lhs, rhs = (self, lhs, rhs) if rotated is None else rotated
-            lhs, rhs = op.fake_quant_inputs(lhs, rhs)
+            lhs, rhs = op.fake_quant_inputs(op.observed(lhs), rhs)
             return jnp.einsum(subscripts, lhs, rhs, precision=precision, preferred_element_type=preferred_element_type)
         dimension_numbers, out_order = einsum_dimension_numbers(subscripts)
         y = dot_general(*self.served_operands(lhs, rhs, dimension_numbers), dimension_numbers, precision,
@@ -262,6 +266,7 @@ class QuantConv(_QuantOp):
         args = (tuple(window_strides), _hashable(padding), _hashable(lhs_dilation), _hashable(rhs_dilation),
                 _hashable(dimension_numbers), feature_group_count, batch_group_count, precision,
                 preferred_element_type)
+        lhs = self.observed(lhs)
         if isinstance(rhs, QArray):
             if self.act is not None and self._integer_operands(lhs, rhs, args):
                 lhs = quantize(lhs, self.act, scale=self.act_scale, zero_point=self.act_zero_point)

@@ -210,7 +210,11 @@ def _intercept(policy, next_fun, args, kwargs, context):
                          f"each layer on its own, as QAT inside the scan does: Rule(..., stacked={layers}) "
                          f"(presets: stacked={layers})")
     rule, variables, args = _apply_learned(rule, variables, args, kernel)
-    op = op_class(rule.spec, rule.act, *_static_activation(module, args[0], rule))
+    seen = [] if rule.act is not None and _CALIBRATION.get() is not None else None
+    if seen is not None:
+        observers.require_static(rule.act, _CALIBRATION.get(), "/".join(module.path))
+    activation = {"observe": seen.append} if seen is not None else _static_activation(module, rule)
+    op = op_class(rule.spec, rule.act, **activation)
     if isinstance(kernel, QArray):
         # Flax checks a stored param's shape leaf by leaf against its initializer, which a packed
         # QArray cannot pass; the layer gets a same-shaped stand-in (a broadcast zero that XLA
@@ -225,11 +229,14 @@ def _intercept(policy, next_fun, args, kwargs, context):
     variant = module.clone(parent=None, **{attribute: op}, **{name: None for name in cleared})
     token = _INSIDE.set(True)
     try:
-        return variant.apply(variables, *args, **kwargs)
+        out = variant.apply(variables, *args, **kwargs)
     except (TypeError, ValueError) as err:
         raise at_path(_kernel_path(module), err, f"rule {rule!r}: ") from None
     finally:
         _INSIDE.reset(token)
+    if seen is not None:
+        _observe(module, rule, seen)
+    return out
 
 
 def _lora_inputs(module) -> int:
@@ -274,22 +281,24 @@ def _apply_learned(rule, variables, args, kernel):
     return rule, variables, args
 
 
-def _static_activation(module, x, rule):
-    """(scale, zero_point) from the layer's `quant_stats`, or () for dynamic quantization. In a
-    calibration pass the layer's observer is updated first (and the pass itself stays dynamic)."""
-    if rule.act is None:
-        return ()
-    momentum = _CALIBRATION.get()
-    if momentum is not None:
-        stats = [module.variable(STATS, name, init) for name, init in observers.initial_stats()]
-        for variable, value in zip(stats, observers.observe([v.value for v in stats], x, rule.act, momentum,
-                                                             "/".join(module.path))):
-            variable.value = value
-        return ()
-    if not module.has_variable(STATS, "act_lo"):
-        return ()
+def _static_activation(module, rule) -> dict:
+    """The op's static `act_scale`/`act_zero_point` from the layer's `quant_stats`, or {} (the
+    activation is quantized per call: no spec, or no observer calibrated)."""
+    if rule.act is None or not module.has_variable(STATS, "act_lo"):
+        return {}
     stats = [module.get_variable(STATS, name) for name, _ in observers.initial_stats()]
-    return observers.static_scale(stats, rule.act)
+    scale, zero_point = observers.static_scale(stats, rule.act)
+    return {"act_scale": scale, "act_zero_point": zero_point}
+
+
+def _observe(module, rule, seen) -> None:
+    """A calibration pass: update the layer's observer with each activation its op quantized
+    (`seen`, after any rotation: `_QuantOp.observe`); the pass itself quantized dynamically."""
+    stats = [module.variable(STATS, name, init) for name, init in observers.initial_stats()]
+    for x in seen:
+        new = observers.observe([v.value for v in stats], x, rule.act, _CALIBRATION.get(), "/".join(module.path))
+        for variable, value in zip(stats, new):
+            variable.value = value
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -300,7 +309,7 @@ class _QuantizedPromote(QuantDot):
 
     def __call__(self, inputs, kernel, bias, dtype=None, inexact=True):
         inputs, kernel, bias = nn.dtypes.promote_dtype(inputs, kernel, bias, dtype=dtype, inexact=inexact)
-        inputs, kernel = self.fake_quant_inputs(inputs, kernel)
+        inputs, kernel = self.fake_quant_inputs(self.observed(inputs), kernel)
         return inputs, kernel, bias
 
 

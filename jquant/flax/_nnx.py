@@ -131,29 +131,33 @@ class QuantStat(nnx.Variable):
     """Activation observer state (EMA of min/max, batches seen): calibrated, never trained."""
 
 
-_OP_ATTRIBUTES = (("dot_general", 0), ("einsum_op", 1), ("conv_general_dilated", 0))
+_OP_ATTRIBUTES = ("dot_general", "einsum_op", "conv_general_dilated")
 
 
 class ObservedOp(nnx.Module):
     """A quantized op with an activation observer. While `observing`, each call updates the
-    observer and quantizes dynamically; afterwards the observed range is the static one."""
+    observer with the activations the op quantizes (after any rotation: `_QuantOp.observe`) and
+    quantizes dynamically; afterwards the observed range is the static one."""
 
-    def __init__(self, op: _QuantOp, lhs_position: int, where: str):
+    def __init__(self, op: _QuantOp, where: str):
         self.op = op
-        self.lhs_position = lhs_position
         self.where = where
         self.observing = True
         self.momentum = 0.9
         self.act_lo, self.act_hi, self.count = (QuantStat(init()) for _, init in observers.initial_stats())
 
     def __call__(self, *args, **kwargs):
-        stats = [v.get_value() for v in (self.act_lo, self.act_hi, self.count)]
+        stats = (self.act_lo, self.act_hi, self.count)
         if self.observing:
-            new = observers.observe(stats, args[self.lhs_position], self.op.act, self.momentum, self.where)
-            for variable, value in zip((self.act_lo, self.act_hi, self.count), new):
-                variable.set_value(value)
-            return self.op(*args, **kwargs)
-        scale, zero_point = observers.static_scale(stats, self.op.act)
+            observers.require_static(self.op.act, self.momentum, self.where)
+            seen = []
+            out = dataclasses.replace(self.op, observe=seen.append)(*args, **kwargs)
+            for x in seen:
+                new = observers.observe([v.get_value() for v in stats], x, self.op.act, self.momentum, self.where)
+                for variable, value in zip(stats, new):
+                    variable.set_value(value)
+            return out
+        scale, zero_point = observers.static_scale([v.get_value() for v in stats], self.op.act)
         return dataclasses.replace(self.op, act_scale=scale, act_zero_point=zero_point)(*args, **kwargs)
 
 
@@ -167,11 +171,11 @@ def calibrate_nnx(model, batches, momentum: float = 0.9):
     targets = []
     for path, node in nnx.iter_graph(model):
         lora = isinstance(node, LoRADot)  # its quantized op: `op` (the layer's `dot_general` is the LoRADot)
-        for attribute, position in (("op", 0),) if lora else _OP_ATTRIBUTES:
+        for attribute in ("op",) if lora else _OP_ATTRIBUTES:
             op = getattr(node, attribute, None) if isinstance(node, nnx.Module) else None
             if isinstance(op, _QuantOp) and op.act is not None:
                 where = kernel_path(path[:-1] if lora else path)
-                targets.append((node, attribute, ObservedOp(op, position, where)))
+                targets.append((node, attribute, ObservedOp(op, where)))
             elif isinstance(op, ObservedOp):
                 targets.append((node, attribute, op))
     for node, attribute, observed in targets:

@@ -27,8 +27,8 @@ def initial_stats():
             ("count", lambda: jnp.zeros((), jnp.int32)))
 
 
-def observe(stats, x, act: QuantSpec, momentum: float, where: str):
-    """New (act_lo, act_hi, count) after seeing the activation batch `x`.
+def require_static(act: QuantSpec, momentum: float, where: str) -> None:
+    """Check, before a calibration pass runs the layer, that `act` can have a static range.
 
     Raises:
       ValueError: `act` is not a per-tensor uniform spec, or momentum is outside [0, 1).
@@ -38,6 +38,15 @@ def observe(stats, x, act: QuantSpec, momentum: float, where: str):
                          "groups or another method — use it dynamically (no calibration) instead")
     if not 0 <= momentum < 1:
         raise ValueError(f"calibration momentum={momentum} must be in [0, 1)")
+
+
+def observe(stats, x, act: QuantSpec, momentum: float, where: str):
+    """New (act_lo, act_hi, count) after seeing the activation batch `x`.
+
+    Raises:
+      ValueError: as `require_static`.
+    """
+    require_static(act, momentum, where)
     lo, hi, count = stats
     x = jnp.asarray(x, jnp.float32)
     batch_lo, batch_hi = (jnp.reshape(r, ()) for r in _batch_range(x, act))
