@@ -1,7 +1,7 @@
 """Run by tests/test_distributed.py in its own process: 8 simulated CPU devices (the flag must be
 set before jax starts). Sharded trees quantized under jit and the integer dot of sharded operands,
-`jquant.dot_general` inside `jax.shard_map`, QArrays through shard_map's in/out specs, and
-checkpoints of sharded trees. Prints one JSON line of facts."""
+`jquant.dot_general` inside `jax.shard_map`, QArrays through shard_map's in/out specs, rotated
+weights at a realistic size, and checkpoints of sharded trees. Prints one JSON line of facts."""
 
 import json
 import os
@@ -123,6 +123,40 @@ def shard_map_facts(mesh, x, w):
     return facts
 
 
+def rotated_facts(mesh):
+    """At a realistic size (1024 × 512, int4 g128, the weight-only dot's chunked scan): a rotated
+    weight quantized and multiplied under jit from sharded operands, weight-only dots inside
+    shard_map with the output channels split (rotated or not), and the refusal of a block that
+    splits the rotated axis."""
+    facts = {}
+    w = jax.random.normal(jax.random.key(2), (1024, 512))
+    x = jax.random.normal(jax.random.key(3), (64, 1024))
+    dot = jax.jit(lambda a, b: jquant.dot_general(a, b, DN))
+    for name, rot in (("whole", jquant.Hadamard()), ("block", jquant.Hadamard(block=128)), ("none", None)):
+        spec = QuantSpec(4, symmetric=False, channel_axes=(1,), group_size=128, rotation=rot)
+        wq = quantize(w, spec)
+        reference = dot(x, wq)
+        sharded = jax.device_put(w, NamedSharding(mesh, P("data", "model")))
+        qa = jax.jit(jquant.quantize_params, static_argnums=1)({"kernel": sharded}, Policy([Rule("kernel", spec)]))
+        facts[f"rotated_{name}_quantize_equal"] = _equal(qa["kernel"], wq)
+        y = dot(jax.device_put(x, NamedSharding(mesh, P("data", None))), qa["kernel"])
+        facts[f"rotated_{name}_dot_devices"] = len(y.sharding.device_set)
+        facts[f"rotated_{name}_dot_error"] = float(np.max(np.abs(np.asarray(y) - np.asarray(reference))))
+        column = jax.shard_map(lambda a, b: jquant.dot_general(a, b, DN), mesh=mesh,
+                               in_specs=(P("data", None), _last_axis(wq, "model")), out_specs=P("data", "model"))
+        facts[f"rotated_{name}_column_parallel_error"] = float(np.max(np.abs(np.asarray(jax.jit(column)(x, wq))
+                                                                            - np.asarray(reference))))
+        row = jax.shard_map(lambda a, b: jax.lax.psum(jquant.dot_general(a, b, DN), "model"), mesh=mesh,
+                            in_specs=(P("data", "model"), jax.tree_util.tree_map(lambda a: P("model"), wq)),
+                            out_specs=P("data", None))
+        try:
+            facts[f"rotated_{name}_row_parallel_error"] = float(np.max(np.abs(np.asarray(jax.jit(row)(x, wq))
+                                                                              - np.asarray(reference))))
+        except ValueError as err:
+            facts[f"rotated_{name}_row_parallel_error"] = str(err)
+    return facts
+
+
 def checkpoint_facts(mesh, w, directory):
     """jquant.save of a tree sharded over the 8 devices (Orbax writes it shard by shard) and
     jquant.load with and without a target."""
@@ -179,6 +213,7 @@ def main():
     facts = {"devices": len(jax.devices())}
     facts.update(sharded_tree_facts(mesh))
     facts.update(shard_map_facts(mesh, x, w))
+    facts.update(rotated_facts(mesh))
     with tempfile.TemporaryDirectory() as directory:
         facts.update(checkpoint_facts(mesh, w, directory))
     print(json.dumps(facts))

@@ -2,7 +2,8 @@
 sharded when quantized under jit and in the integer dot, `jquant.dot_general` inside
 `jax.shard_map` equals the unsharded result, QArrays pass through shard_map's in/out specs, and
 checkpoints of sharded trees (Orbax, written per shard) load back with the same NamedShardings,
-shard by shard."""
+shard by shard; rotated weights shard under jit and by output channels in shard_map, and a block
+that splits the rotated axis is refused."""
 
 import json
 import subprocess
@@ -56,3 +57,17 @@ def test_sharded_checkpoint_round_trip(facts):
     assert facts["load_target_devices"] == [8] and facts["load_target_shards"] == [8]
     assert facts["load_abstract_equal"] and facts["load_abstract_same_shardings"]
     assert "'bias' of shape (30,)" in facts["misfit_error"] and "sharding" in facts["misfit_error"]
+
+
+def test_rotated_and_chunked_weight_only_at_a_realistic_size(facts):
+    # 1024 × 512 int4 g128 (the weight-only dot's chunked scan, whose carry must vary like its
+    # operands inside shard_map), whole-axis and block rotations and none
+    for name in ("whole", "block", "none"):
+        assert facts[f"rotated_{name}_quantize_equal"], name  # jit of a sharded tree: bit-identical
+        assert facts[f"rotated_{name}_dot_devices"] == 8, name
+        assert facts[f"rotated_{name}_dot_error"] < 1e-4, name
+        assert facts[f"rotated_{name}_column_parallel_error"] < 1e-4, name  # output channels split
+    assert facts["rotated_none_row_parallel_error"] < 1e-3  # psum of the K blocks' float partial products
+    for name in ("whole", "block"):  # a block of the rotated axis is refused, not rotated by its own R
+        message = facts[f"rotated_{name}_row_parallel_error"]
+        assert isinstance(message, str) and "rotation spans the whole axis" in message and "axis 0" in message, name

@@ -287,6 +287,16 @@ def _weight_chunk(x, w: QArray) -> int:
     return next((c for c in chunks if k % c == 0 and k > c), 0)
 
 
+def _zeros(shape, *operands):
+    """float32 zeros of `shape` that vary over every manual mesh axis some operand varies over:
+    inside `jax.shard_map` a scan's initial carry must have its body's output type, which the
+    operands make it (`zeros_like` keeps an operand's axes; adding its zero scalar is exact)."""
+    zeros = jnp.zeros(shape, jnp.float32)
+    for a in operands:
+        zeros = zeros + jnp.zeros_like(a, jnp.float32, shape=())
+    return zeros
+
+
 def _chunked_weight_only(x, w: QArray, chunk: int, precision, out_dtype):
     """x · ŵ for x `(..., K)` and a 2-D QArray w `(K, N)`, ŵ dequantized `chunk` rows at a time
     inside a `lax.scan` (each chunk converted while it is in cache and multiplied at once), the
@@ -340,7 +350,7 @@ def _chunked_weight_only(x, w: QArray, chunk: int, precision, out_dtype):
                             preferred_element_type=jnp.float32)
             for i, q in enumerate(qs)]), None
 
-    acc = jnp.zeros((planes,) + x.shape[:-1] + (n // planes,), jnp.float32)
+    acc = _zeros((planes,) + x.shape[:-1] + (n // planes,), x, w.value, w.scale)
     run = lambda saturate: lax.scan(functools.partial(step, saturate), acc, xs)[0]
     # Dequantizing clips each product s·(q − z) at the float range's edge, a per-element select
     # that costs a third of an int4 chunk's decode; it is skipped unless some scale is large

@@ -73,7 +73,10 @@ class QArray:
     def tree_unflatten(cls, aux, children):
         spec, shape, dtype = aux
         spec, shape = _layer_of_stack(spec, shape, children[0])
-        return cls(*children, spec=spec, shape=_shape_of_storage(spec, shape, children[0]), dtype=dtype)
+        block = _shape_of_storage(spec, shape, children[0])
+        if spec.rotation is not None and block != shape:
+            _whole_rotation_axis(spec, shape, block)
+        return cls(*children, spec=spec, shape=block, dtype=dtype)
 
     @property
     def ndim(self) -> int:
@@ -177,6 +180,21 @@ def _layer_of_stack(spec: QuantSpec, shape, value):
         return spec, shape
     layer = unstacked(spec, layers, len(shape))
     return (spec, shape) if layer is None else (layer, tuple(shape[layers:]))
+
+
+def _whole_rotation_axis(spec: QuantSpec, shape, block) -> None:
+    """Refuse a block of a rotated QArray (or a whole made of blocks) that splits the rotated axis:
+    R spans the whole axis, so no block can be dequantized or multiplied on its own.
+
+    Raises:
+      ValueError: the rotated axis differs between `shape` and `block`.
+    """
+    axis = numerics.layout(shape, spec).rotation_axis
+    if block[axis] != shape[axis]:
+        raise ValueError(f"a QArray of shape {tuple(shape)} rotated along axis {axis} ({spec.rotation!r}) was split into "
+                         f"blocks of shape {tuple(block)} (jax.shard_map in_specs/out_specs): the rotation spans the "
+                         f"whole axis, so a block cannot be dequantized or rotated on its own; keep axis {axis} whole "
+                         f"on every device (shard the other axes), or let jit partition it (NamedSharding)")
 
 
 def _shape_of_storage(spec: QuantSpec, shape, value):
