@@ -2,8 +2,8 @@
 
 Each method is a small frozen (hashable) object set on `QuantSpec(calibration=...)`:
 
-* `MinMax()` — the default: the range covers every value. Symmetric: [-absmax, absmax];
-  asymmetric: [min(x), max(x)] (widened to contain 0).
+* `MinMax()` — the default: the range covers every value (each within half a step of the grid).
+  Symmetric: [-absmax, absmax]; asymmetric: [min(x), max(x)] (widened to contain 0).
 * `Percentile(p)` — clips outliers: symmetric: [-P_p(|x|), P_p(|x|)]; asymmetric:
   [P_(100-p)(x), P_p(x)], with P the linear-interpolation percentile of each group.
 * `MSE(...)` — the clip ratio r that minimises the group's quantization error Σ|x - Q_r(x)|^norm,
@@ -58,7 +58,11 @@ class _Statistic:
 
 @dataclasses.dataclass(frozen=True)
 class MinMax(_Statistic):
-    """Range = the data's full range (absmax symmetric, min/max asymmetric). Nothing is clipped."""
+    """Range = the data's full range (absmax symmetric, min/max asymmetric). No value is more
+    than half a step from the grid: an asymmetric grid's integer zero-point (0.0 exact) moves it
+    from [lo, hi] by up to s/2, so a value at one end may round to the grid's edge, an error of at
+    most s/2 like any rounding. (A grid widened to contain both ends exactly, measured on
+    `examples/char_lm.py` g128: +1.0% vs +1.1% perplexity at 4 bits, +4.4% vs +3.6% at 3.)"""
 
     clips = False
 
