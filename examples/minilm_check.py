@@ -16,6 +16,9 @@ evaluation sentences:
   SQNR     10·log10(‖h‖² / ‖h − ĥ‖²) of the last hidden states (real tokens only), in dB;
   1 − cos  the mean cosine distance between the float and quantized sentence embeddings (mean
            pooled, as sentence-transformers does).
+"RTN + Hadamard where it helps" rounds each kernel with or without the rotation, whichever
+`jquant.ptq.search_policy` measures to distort the output less on the first 64 calibration
+sentences (the row names the kernels left unrotated).
 """
 
 from __future__ import annotations
@@ -147,6 +150,7 @@ ROWS = [(f"int{bits} g128 asym {label}", bits, options, algorithm)
             ("RTN (min-max)", {}, "rtn"),
             ("RTN + Hadamard", {"rotation": lambda: jquant.Hadamard()}, "rtn"),
             ("HQQ", {"calibration": lambda: jquant.HQQ()}, "rtn"),
+            ("RTN + Hadamard where it helps", {"rotation": lambda: jquant.Hadamard()}, "search"),
             ("GPTQ", {}, "gptq"),
             ("GPTQ + Hadamard", {"rotation": lambda: jquant.Hadamard()}, "gptq")]]
 
@@ -156,11 +160,24 @@ def row_spec(bits, options):
                      **{name: make() for name, make in options.items()})
 
 
+def rotated_where_it_helps(params, bits, options, batches):
+    """Each kernel rounded to nearest with or without the rotation, whichever `search_policy`
+    measures to distort the output less on the calibration batches (both are the same size).
+    Returns (quantized params, which kernels stayed unrotated)."""
+    plain, rotated = row_spec(bits, {}), row_spec(bits, options)
+    policy, table = jquant.ptq.search_policy(forward, params, batches, bits + 1, [plain, rotated])
+    kept = [row.path.split("/")[1] for row in table.rows if row.chosen == 0]
+    kinds = ", ".join(f"{kept.count(kind)} {kind}" for kind in sorted(set(kept))) or "none"
+    return jquant.quantize_params(params, policy), f"unrotated: {kinds}"
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--only", default=None, help="regex: run only the rows whose label it matches")
     parser.add_argument("--eval", type=int, default=512, help="evaluation sentences")
     parser.add_argument("--calib", type=int, default=256, help="calibration sentences (GPTQ)")
+    parser.add_argument("--search-batches", type=int, default=2,
+                        help="calibration batches of 32 that choose where to rotate (search_policy)")
     args = parser.parse_args(argv)
 
     directory = model_dir()
@@ -181,6 +198,9 @@ def main(argv=None):
         policy = kernel_policy(row_spec(bits, options))
         if algorithm == "gptq":
             qparams = jquant.ptq.gptq(forward, params, policy, calib_batches, progress=False).params
+        elif algorithm == "search":
+            qparams, note = rotated_where_it_helps(params, bits, options, calib_batches[:args.search_batches])
+            label = f"{label} ({note})"
         else:
             qparams = jquant.quantize_params(params, policy)
         h = np.asarray(run(jquant.dequantize_params(qparams), tokens, mask))
