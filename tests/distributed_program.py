@@ -1,7 +1,7 @@
 """Run by tests/test_distributed.py in its own process: 8 simulated CPU devices (the flag must be
 set before jax starts). Sharded trees quantized under jit and the integer dot of sharded operands,
 `jquant.dot_general` inside `jax.shard_map`, QArrays through shard_map's in/out specs, rotated
-weights at a realistic size, and checkpoints of sharded trees. Prints one JSON line of facts."""
+weights, and checkpoints of sharded trees. Prints one JSON line of facts."""
 
 import json
 import os
@@ -124,15 +124,14 @@ def shard_map_facts(mesh, x, w):
 
 
 def rotated_facts(mesh):
-    """At a realistic size (1024 × 512, int4 g128, the weight-only dot's chunked scan): a rotated
-    weight quantized and multiplied under jit from sharded operands, weight-only dots inside
-    shard_map with the output channels split (rotated or not), and the refusal of a block that
-    splits the rotated axis."""
+    """A weight large enough for the weight-only dot's chunked scan (512 × 256, int4 g128), plain
+    and rotated: quantized and multiplied under jit from sharded operands, weight-only dots inside
+    shard_map with the output channels split, and the contraction split (refused when rotated)."""
     facts = {}
-    w = jax.random.normal(jax.random.key(2), (1024, 512))
-    x = jax.random.normal(jax.random.key(3), (64, 1024))
+    w = jax.random.normal(jax.random.key(2), (512, 256))
+    x = jax.random.normal(jax.random.key(3), (16, 512))
     dot = jax.jit(lambda a, b: jquant.dot_general(a, b, DN))
-    for name, rot in (("whole", jquant.Hadamard()), ("block", jquant.Hadamard(block=128)), ("none", None)):
+    for name, rot in (("whole", jquant.Hadamard()), ("none", None)):
         spec = QuantSpec(4, symmetric=False, channel_axes=(1,), group_size=128, rotation=rot)
         wq = quantize(w, spec)
         reference = dot(x, wq)

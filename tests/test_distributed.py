@@ -59,15 +59,14 @@ def test_sharded_checkpoint_round_trip(facts):
     assert "'bias' of shape (30,)" in facts["misfit_error"] and "sharding" in facts["misfit_error"]
 
 
-def test_rotated_and_chunked_weight_only_at_a_realistic_size(facts):
-    # 1024 × 512 int4 g128 (the weight-only dot's chunked scan, whose carry must vary like its
-    # operands inside shard_map), whole-axis and block rotations and none
-    for name in ("whole", "block", "none"):
+def test_rotated_and_chunked_weight_only_dots(facts):
+    # 512 × 256 int4 g128: the weight-only dot's chunked scan (whose carry must vary like its
+    # operands inside shard_map), with a whole-axis rotation and without
+    for name in ("whole", "none"):
         assert facts[f"rotated_{name}_quantize_equal"], name  # jit of a sharded tree: bit-identical
         assert facts[f"rotated_{name}_dot_devices"] == 8, name
         assert facts[f"rotated_{name}_dot_error"] < 1e-4, name
         assert facts[f"rotated_{name}_column_parallel_error"] < 1e-4, name  # output channels split
     assert facts["rotated_none_row_parallel_error"] < 1e-3  # psum of the K blocks' float partial products
-    for name in ("whole", "block"):  # a block of the rotated axis is refused, not rotated by its own R
-        message = facts[f"rotated_{name}_row_parallel_error"]
-        assert isinstance(message, str) and "rotation spans the whole axis" in message and "axis 0" in message, name
+    message = facts["rotated_whole_row_parallel_error"]  # a block of the rotated axis: refused, not rotated alone
+    assert isinstance(message, str) and "rotation spans the whole axis" in message and "axis 0" in message

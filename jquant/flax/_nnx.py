@@ -181,8 +181,9 @@ def calibrate_nnx(model, batches, momentum: float = 0.9):
     for node, attribute, observed in targets:
         observed.observing, observed.momentum = True, momentum
         setattr(node, attribute, nnx.data(observed))  # a module holding state, not a static attribute
+    step = nnx.jit(lambda m, *batch: m(*batch))  # one compiled program per batch shape, not op by op
     for batch in batches:
-        model(*batch)
+        step(model, *batch)
     for _, _, observed in targets:
         observed.observing = False
     return model
