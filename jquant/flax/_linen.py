@@ -295,10 +295,9 @@ def _observe(module, rule, seen) -> None:
     """A calibration pass: update the layer's observer with each activation its op quantized
     (`seen`, after any rotation: `_QuantOp.observe`); the pass itself quantized dynamically."""
     stats = [module.variable(STATS, name, init) for name, init in observers.initial_stats()]
-    for x in seen:
-        new = observers.observe([v.value for v in stats], x, rule.act, _CALIBRATION.get(), "/".join(module.path))
-        for variable, value in zip(stats, new):
-            variable.value = value
+    new = observers.observe_all([v.value for v in stats], seen, rule.act, _CALIBRATION.get(), "/".join(module.path))
+    for variable, value in zip(stats, new):
+        variable.value = value
 
 
 @dataclasses.dataclass(frozen=True, eq=False)

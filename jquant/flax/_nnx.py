@@ -152,10 +152,9 @@ class ObservedOp(nnx.Module):
             observers.require_static(self.op.act, self.momentum, self.where)
             seen = []
             out = dataclasses.replace(self.op, observe=seen.append)(*args, **kwargs)
-            for x in seen:
-                new = observers.observe([v.get_value() for v in stats], x, self.op.act, self.momentum, self.where)
-                for variable, value in zip(stats, new):
-                    variable.set_value(value)
+            new = observers.observe_all([v.get_value() for v in stats], seen, self.op.act, self.momentum, self.where)
+            for variable, value in zip(stats, new):
+                variable.set_value(value)
             return out
         scale, zero_point = observers.static_scale([v.get_value() for v in stats], self.op.act)
         return dataclasses.replace(self.op, act_scale=scale, act_zero_point=zero_point)(*args, **kwargs)

@@ -56,6 +56,13 @@ def observe(stats, x, act: QuantSpec, momentum: float, where: str):
     return lo, hi, count + 1
 
 
+def observe_all(stats, activations, act: QuantSpec, momentum: float, where: str):
+    """New (act_lo, act_hi, count) after `observe` of each activation batch in turn."""
+    for x in activations:
+        stats = observe(stats, x, act, momentum, where)
+    return stats
+
+
 def _batch_range(x, act: QuantSpec):
     # Min/max and percentiles observe both tails (a symmetric spec takes max(|lo|, |hi|) at the
     # end); a range fitted to the grid (MSE's clip, HQQ's fit) is searched on the spec's own grid.
