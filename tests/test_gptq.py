@@ -102,6 +102,37 @@ def test_dead_inputs_get_zero_weights():
     assert np.all(np.isfinite(np.asarray(qa.dequantize())))
 
 
+def test_float_target_matches_the_numpy_reference_and_reports_the_error_against_the_float_output():
+    """GPTAQ's target: Ŵ fits X·W from the quantized model's inputs X̃ (here X plus drift)."""
+    w = normal(20, (64, 12))
+    x = np.asarray(correlated_batches(21, 1, 256, 64)[0][0], np.float64)
+    x_tilde = x + 0.3 * np.asarray(normal(22, x.shape), np.float64) * x.std(axis=0)
+    xtx, cross, ref_xtx = x_tilde.T @ x_tilde, x_tilde.T @ x, x.T @ x
+    spec = QuantSpec(4, channel_axes=(1,))
+    as32 = lambda a: jnp.asarray(a, jnp.float32)  # noqa: E731
+    qa, result = gptq_weight(w, as32(xtx), 256, spec, (0,), reference=(as32(cross), as32(ref_xtx)))
+    w64 = np.asarray(w, np.float64)
+    h, c = 2 * xtx / 256, 2 * cross / 256
+    target = w64 + np.linalg.solve(h + 0.01 * np.mean(np.diag(h)) * np.eye(64), (c - h) @ w64)
+    got, expected = np.asarray(qa.dequantize(), np.float64), _reference_gptq(target, xtx, 256, 4)
+    step = np.max(np.abs(target), axis=0) / 7
+    same = np.isclose(got, expected, rtol=0, atol=1e-4 * step.max())
+    assert same.mean() > 0.97 and same[:4].all()
+
+    def error_vs_float(v):
+        return np.sum((x_tilde @ v - x @ w64) ** 2) / np.sum((x @ w64) ** 2)
+
+    plain = np.asarray(gptq_weight(w, as32(xtx), 256, spec, (0,))[0].dequantize(), np.float64)
+    assert error_vs_float(got) < 0.5 * error_vs_float(plain)  # the drift is corrected, not just rounding
+    assert result.error == pytest.approx(error_vs_float(got), rel=1e-3)
+    rtn = np.asarray(jquant.quantize(w, spec).dequantize(), np.float64)
+    assert result.rtn_error == pytest.approx(error_vs_float(rtn), rel=1e-3)
+    # With the same inputs in both models the target is W itself: plain GPTQ, bit for bit.
+    same_inputs = gptq_weight(w, as32(ref_xtx), 256, spec, (0,), reference=(as32(ref_xtx), as32(ref_xtx)))[0]
+    unchanged = gptq_weight(w, as32(ref_xtx), 256, spec, (0,))[0]
+    np.testing.assert_array_equal(np.asarray(same_inputs.q), np.asarray(unchanged.q))
+
+
 # --- whole models -----------------------------------------------------------------------------
 
 def test_gptq_on_a_flax_apply_returns_a_quantize_params_tree():
@@ -133,6 +164,32 @@ def test_sequential_gptq_sees_the_quantized_earlier_layers():
     par = jquant.ptq.gptq(tanh_mlp, params, policy, batches, progress=False, sequential=False).params
     np.testing.assert_array_equal(np.asarray(seq["w1"].dequantize()), np.asarray(par["w1"].dequantize()))
     assert not np.array_equal(np.asarray(seq["w2"].dequantize()), np.asarray(par["w2"].dequantize()))
+
+
+def test_float_target_corrects_the_earlier_layers_error_on_a_rotated_3bit_mlp():
+    """A GELU MLP (K = 128 and 256), 3-bit g128 with a Hadamard rotation: fitting each weight to
+    the float model's output lowers the held-out output error against the float model (with
+    calibration rows ≫ K: the correction is a least-squares fit of the weight)."""
+    params = {"w1": normal(30, (128, 256), scale=128 ** -0.5), "w2": normal(31, (256, 128), scale=256 ** -0.5)}
+
+    def fn(p, x):
+        return jax.nn.gelu(x @ p["w1"]) @ p["w2"]
+
+    *batches, (held_out,) = correlated_batches(33, 9, 512, 128)
+    policy = Policy([Rule("w.", QuantSpec(3, symmetric=False, channel_axes=(1,), group_size=128,
+                                          rotation=jquant.Hadamard()))])
+    plain = jquant.ptq.gptq(fn, params, policy, batches, progress=False)
+    fitted = jquant.ptq.gptq(fn, params, policy, batches, float_target=True, progress=False)
+    np.testing.assert_array_equal(np.asarray(fitted.params["w1"].q), np.asarray(plain.params["w1"].q))
+    ref = fn(params, held_out)
+
+    def error(tree):
+        return float(jnp.sum((fn(jquant.dequantize_params(tree), held_out) - ref) ** 2) / jnp.sum(ref ** 2))
+
+    assert error(fitted.params) < 0.85 * error(plain.params)
+    assert fitted.errors["w2"].error < plain.errors["w2"].rtn_error
+    with pytest.raises(ValueError, match="float_target=True needs sequential=True"):
+        jquant.ptq.gptq(fn, params, policy, batches, float_target=True, sequential=False, progress=False)
 
 
 def test_gptq_errors_name_the_path():

@@ -9,7 +9,10 @@ is needed, and nothing in JAX is patched: the interpreter binds the same primiti
 
 At a site the input X is laid out as rows × K, where K runs over the weight's contracted axes in
 the caller's chosen order (`orders`), and the statistics are Σ XᵀX (K, K), Σ|X| and max|X| (K,)
-and the row count, all float32, summed over sites (a weight used twice) and batches.
+and the row count, all float32, summed over sites (a weight used twice) and batches. Given
+reference params too (the float model, while X comes from a partly quantized one), the same
+batch also runs through them, and the inputs X_ref each weight meets there, row for row against
+X, add Σ XᵀX_ref and Σ X_refᵀX_ref.
 
 Weights used only in other ways (an embedding lookup, inside `scan`/`while`, reshaped before the
 dot, or in a dot_general with batch dimensions on the weight side) have no site; `find_sites`
@@ -49,11 +52,14 @@ class Statistics(NamedTuple):
     """Input statistics of one weight, K = product of its contracted axis sizes.
 
     xtx: Σ XᵀX, float32 (K, K); abs_sum: Σ|X| over rows (K,); abs_max: max|X| (K,);
-    rows: number of rows of X seen (an int)."""
+    rows: number of rows of X seen (an int); with reference params, cross: Σ XᵀX_ref and
+    reference_xtx: Σ X_refᵀX_ref (K, K) for the inputs X_ref the weight meets in them (else None)."""
     xtx: jax.Array
     abs_sum: jax.Array
     abs_max: jax.Array
     rows: int
+    cross: Optional[jax.Array] = None
+    reference_xtx: Optional[jax.Array] = None
 
 
 def _inner_jaxpr(eqn) -> Optional[Tuple[jcore.Jaxpr, list]]:
@@ -162,7 +168,8 @@ def find_sites(fn, params, batch: tuple, wanted: Iterable[int]) -> Tuple[Dict[in
 
 
 def statistics_program(fn, params, orders: Dict[int, Tuple[int, ...]]):
-    """A function `statistics(params, batches) -> {leaf: Statistics}` for the leaves in `orders`.
+    """A function `statistics(params, batches, reference=None) -> {leaf: Statistics}` for the
+    leaves in `orders`.
 
     Args:
       fn: `fn(params, *batch)`.
@@ -171,14 +178,15 @@ def statistics_program(fn, params, orders: Dict[int, Tuple[int, ...]]):
 
     The per-batch work is compiled once (per batch shape) and reused for every call, so a caller
     can recompute statistics after changing weight values (sequential PTQ) without recompiling.
+    `reference` (params of the same structure) adds each Statistics' `cross` and `reference_xtx`.
     Leaves without a site are absent from the result.
     """
     leaves, treedef = jax.tree_util.tree_flatten(params)
     program = flat_program(fn, treedef, len(leaves))
     tags = [(i, tuple(range(np.ndim(x)))) if i in orders else None for i, x in enumerate(leaves)]
 
-    @jax.jit
-    def one_batch(leaves, batch):
+    def site_rows(leaves, batch) -> Dict[int, list]:
+        """Each followed leaf's inputs, one (rows, K) float32 matrix per site in jaxpr order."""
         closed = jax.make_jaxpr(program)(leaves, *batch)
         found: Dict[int, list] = {}
 
@@ -187,27 +195,41 @@ def statistics_program(fn, params, orders: Dict[int, Tuple[int, ...]]):
             axes = [pair[a] for a in orders[site.leaf]]
             rest = [a for a in range(x.ndim) if a not in axes]
             rows = jnp.reshape(jnp.transpose(x, rest + axes), (-1, int(np.prod([x.shape[a] for a in axes]))))
-            rows = rows.astype(jnp.float32)
-            found.setdefault(site.leaf, []).append(
-                (jnp.matmul(rows.T, rows, precision=jax.lax.Precision.HIGHEST), jnp.sum(jnp.abs(rows), axis=0),
-                 numerics.extrema(rows, (0,), "absmax")[0], rows.shape[0]))
+            found.setdefault(site.leaf, []).append(rows.astype(jnp.float32))
 
         _interpret(closed.jaxpr, closed.consts, list(leaves) + jax.tree_util.tree_leaves(batch),
                    tags + [None] * (len(closed.jaxpr.invars) - len(leaves)), on_site, lambda leaf, name: None)
-        return {leaf: (sum(s[0] for s in per), sum(s[1] for s in per),
-                       functools.reduce(jnp.maximum, [s[2] for s in per]), sum(s[3] for s in per))
-                for leaf, per in found.items()}
+        return found
 
-    def statistics(params, batches: Iterable[tuple]) -> Dict[int, Statistics]:
+    def gram(a, b):
+        return sum(jnp.matmul(x.T, y, precision=jax.lax.Precision.HIGHEST) for x, y in zip(a, b))
+
+    @jax.jit
+    def one_batch(leaves, reference, batch):
+        found = site_rows(leaves, batch)
+        out = {leaf: Statistics(gram(per, per), sum(jnp.sum(jnp.abs(x), axis=0) for x in per),
+                                functools.reduce(jnp.maximum, [numerics.extrema(x, (0,), "absmax")[0] for x in per]),
+                                sum(x.shape[0] for x in per))
+               for leaf, per in found.items()}
+        if reference is None:
+            return out
+        ref = site_rows(reference, batch)
+        return {leaf: s._replace(cross=gram(found[leaf], ref[leaf]), reference_xtx=gram(ref[leaf], ref[leaf]))
+                for leaf, s in out.items()}
+
+    def add(old: Statistics, new: Statistics) -> Statistics:
+        plus = lambda a, b: None if a is None else a + b  # noqa: E731
+        return Statistics(old.xtx + new.xtx, old.abs_sum + new.abs_sum, jnp.maximum(old.abs_max, new.abs_max),
+                          old.rows + new.rows, plus(old.cross, new.cross), plus(old.reference_xtx, new.reference_xtx))
+
+    def statistics(params, batches: Iterable[tuple], reference=None) -> Dict[int, Statistics]:
         leaves = jax.tree_util.tree_leaves(params)
+        ref_leaves = None if reference is None else jax.tree_util.tree_leaves(reference)
         total: Dict[int, Statistics] = {}
         for batch in batches:
-            for leaf, (xtx, abs_sum, abs_max, rows) in one_batch(leaves, tuple(batch)).items():
-                if leaf in total:
-                    old = total[leaf]
-                    xtx, abs_sum = old.xtx + xtx, old.abs_sum + abs_sum
-                    abs_max, rows = jnp.maximum(old.abs_max, abs_max), old.rows + rows
-                total[leaf] = Statistics(xtx, abs_sum, abs_max, int(rows))
+            for leaf, stats in one_batch(leaves, ref_leaves, tuple(batch)).items():
+                stats = stats._replace(rows=int(stats.rows))
+                total[leaf] = add(total[leaf], stats) if leaf in total else stats
         return total
 
     return statistics

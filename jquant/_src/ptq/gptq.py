@@ -18,6 +18,12 @@ is the upper Cholesky factor of H⁻¹ (H⁻¹ = UᵀU). Conventions:
   the paper. With act-order all groups are fixed at the start ("static groups").
 * Output: a QArray with exactly GPTQ's values on the stored grid, and the relative output error
   tr(ΔᵀHΔ) / tr(WᵀHW) on the calibration inputs, next to round-to-nearest's for comparison.
+* Float target (`reference=`, GPTAQ's asymmetric calibration, Li et al. 2025): in sequential
+  PTQ the inputs X̃ a weight meets come from the partly quantized model, while the float model
+  gives it X. GPTQ then fits Ŵ to the float model's output, min ‖X̃Ŵ − XW‖², which splits into
+  ‖X̃(Ŵ − W*)‖² + const with the least-squares target W* = W + H̃⁻¹·X̃ᵀ(X − X̃)·W (H̃ = X̃ᵀX̃,
+  damped as above, so W* = W exactly where X̃ = X): GPTQ of W* under H̃. Both errors are then
+  ‖X̃Ŵ − XW‖² / ‖XW‖², the output error against the float model.
 * Rotated specs (`QuantSpec(rotation=...)`, R along a contracted axis): GPTQ runs on W' = Rᵀ·W
   with the Hessian of the rotated inputs X·R, H' = Rᵀ·H·R (R acting on its axis of K), and
   the QArray stores Q(W') as `jquant.quantize` would; both errors are measured in the original
@@ -54,7 +60,7 @@ def contraction_order(shape: Tuple[int, ...], contracted: Tuple[int, ...], spec:
 
 
 def gptq_weight(w, xtx, rows: int, spec: QuantSpec, order: Tuple[int, ...], *, damp: float = 0.01,
-                act_order: bool = False) -> Tuple[QArray, LayerError]:
+                act_order: bool = False, reference=None) -> Tuple[QArray, LayerError]:
     """GPTQ of one weight.
 
     Args:
@@ -65,6 +71,9 @@ def gptq_weight(w, xtx, rows: int, spec: QuantSpec, order: Tuple[int, ...], *, d
       order: the contracted axes of `w`, in K order (`contraction_order`).
       damp: relative damping λ (> 0).
       act_order: visit input channels by decreasing diag H.
+      reference: None, or (Σ X̃ᵀX, Σ XᵀX) (K, K) for the inputs X the float model gives this
+        weight, row for row against the X̃ behind `xtx`: fit the float model's output XW
+        (module docstring, "Float target").
 
     Returns:
       (the QArray, its LayerError).
@@ -77,7 +86,13 @@ def gptq_weight(w, xtx, rows: int, spec: QuantSpec, order: Tuple[int, ...], *, d
     w = jnp.asarray(w)
     order = tuple(a % w.ndim for a in order)
     hessian = 2 * jnp.asarray(xtx, jnp.float32) / max(rows, 1)
-    stored_spec, target, target_hessian = spec, w.astype(jnp.float32), hessian
+    to_rows, from_rows = matrix_view(w.shape, order)
+    target = w.astype(jnp.float32)
+    if reference is not None:  # W* = W + H̃⁻¹X̃ᵀ(X − X̃)W, H̃ damped as in _run
+        cross, reference_xtx = (2 * jnp.asarray(a, jnp.float32) / max(rows, 1) for a in reference)
+        damped = hessian + damp * jnp.mean(jnp.diag(hessian)) * jnp.eye(hessian.shape[0])
+        target = from_rows(to_rows(target) + jnp.linalg.solve(damped, (cross - hessian) @ to_rows(target)))
+    stored_spec, target_hessian = spec, hessian
     if spec.rotation is not None:  # GPTQ of W' = RᵀW under H' = RᵀHR (module docstring)
         axis = numerics.layout(w.shape, spec).rotation_axis
         if axis not in order:
@@ -91,8 +106,20 @@ def gptq_weight(w, xtx, rows: int, spec: QuantSpec, order: Tuple[int, ...], *, d
     stored = quantize(values, stored_spec, scale=grid[0], zero_point=grid[1])
     qarray = QArray(stored.value, stored.scale, stored.zero_point, spec=spec, shape=w.shape, dtype=w.dtype)
     rtn = quantize(w, spec).dequantize()
-    return qarray, LayerError(_relative_error(w, qarray.dequantize(), hessian, order),
-                              _relative_error(w, rtn, hessian, order))
+    if reference is None:
+        return qarray, LayerError(_relative_error(w, qarray.dequantize(), hessian, order),
+                                  _relative_error(w, rtn, hessian, order))
+    return qarray, LayerError(_float_target_error(w, qarray.dequantize(), hessian, cross, reference_xtx, order),
+                              _float_target_error(w, rtn, hessian, cross, reference_xtx, order))
+
+
+def _float_target_error(w, w_hat, hessian, cross, reference_xtx, order):
+    """‖X̃Ŵ − XW‖² / ‖XW‖² from X̃ᵀX̃, X̃ᵀX and XᵀX (all scaled alike)."""
+    to_rows, _ = matrix_view(w.shape, order)
+    w, w_hat = to_rows(w.astype(jnp.float32)), to_rows(w_hat.astype(jnp.float32))
+    reference = jnp.sum(w * (reference_xtx @ w))
+    num = jnp.sum(w_hat * (hessian @ w_hat)) - 2 * jnp.sum(w_hat * (cross @ w)) + reference
+    return float(jnp.maximum(num, 0.0) / jnp.where(reference == 0, 1.0, reference))
 
 
 def _rotated_hessian(hessian, sizes, position, rot):

@@ -5,7 +5,8 @@ find where `fn` contracts each matched weight with its input (`capture`), then, 
 order the computation meets the weights, collect the weight's input statistics over the
 calibration batches and quantize it. With `sequential=True` (default) the statistics of each
 weight are collected with every earlier weight already replaced by its quantized values, so a
-weight compensates the error of the layers before it.
+weight compensates the error of the layers before it; `reference=True` also collects, for the
+same rows, the inputs each weight meets in the float model (`Statistics.cross`/`reference_xtx`).
 """
 
 from __future__ import annotations
@@ -80,7 +81,7 @@ def calibration_batches(batches, algorithm: str) -> list:
 
 def quantize_layerwise(fn, params, policy: Policy, batches: Iterable[tuple],
                        quantize_weight: Callable[[jax.Array, Statistics, Target], Tuple[QArray, LayerError]], *,
-                       algorithm: str, sequential: bool = True, progress: bool = True):
+                       algorithm: str, sequential: bool = True, reference: bool = False, progress: bool = True):
     """Quantize every matched weight with `quantize_weight(w, statistics, target)`.
 
     Returns:
@@ -96,7 +97,8 @@ def quantize_layerwise(fn, params, policy: Policy, batches: Iterable[tuple],
     with _Progress(algorithm, len(targets), progress) as bar:
         for i, target in enumerate(targets):
             if stats is None or sequential:
-                stats = statistics(jax.tree_util.tree_unflatten(treedef, seen), batches)
+                stats = statistics(jax.tree_util.tree_unflatten(treedef, seen), batches,
+                                   reference=params if reference else None)
             qarray, result = quantize_weight(leaves[target.leaf], stats[target.leaf], target)
             results[target.path] = result
             out[target.leaf] = qarray
@@ -134,7 +136,7 @@ class _Progress:
 
 
 def gptq(fn, params, policy: Policy, batches: Iterable[tuple], *, damp: float = 0.01, act_order: bool = False,
-         sequential: bool = True, progress: bool = True) -> Result:
+         sequential: bool = True, float_target: bool = False, progress: bool = True) -> Result:
     """GPTQ every policy-matched weight of `params`, using the inputs `fn` feeds it.
 
     Args:
@@ -147,6 +149,11 @@ def gptq(fn, params, policy: Policy, batches: Iterable[tuple], *, damp: float = 
       batches: calibration batches, each a tuple of the arguments of `fn` after `params`.
       damp, act_order: see `jquant.ptq.gptq_weight`.
       sequential: collect each weight's inputs with the earlier weights already quantized.
+      float_target: fit each weight to the float model's output XW rather than X̃W, where X̃ are
+        its inputs in the partly quantized model (GPTAQ's asymmetric calibration; see
+        `jquant.ptq.gptq_weight`): the layer also corrects the error of the layers before it.
+        Runs the float model beside the quantized one (twice the statistics work); needs
+        `sequential=True`, without which X̃ = X.
       progress: show a progress bar and one line per weight (error vs round-to-nearest).
 
     Returns:
@@ -155,11 +162,18 @@ def gptq(fn, params, policy: Policy, batches: Iterable[tuple], *, damp: float = 
       error on the calibration inputs).
 
     Raises:
-      ValueError: naming the path of a matched weight `fn` never contracts, or an empty `batches`.
+      ValueError: naming the path of a matched weight `fn` never contracts, or an empty `batches`;
+        `float_target=True` with `sequential=False`.
     """
+    if float_target and not sequential:
+        raise ValueError("gptq: float_target=True needs sequential=True (without it every weight already sees the "
+                         "float model's inputs, and there is no earlier error to correct)")
+
     def one(w, stats, target):
-        return gptq_weight(w, stats.xtx, stats.rows, target.spec, target.order, damp=damp, act_order=act_order)
+        reference = (stats.cross, stats.reference_xtx) if float_target else None
+        return gptq_weight(w, stats.xtx, stats.rows, target.spec, target.order, damp=damp, act_order=act_order,
+                           reference=reference)
 
     return quantize_layerwise(fn, params, policy, batches, one, algorithm="GPTQ", sequential=sequential,
-                              progress=progress)
+                              reference=float_target, progress=progress)
 
