@@ -71,7 +71,8 @@ def rotated(spec: QuantSpec) -> QuantSpec:
 
 class Row(NamedTuple):
     """label; weight spec; algorithm: "rtn" is quantize_params (k-means specs give Lloyd codebooks),
-    "awq+gptq" runs GPTQ on the AWQ-scaled params; act: None serves the dequantized weights, a
+    "awq+gptq" runs GPTQ on the AWQ-scaled params, "gptq-ft" is GPTQ with act-order fitting each
+    kernel to the float model's output (`act_order=True, float_target=True`); act: None serves the dequantized weights, a
     spec serves every kernel through `jquant.dot_general` with the activation quantized by it
     (per token; a rotated weight rotates the activation first, and the rotated one is quantized)."""
 
@@ -103,9 +104,12 @@ ROWS = [Row(*row) for row in [
     ("2-bit g64 HQQ", hqq(INT2_G64), "rtn"),
     ("3-bit g128 RTN + Hadamard", rotated(INT3_G128), "rtn"),
     ("3-bit g128 GPTQ + Hadamard", rotated(INT3_G128), "gptq"),
+    ("3-bit g128 GPTQ (act-order, float target)", INT3_G128, "gptq-ft"),
+    ("3-bit g128 GPTQ (act-order, float target) + Hadamard", rotated(INT3_G128), "gptq-ft"),
     ("2-bit g64 GPTQ", INT2_G64, "gptq"),
     ("2-bit g64 RTN + Hadamard", rotated(INT2_G64), "rtn"),
     ("2-bit g64 GPTQ + Hadamard", rotated(INT2_G64), "gptq"),
+    ("2-bit g64 GPTQ (act-order, float target) + Hadamard", rotated(INT2_G64), "gptq-ft"),
     ("W4A8 per-token (int4 g128 RTN)", INT4_G128, "rtn", A8),
     ("W4A8 per-token (int4 g128 RTN) + Hadamard", rotated(INT4_G128), "rtn", A8),
     ("W4A4 per-token (int4 g128 GPTQ)", INT4_G128, "gptq", A4),
@@ -121,8 +125,9 @@ def quantize(params, spec: QuantSpec, algorithm: str, batches):
     policy = kernel_policy(spec)
     if algorithm == "rtn":
         return params, jquant.quantize_params(params, policy)
-    if algorithm == "gptq":
-        return params, jquant.ptq.gptq(lm.forward, params, policy, batches, progress=False).params
+    if algorithm in ("gptq", "gptq-ft"):
+        fit = dict(act_order=True, float_target=True) if algorithm == "gptq-ft" else {}
+        return params, jquant.ptq.gptq(lm.forward, params, policy, batches, progress=False, **fit).params
     scaled = jquant.ptq.awq(lm.forward, params, policy, batches).params
     if algorithm == "awq":
         return scaled, jquant.quantize_params(scaled, policy)

@@ -18,7 +18,8 @@ evaluation sentences:
            pooled, as sentence-transformers does).
 "RTN + Hadamard where it helps" rounds each kernel with or without the rotation, whichever
 `jquant.ptq.search_policy` measures to distort the output less on the first 64 calibration
-sentences (the row names the kernels left unrotated).
+sentences (the row names the kernels left unrotated). "GPTQ (act-order, float target)" fits each
+kernel to the float model's output (`jquant.ptq.gptq(..., act_order=True, float_target=True)`).
 """
 
 from __future__ import annotations
@@ -152,7 +153,8 @@ ROWS = [(f"int{bits} g128 asym {label}", bits, options, algorithm)
             ("HQQ", {"calibration": lambda: jquant.HQQ()}, "rtn"),
             ("RTN + Hadamard where it helps", {"rotation": lambda: jquant.Hadamard()}, "search"),
             ("GPTQ", {}, "gptq"),
-            ("GPTQ + Hadamard", {"rotation": lambda: jquant.Hadamard()}, "gptq")]]
+            ("GPTQ + Hadamard", {"rotation": lambda: jquant.Hadamard()}, "gptq"),
+            ("GPTQ (act-order, float target) + Hadamard", {"rotation": lambda: jquant.Hadamard()}, "gptq-ft")]]
 
 
 def row_spec(bits, options):
@@ -196,8 +198,9 @@ def main(argv=None):
             continue
         start = time.perf_counter()
         policy = kernel_policy(row_spec(bits, options))
-        if algorithm == "gptq":
-            qparams = jquant.ptq.gptq(forward, params, policy, calib_batches, progress=False).params
+        if algorithm in ("gptq", "gptq-ft"):
+            fit = dict(act_order=True, float_target=True) if algorithm == "gptq-ft" else {}
+            qparams = jquant.ptq.gptq(forward, params, policy, calib_batches, progress=False, **fit).params
         elif algorithm == "search":
             qparams, note = rotated_where_it_helps(params, bits, options, calib_batches[:args.search_batches])
             label = f"{label} ({note})"

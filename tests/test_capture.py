@@ -46,3 +46,23 @@ def test_input_statistics_are_x_transpose_x_over_all_batches_and_sites():
     np.testing.assert_allclose(np.asarray(stats.abs_sum), np.abs(rows).sum(0), rtol=1e-5)
     np.testing.assert_allclose(np.asarray(stats.abs_max), np.abs(rows).max(0), rtol=1e-6)
     assert stats.rows == rows.shape[0]
+
+
+def test_reference_statistics_pair_the_rows_of_both_models_and_only_limits_the_work():
+    params = {"w1": normal(5, (6, 8)), "w2": normal(6, (8, 3))}
+    reference = {"w1": params["w1"] + 0.1 * normal(7, (6, 8)), "w2": params["w2"]}
+
+    def fn(p, x):
+        return jnp.tanh(x @ p["w1"]) @ p["w2"]
+
+    batches = [(normal(8, (5, 6)),), (normal(9, (7, 6)),)]
+    statistics = statistics_program(fn, params, {0: (0,), 1: (0,)})
+    stats = statistics(params, batches, reference=reference, only={1})
+    assert set(stats) == {1}  # leaf 0's products are not computed
+    x = np.concatenate([np.asarray(b[0], np.float64) for b in batches])
+    h = np.tanh(x @ np.asarray(params["w1"], np.float64))
+    h_ref = np.tanh(x @ np.asarray(reference["w1"], np.float64))
+    np.testing.assert_allclose(np.asarray(stats[1].xtx), h.T @ h, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(stats[1].cross), h.T @ h_ref, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(stats[1].reference_xtx), h_ref.T @ h_ref, rtol=1e-5, atol=1e-5)
+    assert stats[1].rows == 12 and statistics(params, batches)[1].cross is None

@@ -168,7 +168,7 @@ def find_sites(fn, params, batch: tuple, wanted: Iterable[int]) -> Tuple[Dict[in
 
 
 def statistics_program(fn, params, orders: Dict[int, Tuple[int, ...]]):
-    """A function `statistics(params, batches, reference=None) -> {leaf: Statistics}` for the
+    """A function `statistics(params, batches, reference=None, only=None) -> {leaf: Statistics}` for the
     leaves in `orders`.
 
     Args:
@@ -177,8 +177,8 @@ def statistics_program(fn, params, orders: Dict[int, Tuple[int, ...]]):
       orders: {leaf index: the weight's contracted axes in the order K runs over}.
 
     The per-batch work is compiled once (per batch shape) and reused for every call, so a caller
-    can recompute statistics after changing weight values (sequential PTQ) without recompiling.
-    `reference` (params of the same structure) adds each Statistics' `cross` and `reference_xtx`.
+    can recompute statistics after changing weight values (sequential PTQ) without recompiling;
+    `only` (a set of leaf indices) limits the work to those leaves' statistics. `reference` (params of the same structure) adds each Statistics' `cross` and `reference_xtx`.
     Leaves without a site are absent from the result.
     """
     leaves, treedef = jax.tree_util.tree_flatten(params)
@@ -204,32 +204,39 @@ def statistics_program(fn, params, orders: Dict[int, Tuple[int, ...]]):
     def gram(a, b):
         return sum(jnp.matmul(x.T, y, precision=jax.lax.Precision.HIGHEST) for x, y in zip(a, b))
 
+    def summary(per, ref):
+        """Statistics of one leaf from its site rows `per` (and the reference's, `ref`), rows left 0."""
+        stats = Statistics(gram(per, per), sum(jnp.sum(jnp.abs(x), axis=0) for x in per),
+                           functools.reduce(jnp.maximum, [numerics.extrema(x, (0,), "absmax")[0] for x in per]), 0)
+        return stats if ref is None else stats._replace(cross=gram(per, ref), reference_xtx=gram(ref, ref))
+
+    def skipped(per, ref):
+        return jax.tree_util.tree_map(lambda a: jnp.zeros(a.shape, a.dtype), jax.eval_shape(summary, per, ref))
+
     @jax.jit
-    def one_batch(leaves, reference, batch):
+    def one_batch(leaves, reference, batch, wanted):
+        # The forward runs whole; a leaf's statistics (its K×K products) only where `wanted`.
         found = site_rows(leaves, batch)
-        out = {leaf: Statistics(gram(per, per), sum(jnp.sum(jnp.abs(x), axis=0) for x in per),
-                                functools.reduce(jnp.maximum, [numerics.extrema(x, (0,), "absmax")[0] for x in per]),
-                                sum(x.shape[0] for x in per))
-               for leaf, per in found.items()}
-        if reference is None:
-            return out
-        ref = site_rows(reference, batch)
-        return {leaf: s._replace(cross=gram(found[leaf], ref[leaf]), reference_xtx=gram(ref[leaf], ref[leaf]))
-                for leaf, s in out.items()}
+        ref = None if reference is None else site_rows(reference, batch)
+        return {leaf: jax.lax.cond(wanted[leaf], summary, skipped, per, None if ref is None else ref[leaf])
+                ._replace(rows=sum(x.shape[0] for x in per))
+                for leaf, per in found.items()}
 
     def add(old: Statistics, new: Statistics) -> Statistics:
         plus = lambda a, b: None if a is None else a + b  # noqa: E731
         return Statistics(old.xtx + new.xtx, old.abs_sum + new.abs_sum, jnp.maximum(old.abs_max, new.abs_max),
                           old.rows + new.rows, plus(old.cross, new.cross), plus(old.reference_xtx, new.reference_xtx))
 
-    def statistics(params, batches: Iterable[tuple], reference=None) -> Dict[int, Statistics]:
+    def statistics(params, batches: Iterable[tuple], reference=None, only=None) -> Dict[int, Statistics]:
         leaves = jax.tree_util.tree_leaves(params)
         ref_leaves = None if reference is None else jax.tree_util.tree_leaves(reference)
+        wanted = np.array([only is None or i in only for i in range(len(leaves))])
         total: Dict[int, Statistics] = {}
         for batch in batches:
-            for leaf, stats in one_batch(leaves, ref_leaves, tuple(batch)).items():
-                stats = stats._replace(rows=int(stats.rows))
-                total[leaf] = add(total[leaf], stats) if leaf in total else stats
+            for leaf, stats in one_batch(leaves, ref_leaves, tuple(batch), wanted).items():
+                if wanted[leaf]:
+                    stats = stats._replace(rows=int(stats.rows))
+                    total[leaf] = add(total[leaf], stats) if leaf in total else stats
         return total
 
     return statistics

@@ -98,7 +98,8 @@ def quantize_layerwise(fn, params, policy: Policy, batches: Iterable[tuple],
         for i, target in enumerate(targets):
             if stats is None or sequential:
                 stats = statistics(jax.tree_util.tree_unflatten(treedef, seen), batches,
-                                   reference=params if reference else None)
+                                   reference=params if reference else None,
+                                   only={target.leaf} if sequential else None)
             qarray, result = quantize_weight(leaves[target.leaf], stats[target.leaf], target)
             results[target.path] = result
             out[target.leaf] = qarray
