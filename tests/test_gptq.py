@@ -205,6 +205,9 @@ def test_gptq_errors_name_the_path():
     quantized = jquant.quantize_params(params, Policy([Rule("kernel", QuantSpec(4))]))
     with pytest.raises(TypeError, match="kernel: GPTQ takes float params"):
         jquant.ptq.gptq(fn, quantized, Policy([Rule("kernel", QuantSpec(4))]), batches, progress=False)
+    with pytest.raises(ValueError, match=r"kernel: GPTQ: .*does not fit shape \(8, 4\): .*group_size=3 does not divide"):
+        jquant.ptq.gptq(fn, params, Policy([Rule("kernel", QuantSpec(4, channel_axes=(1,), group_size=3))]), batches,
+                        progress=False)
     with pytest.raises(ValueError, match="damp"):
         gptq_weight(params["kernel"], jnp.eye(8), 8, QuantSpec(4), (0,), damp=0.0)
 

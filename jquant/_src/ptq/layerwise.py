@@ -17,6 +17,7 @@ from typing import Any, Callable, Dict, Iterable, NamedTuple, Tuple
 import jax
 import jax.numpy as jnp
 
+from jquant._src import numerics
 from jquant._src.paths import is_qarray, leaves_with_paths
 from jquant._src.policy import Policy, matches
 from jquant._src.qarray import QArray
@@ -47,12 +48,18 @@ def matched_targets(fn, params, policy: Policy, first_batch: tuple, algorithm: s
     Raises:
       TypeError: `params` holds QArrays, or `policy` is not a Policy.
       ValueError: naming the path, for a matched weight that `fn` never contracts in a
-        dot_general (and how it is used instead), or contracts over different axes in two places.
+        dot_general (and how it is used instead), or contracts over different axes in two places,
+        or whose spec does not fit its shape.
     """
     for path, leaf in leaves_with_paths(params):
         if is_qarray(leaf):
             raise TypeError(f"{path}: {algorithm} takes float params; this leaf is already a QArray")
     wanted = {m.position: (m.path, m.rule.spec) for m in matches(params, policy, where=algorithm)}
+    shapes = [jnp.shape(x) for x in jax.tree_util.tree_leaves(params)]
+    for index, (path, spec) in wanted.items():
+        problem = numerics.layout_problem(shapes[index], spec)
+        if problem is not None:
+            raise ValueError(f"{path}: {algorithm}: {spec!r} does not fit shape {shapes[index]}: {problem}")
     sites, other = find_sites(fn, params, first_batch, wanted)
     for index, (path, spec) in wanted.items():
         if index not in sites:
@@ -64,7 +71,6 @@ def matched_targets(fn, params, policy: Policy, first_batch: tuple, algorithm: s
         if len(axes) > 1:
             raise ValueError(f"{path}: contracted over different axes {sorted(axes)} in different places; "
                              f"{algorithm} needs one input layout per weight")
-    shapes = [jnp.shape(x) for x in jax.tree_util.tree_leaves(params)]
     return [Target(i, wanted[i][0], wanted[i][1],
                    contraction_order(shapes[i], sites[i][0].weight_axes, wanted[i][1]))
             for i in sites if i in wanted]
