@@ -168,8 +168,8 @@ def find_sites(fn, params, batch: tuple, wanted: Iterable[int]) -> Tuple[Dict[in
 
 
 def statistics_program(fn, params, orders: Dict[int, Tuple[int, ...]]):
-    """A function `statistics(params, batches, reference=None, only=None) -> {leaf: Statistics}` for the
-    leaves in `orders`.
+    """A function `statistics(params, batches, reference=None, only=None) -> {leaf: Statistics}`
+    for the leaves in `orders`.
 
     Args:
       fn: `fn(params, *batch)`.
@@ -178,7 +178,8 @@ def statistics_program(fn, params, orders: Dict[int, Tuple[int, ...]]):
 
     The per-batch work is compiled once (per batch shape) and reused for every call, so a caller
     can recompute statistics after changing weight values (sequential PTQ) without recompiling;
-    `only` (a set of leaf indices) limits the work to those leaves' statistics. `reference` (params of the same structure) adds each Statistics' `cross` and `reference_xtx`.
+    `only` (a set of leaf indices) limits the work and the result to those leaves. `reference`
+    (params of the same structure) adds each Statistics' `cross` and `reference_xtx`.
     Leaves without a site are absent from the result.
     """
     leaves, treedef = jax.tree_util.tree_flatten(params)

@@ -166,7 +166,7 @@ def gptq(fn, params, policy: Policy, batches: Iterable[tuple], *, damp: float = 
     Returns:
       Result(params, errors): the tree with QArray leaves where a rule matched (as
       `quantize_params` returns), and each weight's LayerError (GPTQ's and RTN's relative output
-      error on the calibration inputs).
+      error on the calibration inputs; with `float_target`, against the float model's output).
 
     Raises:
       ValueError: naming the path of a matched weight `fn` never contracts, or an empty `batches`;
