@@ -192,6 +192,14 @@ def test_float_target_corrects_the_earlier_layers_error_on_a_rotated_3bit_mlp():
         jquant.ptq.gptq(fn, params, policy, batches, float_target=True, sequential=False, progress=False)
 
 
+def test_float_target_warns_about_too_few_calibration_rows():
+    params, batches = tanh_mlp_params(12), correlated_batches(14, 2, 16, 16)  # 32 rows < 4·K = 64
+    policy = Policy([Rule("w.", QuantSpec(3, channel_axes=(1,)))])
+    with pytest.warns(UserWarning, match=r"w. has 32 calibration rows for K = 16 inputs") as record:
+        jquant.ptq.gptq(tanh_mlp, params, policy, batches, float_target=True, progress=False)
+    assert [str(w.message).split()[3] for w in record] == ["w1", "w2"]
+
+
 def test_gptq_errors_name_the_path():
     def fn(p, tokens):
         return p["embedding"][tokens] @ p["kernel"]
