@@ -72,9 +72,10 @@ def rotated(spec: QuantSpec) -> QuantSpec:
 class Row(NamedTuple):
     """label; weight spec; algorithm: "rtn" is quantize_params (k-means specs give Lloyd codebooks),
     "awq+gptq" runs GPTQ on the AWQ-scaled params, "gptq-ft" is GPTQ with act-order fitting each
-    kernel to the float model's output (`act_order=True, float_target=True`); act: None serves the dequantized weights, a
-    spec serves every kernel through `jquant.dot_general` with the activation quantized by it
-    (per token; a rotated weight rotates the activation first, and the rotated one is quantized)."""
+    kernel to the float model's output (`act_order=True, float_target=True`); act: None serves the
+    dequantized weights, a spec serves every kernel through `jquant.dot_general` with the
+    activation quantized by it (per token; a rotated weight rotates the activation first, and the
+    rotated one is quantized)."""
 
     label: str
     spec: QuantSpec

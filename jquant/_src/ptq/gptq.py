@@ -86,12 +86,12 @@ def gptq_weight(w, xtx, rows: int, spec: QuantSpec, order: Tuple[int, ...], *, d
     w = jnp.asarray(w)
     order = tuple(a % w.ndim for a in order)
     hessian = 2 * jnp.asarray(xtx, jnp.float32) / max(rows, 1)
-    to_rows, from_rows = matrix_view(w.shape, order)
     target = w.astype(jnp.float32)
     if reference is not None:  # W* = W + H̃⁻¹X̃ᵀ(X − X̃)W, H̃ damped as in _run
         cross, reference_xtx = (2 * jnp.asarray(a, jnp.float32) / max(rows, 1) for a in reference)
-        damped = hessian + damp * jnp.mean(jnp.diag(hessian)) * jnp.eye(hessian.shape[0])
-        target = from_rows(to_rows(target) + jnp.linalg.solve(damped, (cross - hessian) @ to_rows(target)))
+        to_rows, from_rows = matrix_view(w.shape, order)
+        rows_w = to_rows(target)
+        target = from_rows(rows_w + jnp.linalg.solve(_damped(hessian, damp), (cross - hessian) @ rows_w))
     stored_spec, target_hessian = spec, hessian
     if spec.rotation is not None:  # GPTQ of W' = RᵀW under H' = RᵀHR (module docstring)
         axis = numerics.layout(w.shape, spec).rotation_axis
@@ -111,6 +111,11 @@ def gptq_weight(w, xtx, rows: int, spec: QuantSpec, order: Tuple[int, ...], *, d
                                   _relative_error(w, rtn, hessian, order))
     return qarray, LayerError(_float_target_error(w, qarray.dequantize(), hessian, cross, reference_xtx, order),
                               _float_target_error(w, rtn, hessian, cross, reference_xtx, order))
+
+
+def _damped(hessian, damp: float):
+    """H + λ·mean(diag H)·I (module docstring, "Damping")."""
+    return hessian + damp * jnp.mean(jnp.diag(hessian)) * jnp.eye(hessian.shape[0], dtype=hessian.dtype)
 
 
 def _float_target_error(w, w_hat, hessian, cross, reference_xtx, order):
@@ -173,7 +178,7 @@ def _run(w, hessian, spec: QuantSpec, order, damp: float, act_order: bool):
     dead = jnp.diag(hessian) == 0
     hessian = jnp.where(jnp.diag(dead), 1.0, hessian)
     w = from_rows(jnp.where(dead[:, None], 0.0, to_rows(w)))
-    hessian = hessian + damp * jnp.mean(jnp.diag(hessian)) * jnp.eye(k, dtype=hessian.dtype)
+    hessian = _damped(hessian, damp)
     visit = jnp.argsort(-jnp.diag(hessian)) if act_order else jnp.arange(k)
     hessian = hessian[visit][:, visit]
     chol = jnp.linalg.cholesky(hessian)
