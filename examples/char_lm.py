@@ -18,7 +18,9 @@ exp(mean cross-entropy per byte):
   GPTQ, AWQ     `jquant.ptq.gptq` / `jquant.ptq.awq` with calibration windows from files that
                 appear in neither the training nor the evaluation split;
   + Hadamard    the weight stored as Q(Rᵀ·W) with a randomized Hadamard rotation R along its
-                inputs (`rotation=jquant.Hadamard()`), for RTN or GPTQ (Hessian in the rotated basis).
+                inputs (`rotation=jquant.Hadamard()`), for RTN or GPTQ (Hessian in the rotated basis);
+  + equalization  the weight stored as r·Q(W / r), r from its own input-row norms
+                (`equalization=jquant.Equalize()`, data-free).
 Quantized params are served dequantized (`jquant.dequantize_params`) through the same jitted
 forward, except the W4A8 / W4A4 rows: there every kernel is multiplied by `jquant.dot_general`
 with the activation quantized per token (asymmetric, 8 or 4 bits) — after rotating it online
@@ -69,6 +71,11 @@ def rotated(spec: QuantSpec) -> QuantSpec:
     return dataclasses.replace(spec, rotation=jquant.Hadamard())
 
 
+def equalized(spec: QuantSpec) -> QuantSpec:
+    """`spec` with each kernel's input rows scaled by its own norms first (`jquant.Equalize()`)."""
+    return dataclasses.replace(spec, equalization=jquant.Equalize())
+
+
 class Row(NamedTuple):
     """label; weight spec; algorithm: "rtn" is quantize_params (k-means specs give Lloyd codebooks),
     "awq+gptq" runs GPTQ on the AWQ-scaled params, "gptq-ft" is GPTQ with act-order fitting each
@@ -104,6 +111,9 @@ ROWS = [Row(*row) for row in [
     ("2-bit g128 HQQ", hqq(INT2_G128), "rtn"),
     ("2-bit g64 HQQ", hqq(INT2_G64), "rtn"),
     ("3-bit g128 RTN + Hadamard", rotated(INT3_G128), "rtn"),
+    ("int4 g128 RTN + equalization", equalized(INT4_G128), "rtn"),
+    ("3-bit g128 RTN + equalization", equalized(INT3_G128), "rtn"),
+    ("3-bit g128 RTN + Hadamard + equalization", equalized(rotated(INT3_G128)), "rtn"),
     ("3-bit g128 GPTQ + Hadamard", rotated(INT3_G128), "gptq"),
     ("3-bit g128 GPTQ (act-order, float target)", INT3_G128, "gptq-ft"),
     ("3-bit g128 GPTQ (act-order, float target) + Hadamard", rotated(INT3_G128), "gptq-ft"),

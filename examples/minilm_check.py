@@ -16,6 +16,8 @@ evaluation sentences:
   SQNR     10·log10(‖h‖² / ‖h − ĥ‖²) of the last hidden states (real tokens only), in dB;
   1 − cos  the mean cosine distance between the float and quantized sentence embeddings (mean
            pooled, as sentence-transformers does).
+"+ equalization" rows store each kernel as r·Q(W / r), r from the kernel's own row norms
+(`jquant.Equalize()`, data-free; with the rotation r·R·Q(Rᵀ·W / r)).
 "RTN + Hadamard where it helps" rounds each kernel with or without the rotation, whichever
 `jquant.ptq.search_policy` measures to distort the output less on the first 64 calibration
 sentences (the row names the kernels left unrotated). "GPTQ (act-order, float target)" fits each
@@ -150,6 +152,9 @@ ROWS = [(f"int{bits} g128 asym {label}", bits, options, algorithm)
         for label, options, algorithm in [
             ("RTN (min-max)", {}, "rtn"),
             ("RTN + Hadamard", {"rotation": lambda: jquant.Hadamard()}, "rtn"),
+            ("RTN + equalization", {"equalization": lambda: jquant.Equalize()}, "rtn"),
+            ("RTN + Hadamard + equalization",
+             {"rotation": lambda: jquant.Hadamard(), "equalization": lambda: jquant.Equalize()}, "rtn"),
             ("HQQ", {"calibration": lambda: jquant.HQQ()}, "rtn"),
             ("RTN + Hadamard where it helps", {"rotation": lambda: jquant.Hadamard()}, "search"),
             ("GPTQ", {}, "gptq"),

@@ -8,7 +8,7 @@ checkpoints),
 imported on first use, so `import jquant` does not import Flax.
 
 The implementation lives in `jquant._src` (private); its layers, each importing only those
-before it: calibration → numerics → rotation → formats (one module per format family) → spec → packing →
+before it: calibration → numerics → rotation, equalization → formats (one module per format family) → spec → packing →
 qarray → ste, dot → conv → ops → tree (paths, the one walk over a tree by policy) → policy →
 transforms, report, kvcache (a quantized KV cache: qarray and spec only), checkpoint (on Orbax;
 spec_json, checkpoint_v1), safetensors_io →
@@ -20,6 +20,7 @@ import importlib
 
 from jquant._src.calibration import HQQ, MSE, MinMax, Percentile
 from jquant._src.formats import FP8E4M3, FP8E5M2, MXFP4, MXFP8, NF4, NVFP4, Format, KMeans, Sign, Uniform
+from jquant._src.equalization import Equalize
 from jquant._src.rotation import Hadamard
 from jquant._src.spec import QuantSpec
 from jquant._src.qarray import QArray, dequantize, quantize
@@ -39,7 +40,7 @@ _SUBPACKAGES = ("flax", "learned", "ptq")
 
 __all__ = [
     "QuantSpec", "Format", "Uniform", "Sign", "KMeans", "NF4", "FP8E4M3", "FP8E5M2", "MXFP8", "MXFP4", "NVFP4",
-    "MinMax", "Percentile", "MSE", "HQQ", "Hadamard", "QArray", "quantize",
+    "MinMax", "Percentile", "MSE", "HQQ", "Hadamard", "Equalize", "QArray", "quantize",
     "dequantize", "fake_quant", "ste_round", "Accumulator", "dot_general", "int_dot_general", "requantize",
     "conv_general_dilated", "int_conv_general_dilated", "QuantDot", "QuantEinsum", "QuantConv", "Rule", "Policy",
     "LoRA", "int8_weights", "int4_weights", "w8a8", "fp8_w8a8",

@@ -21,7 +21,7 @@ def test_import_jquant_does_not_import_flax_and_namespaces_load_on_first_use():
 def test_top_level_names():
     assert sorted(jquant.__all__) == sorted([
         "QuantSpec", "Format", "Uniform", "Sign", "KMeans", "NF4", "FP8E4M3", "FP8E5M2", "MXFP8", "MXFP4", "NVFP4",
-        "MinMax", "Percentile", "MSE", "HQQ", "Hadamard", "QArray",
+        "MinMax", "Percentile", "MSE", "HQQ", "Hadamard", "Equalize", "QArray",
         "quantize", "dequantize", "fake_quant", "ste_round", "Accumulator", "dot_general", "int_dot_general",
         "conv_general_dilated", "int_conv_general_dilated",
         "requantize", "QuantDot", "QuantEinsum", "QuantConv", "Rule", "Policy", "LoRA", "merge", "int8_weights", "int4_weights",

@@ -113,7 +113,7 @@ def test_dequantize_is_r_times_the_stored_dequantization():
     w = normal(0, (384, 48))
     spec = QuantSpec(8, channel_axes=(1,), rotation=Hadamard(4))
     qa = jit_quantize(w, spec)
-    assert qa.spec == spec and qa.shape == w.shape and qa.layout.rotation_axis == 0
+    assert qa.spec == spec and qa.shape == w.shape and qa.layout.transform_axis == 0
     r = _reference_matrix(4, 384)
     stored = in_stored_basis(qa)
     assert stored.spec.rotation is None and stored.value is qa.value
@@ -183,7 +183,7 @@ def test_attention_kernel_in_heads_head_dim_and_its_output_projection():
     h = normal(6, (2, 8, 4, 32))
     wo = normal(7, (4, 32, 256))
     qo = jit_quantize(wo, QuantSpec(8, channel_axes=(2,), rotation=Hadamard(1)))
-    assert qo.layout.rotation_axis == 1
+    assert qo.layout.transform_axis == 1
     dn_o = (((2, 3), (0, 1)), ((), ()))
     want = np.einsum("bthd,hdo->bto", as_f64(h), as_f64(_deq(qo)))
     np.testing.assert_allclose(as_f64(dot(h, qo, dn_o)), want, atol=1e-5 * np.abs(want).max())
@@ -195,7 +195,7 @@ def test_rotation_along_a_free_axis_dequantizes_and_alike_qarrays_multiply_store
     # per tensor on (K, N) = (128, 32): the rotation is on K; on (32, 128) it would be on the free axis
     spec = QuantSpec(8, rotation=Hadamard(5))
     wt = jit_quantize(w.T, spec)
-    assert wt.layout.rotation_axis == 1
+    assert wt.layout.transform_axis == 1
     dot = jax.jit(jquant.dot_general, static_argnums=2)
     got = dot(x, wt, (((1,), (1,)), ((), ())))
     np.testing.assert_allclose(as_f64(got), as_f64(x) @ as_f64(_deq(wt)).T, atol=1e-4)
@@ -259,7 +259,7 @@ def test_quant_einsum_and_quant_conv_serve_what_qat_computes():
     kspec = QuantSpec(4, channel_axes=(3,), rotation=Hadamard(1))
     conv = jax.jit(lambda a, k: jquant.QuantConv(weight=kspec, act=QuantSpec(8))(
         a, k, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC")))
-    assert jit_quantize(kernel, kspec).layout.rotation_axis == 2
+    assert jit_quantize(kernel, kspec).layout.transform_axis == 2
     np.testing.assert_allclose(conv(img, jit_quantize(kernel, kspec)), conv(img, kernel), atol=1e-4)
 
 

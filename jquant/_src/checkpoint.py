@@ -5,7 +5,8 @@ Orbax handler and args (`QuantSave`, `QuantRestore`) that put such trees in an
 Format "jquant-checkpoint", version 2: an Orbax `StandardCheckpointHandler` item directory
 (OCDBT/TensorStore: every array written shard by shard by the processes that hold it, nothing
 gathered to one host) of the tree with each QArray replaced by the dict of its arrays
-`{"value", "scale", "zero_point"}` (`zero_point` None when symmetric), so
+`{"value", "scale", "zero_point"}` (`zero_point` None when symmetric; and `"eq_scale"`, an
+equalized spec's r, only when it has one), so
 `orbax.checkpoint.StandardCheckpointer().restore(path)` reads it without jquant. The item's
 Orbax custom metadata (its `_METADATA` file, committed with the arrays) holds, under "jquant":
 
@@ -16,7 +17,7 @@ one entry per leaf in `jax.tree_util` flattening order (a QArray is one leaf), n
 
     {"path", "array": record}
     {"path", "qarray": {"spec": spec_json, "shape", "dtype", "value": record, "scale": record,
-                        "zero_point": record | null}}
+                        "zero_point": record | null[, "eq_scale": record]}}
     {"path", "scalar": "bool" | "int" | "float"}          (a Python scalar, stored by Orbax)
 
     record = {"dtype", "shape", "digest"[, "prng_impl"]}
@@ -62,7 +63,8 @@ VERSION = 2
 """The format version `save` writes; `load` reads this version and older."""
 
 _ENTRY = "jquant"  # the key of jquant's metadata in the Orbax item's custom metadata
-_QARRAY_ARRAYS = ("value", "scale", "zero_point")
+_QARRAY_ARRAYS = ("value", "scale", "zero_point", "eq_scale")
+_ABSENT_WHEN_NONE = ("eq_scale",)  # written only when set: other QArrays' entries stay as before
 _SCALARS = {"bool": bool, "int": int, "float": float}
 _GOLDEN = 0x9E3779B1
 
@@ -218,7 +220,7 @@ def load(path, target=None):
         if isinstance(leaf, QArray):
             arrays = [_put(getattr(leaf, n), shardings.get(f"{entry['path']}/{n}"), f"{entry['path']}/{n}", path)
                       for n in _QARRAY_ARRAYS]
-            leaf = QArray(*arrays, spec=leaf.spec, shape=leaf.shape, dtype=leaf.dtype)
+            leaf = QArray(**dict(zip(_QARRAY_ARRAYS, arrays)), spec=leaf.spec, shape=leaf.shape, dtype=leaf.dtype)
         else:
             leaf = _put(leaf, shardings.get(entry["path"]), entry["path"], path)
         out.append(leaf)
@@ -240,6 +242,8 @@ def _encode(tree):
             storage = {}
             for name in _QARRAY_ARRAYS:
                 a = getattr(leaf, name)
+                if a is None and name in _ABSENT_WHEN_NONE:
+                    continue
                 entry[name], storage[name] = (None, None) if a is None else _encode_array(a, f"{where}/{name}", arrays)
             stored.append(storage)
             entries.append({"path": where, "qarray": entry})
@@ -295,7 +299,7 @@ def _restore(handler: QuantCheckpointHandler, directory: str, target):
     for entry in entries:
         if "qarray" in entry:
             for name in _QARRAY_ARRAYS:
-                if entry["qarray"][name] is not None:
+                if entry["qarray"].get(name) is not None:
                     records[f"{entry['path']}/{name}"] = entry["qarray"][name]
         else:
             records[entry["path"]] = entry.get("array", entry)
@@ -369,8 +373,8 @@ def _decode(entry, stored, shardings, default, directory):
     except (TypeError, ValueError) as err:
         raise ValueError(f"{directory}: the QArray at {where!r} has spec {q['spec']} which this jquant cannot "
                          f"build: {err}") from None
-    arrays = [None if q[n] is None else array(q[n], f"{where}/{n}") for n in _QARRAY_ARRAYS]
-    return QArray(*arrays, spec=spec, shape=tuple(q["shape"]), dtype=jnp.dtype(q["dtype"]))
+    arrays = {n: None if q.get(n) is None else array(q[n], f"{where}/{n}") for n in _QARRAY_ARRAYS}
+    return QArray(**arrays, spec=spec, shape=tuple(q["shape"]), dtype=jnp.dtype(q["dtype"]))
 
 
 def _read_entries(custom, directory):

@@ -392,8 +392,9 @@ def integer_conv_problem(lhs, rhs, dimension_numbers=None, feature_group_count=1
         problem = op.spec.method.integer_problem(op.spec)
         if problem is not None:
             return f"int_conv_general_dilated: {name} {problem}"
-        if op.spec.rotation is not None:  # stored as Q(Rᵀ·W): only its dequantization R·Q convolves
-            return f"int_conv_general_dilated: {name} is rotated ({op.spec!r}); no integer convolution rotates"
+        if op.spec.rotation is not None or op.spec.equalization is not None:  # only r·R·Q convolves
+            return (f"int_conv_general_dilated: {name} is rotated or equalized ({op.spec!r}); no integer convolution "
+                    "rotates or scales its input")
     if len(lhs.shape) != len(rhs.shape) or len(lhs.shape) < 3:
         return (f"int_conv_general_dilated: lhs {tuple(lhs.shape)} and rhs {tuple(rhs.shape)} must have the same "
                 "rank, at least 3 (batch, feature, one or more spatial axes)")

@@ -75,6 +75,9 @@ of the paths above (the weight-only chunks, or, with an activation spec, the int
 the quantized *rotated* activation). Two QArrays rotated alike along a contracted pair multiply
 their stored integers (Σ (R q_x)(R q_w) = Σ q_x q_w). A rotation along a free axis, or a
 rotated QArray met by a differently rotated one, is dequantized (R·Q, then the float dot).
+An equalized operand (`QuantSpec(equalization=...)`, dequantizing to r·Q(W / r), or r·R·Q(Rᵀ·W / r)
+with a rotation) moves the same way: the float operand is scaled by r along the paired axis
+(then rotated), x·(r·W') = (x·r)·W'; two QArrays of which one is equalized are dequantized.
 """
 
 from __future__ import annotations
@@ -170,7 +173,7 @@ def dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_element_t
     """
     # A rotated spec quantizes first (its QArray is resolved with the others); a plain spec
     # quantizes what `rotated_operands` leaves, i.e. the rotated activation.
-    first = lambda x, spec: spec is not None and (spec.rotation is not None or isinstance(x, QArray))  # noqa: E731
+    first = lambda x, spec: spec is not None and (transformed(spec) or isinstance(x, QArray))  # noqa: E731
     lhs, lhs_spec = (quantize_operand(lhs, lhs_spec, "lhs"), None) if first(lhs, lhs_spec) else (lhs, lhs_spec)
     rhs, rhs_spec = (quantize_operand(rhs, rhs_spec, "rhs"), None) if first(rhs, rhs_spec) else (rhs, rhs_spec)
     lhs, rhs = rotated_operands(lhs, rhs, dimension_numbers)
@@ -192,36 +195,55 @@ def dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_element_t
                            preferred_element_type=preferred_element_type)
 
 
+def transformed(spec: QuantSpec) -> bool:
+    """Whether `spec` rotates or equalizes (stores its tensor in another basis)."""
+    return spec.rotation is not None or spec.equalization is not None
+
+
 def rotated_operands(lhs, rhs, dimension_numbers):
-    """(lhs, rhs) for the same product with no rotated QArray left (module docstring, "Rotated
-    operands"): a rotated QArray whose rotation axis is contracted moves its rotation onto the
-    other operand — a float one is rotated (Rᵀ along the paired axis, in float32, cast back to
-    its dtype), one rotated alike loses it too — and is taken in its stored basis; any other
-    rotated QArray is dequantized."""
+    """(lhs, rhs) for the same product with no rotated or equalized QArray left (module
+    docstring, "Rotated operands"): such a QArray whose transform axis is contracted moves its
+    transform onto the other operand — a float one is scaled by r and rotated (`onto_other`),
+    one rotated alike (neither equalized) loses its rotation too — and is taken in its stored
+    basis; any other is dequantized."""
     (lc, rc), _ = dimension_numbers
-    rhs, lhs = _move_rotation(rhs, lhs, rc, lc)
-    lhs, rhs = _move_rotation(lhs, rhs, lc, rc)
+    rhs, lhs = _move_transform(rhs, lhs, rc, lc)
+    lhs, rhs = _move_transform(lhs, rhs, lc, rc)
     return lhs, rhs
 
 
 def rotated_pair(a_shape, spec: QuantSpec, a_contract, b_contract):
-    """(a's rotation axis, the paired axis of the other operand) for an operand of `a_shape`
-    quantized with the rotated `spec`, or None when its rotation axis is not contracted."""
-    axis = numerics.layout(tuple(a_shape), spec).rotation_axis
+    """(a's transform axis, the paired axis of the other operand) for an operand of `a_shape`
+    quantized with the rotated or equalized `spec`, or None when that axis is not contracted."""
+    axis = numerics.layout(tuple(a_shape), spec).transform_axis
     contract = [c % len(a_shape) for c in a_contract]
     return (axis, b_contract[contract.index(axis)]) if axis in contract else None
 
 
-def _move_rotation(a, b, a_contract, b_contract):
-    if not isinstance(a, QArray) or a.spec.rotation is None:
+def onto_other(b, spec: QuantSpec, eq_scale, axis: int):
+    """The other operand's side of a·b with a stored as Rᵀ·(a / r): b·r along `axis` (r from
+    `eq_scale`, a vector of b.shape[axis] values), then Rᵀ along `axis`; in float32, cast back
+    to b's dtype."""
+    dtype = jnp.result_type(b)
+    if eq_scale is not None:
+        r = jnp.reshape(eq_scale, (-1,) + (1,) * (jnp.ndim(b) - axis - 1))
+        b = jnp.asarray(b, jnp.promote_types(dtype, r.dtype)) * r
+    if spec.rotation is not None:
+        b = rotation.to_rotated(b, spec.rotation, axis)
+    return jnp.asarray(b).astype(dtype)
+
+
+def _move_transform(a, b, a_contract, b_contract):
+    if not isinstance(a, QArray) or not transformed(a.spec):
         return a, b
     pair = rotated_pair(a.shape, a.spec, a_contract, b_contract)
-    if pair is None:
-        return a.dequantize(), b
+    if pair is None or (a.eq_scale is not None and a.eq_scale.size != a.shape[pair[0]]):
+        return a.dequantize(), b  # not contracted, or r varies along more (a stack not sliced)
     paired = pair[1] % b.ndim
     if not isinstance(b, QArray):
-        return in_stored_basis(a), rotation.to_rotated(b, a.spec.rotation, paired).astype(b.dtype)
-    if b.spec.rotation == a.spec.rotation and b.layout.rotation_axis == paired:
+        return in_stored_basis(a), onto_other(b, a.spec, a.eq_scale, paired)
+    if (a.spec.equalization is None and b.spec.equalization is None and b.spec.rotation == a.spec.rotation
+            and b.layout.transform_axis == paired):
         return in_stored_basis(a), in_stored_basis(b)
     return a.dequantize(), b
 
@@ -438,6 +460,9 @@ def _plan(lhs, rhs, dimension_numbers):
         problem = op.spec.method.integer_problem(op.spec)
         if problem is not None:
             return f"int_dot_general: {name} {problem}", None
+        if op.spec.equalization is not None:
+            return (f"int_dot_general: {name} is equalized ({op.spec!r}); its integers are those of x / r, so they "
+                    "multiply no integers of the other operand; jquant.dot_general scales a float operand online"), None
         if op.spec.rotation is not None:
             return (f"int_dot_general: {name} is rotated ({op.spec!r}) and the other operand is not rotated alike "
                     "along the paired contracted axis; jquant.dot_general rotates a float operand online"), None

@@ -55,7 +55,7 @@ from jquant._src.formats.base import broadcast_fixed
 from jquant._src.paths import leaves_with_paths, nest
 from jquant._src.policy import Policy, matches, walk
 from jquant._src.qarray import quantize
-from jquant._src.spec import QuantSpec, unrotated
+from jquant._src.spec import QuantSpec, untransformed
 from jquant._src.ste import fake_quant
 
 LSQ_STEP = "lsq_step"
@@ -97,13 +97,16 @@ def lsq_fake_quant(x, step, spec: QuantSpec, *, grad_scale: Optional[float] = No
     if spec.rotation is None:
         return _lsq(spec, lay, float(grad_scale), x, step)
     # R · LSQ(Rᵀ·x) in the compute dtype, cast once at the end (as the rotated QArray dequantizes)
-    stored = _lsq(unrotated(spec), lay, float(grad_scale), rotation.to_rotated(x, spec.rotation, lay.rotation_axis), step)
-    return rotation.from_rotated(stored, spec.rotation, lay.rotation_axis).astype(x.dtype)
+    stored = _lsq(untransformed(spec), lay, float(grad_scale), rotation.to_rotated(x, spec.rotation, lay.transform_axis), step)
+    return rotation.from_rotated(stored, spec.rotation, lay.transform_axis).astype(x.dtype)
 
 
 def _check_lsq_spec(spec: QuantSpec):
     if not spec.method.ranged:
         raise ValueError(f"LSQ learns the step of a uniform grid; {spec!r} has method={spec.method.name!r}")
+    if spec.equalization is not None:
+        raise ValueError(f"LSQ learns the steps of fixed stored values; {spec!r} has an equalization, whose r follows "
+                         "the weight as it trains: use fake_quant (STE) with it, or LSQ without it")
 
 
 def lsq_grad_scale(size: int, num_steps: int, spec: QuantSpec) -> float:
@@ -150,7 +153,7 @@ def lsq_init_step(x, spec: QuantSpec, *, init: str = "lsq"):
     lay = numerics.layout(x.shape, spec)
     x = x.astype(numerics.compute_dtype(x.dtype))
     if spec.rotation is not None:
-        x = rotation.to_rotated(x, spec.rotation, lay.rotation_axis)
+        x = rotation.to_rotated(x, spec.rotation, lay.transform_axis)
     xg = lay.to_grouped(x)
     top = spec.qmax + spec.offset
     if init == "lsq":

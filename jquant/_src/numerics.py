@@ -46,9 +46,10 @@ class Layout:
       channel_axes: non-negative channel axes in original coordinates.
       group_axis: the non-negative split axis in original coordinates, or None.
       reduce_axes: axes of the grouped view that share one scale.
-      rotation_axis: the non-negative axis a `spec.rotation` rotates, or None without one: the
-        group axis, or without a group the axis a group would default to (the largest axis that
-        is not a channel axis, the last of equal ones).
+      transform_axis: the non-negative axis a `spec.rotation` rotates and a `spec.equalization`
+        scales (the contraction axis), or None without either: the group axis, or without a group
+        the axis a group would default to (the largest axis that is not a channel axis, the last
+        of equal ones).
     """
 
     shape: Tuple[int, ...]
@@ -56,7 +57,13 @@ class Layout:
     channel_axes: Tuple[int, ...]
     group_axis: Optional[int]
     reduce_axes: Tuple[int, ...]
-    rotation_axis: Optional[int] = None
+    transform_axis: Optional[int] = None
+
+    @property
+    def averaged_axes(self) -> Tuple[int, ...]:
+        """The axes an equalization's norms run over (`jquant._src.equalization`): all but
+        `transform_axis` and the channel axes leading up to it from axis 0 (a stack's layers)."""
+        return _averaged_axes(len(self.shape), self.transform_axis, self.channel_axes)
 
     @property
     def scale_shape(self) -> Tuple[int, ...]:
@@ -99,7 +106,8 @@ def layout(shape: Tuple[int, ...], spec) -> Layout:
 def layout_problem(shape: Tuple[int, ...], spec) -> Optional[str]:
     """Why `spec` does not fit a tensor of `shape` (None: it fits): a channel/group axis out of
     range, a group size that does not divide its axis, a group size without any non-channel
-    axis to split, or a rotation without an axis to rotate or of a size it cannot rotate."""
+    axis to split, or a rotation without an axis to rotate or of a size it cannot rotate, or an
+    equalization without an axis to act on or to take norms over."""
     return _resolve(shape, spec)[0]
 
 
@@ -134,15 +142,24 @@ def _resolve(shape, spec):
             return (f"QuantSpec.group_size={spec.group_size} does not divide axis {group_axis} of size {n} (shape "
                     f"{shape}); choose a divisor of {n}"), None
     rotation = getattr(spec, "rotation", None)
-    rotation_axis = None
-    if rotation is not None:
-        rotation_axis = default_axis if group_axis is None else group_axis
-        if rotation_axis is None:
-            return (f"QuantSpec.rotation={rotation!r} needs an axis to rotate (the contraction axis), but every axis "
+    equalization = getattr(spec, "equalization", None)
+    transform_axis = None
+    for name, transform in (("rotation", rotation), ("equalization", equalization)):
+        if transform is None:
+            continue
+        transform_axis = default_axis if group_axis is None else group_axis
+        if transform_axis is None:
+            return (f"QuantSpec.{name}={transform!r} needs an axis to act on (the contraction axis), but every axis "
                     f"of shape {shape} is a channel axis {channel}"), None
-        problem = rotation.size_problem(shape[rotation_axis])
+    if rotation is not None:
+        problem = rotation.size_problem(shape[transform_axis])
         if problem is not None:
-            return f"QuantSpec.rotation along axis {rotation_axis} of shape {shape}: {problem}", None
+            return f"QuantSpec.rotation along axis {transform_axis} of shape {shape}: {problem}", None
+    if equalization is not None:
+        if not _averaged_axes(ndim, transform_axis, channel):
+            return (f"QuantSpec.equalization={equalization!r} scales axis {transform_axis} of shape {shape} by the "
+                    f"norms over the other axes, but every other axis is a leading channel (or layer) axis "
+                    f"{channel}: there is nothing to take a norm over"), None
     if group_axis is None:
         grouped = shape
         reduce_axes = tuple(a for a in range(ndim) if a not in channel)
@@ -151,7 +168,14 @@ def _resolve(shape, spec):
         grouped = shape[:group_axis] + (shape[group_axis] // g, g) + shape[group_axis + 1:]
         reduce_axes = tuple(sorted(
             [a + (a > group_axis) for a in range(ndim) if a not in channel and a != group_axis] + [group_axis + 1]))
-    return None, Layout(shape, grouped, channel, group_axis, reduce_axes, rotation_axis)
+    return None, Layout(shape, grouped, channel, group_axis, reduce_axes, transform_axis)
+
+
+def _averaged_axes(ndim: int, axis: int, channel: Tuple[int, ...]) -> Tuple[int, ...]:
+    leading = 0
+    while leading < axis and leading in channel:
+        leading += 1
+    return tuple(a for a in range(ndim) if a != axis and a >= leading)
 
 
 def compute_dtype(dtype) -> jnp.dtype:

@@ -19,9 +19,10 @@ Both phases compute the same x̂·ŵ, so served outputs equal QAT outputs up to 
 A rotated weight spec (`QuantSpec(rotation=...)`, R along a contracted axis) works in the
 rotated basis in both phases — y = fq_act(x·R)·fq(Rᵀ·W) in QAT, the rotated QArray with the
 activation rotated online when served (`dot.rotated_operands`) — so the activation spec
-quantizes x·R in both, and a static activation range is a range of x·R. `QuantConv` has no
-online rotation: a rotated kernel is dequantized (R·Q) when served and fake-quantized as
-R·fq(Rᵀ·W) in QAT.
+quantizes x·R in both, and a static activation range is a range of x·R. An equalized weight
+spec (`QuantSpec(equalization=...)`) likewise scales the activation by r first (x·r·R).
+`QuantConv` has no online rotation: a rotated or equalized kernel is dequantized (r·R·Q) when
+served and fake-quantized as r·R·fq(Rᵀ·(W / r)) in QAT.
 
 Calibration (`jquant.flax.calibrate`): an op with `observe` set calls it with every activation
 it quantizes — after any rotation, in the compute dtype, just before quantizing it — so the
@@ -42,12 +43,13 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from jquant._src import float_dot, rotation
+from jquant._src import equalization, float_dot, numerics
 from jquant._src.conv import conv_general_dilated, integer_conv_problem, runs_on_integers
-from jquant._src.dot import Operand, dot_general, integer_dot_problem, rotated_operands, rotated_pair
+from jquant._src.dot import (Operand, dot_general, integer_dot_problem, onto_other, rotated_operands, rotated_pair,
+                             transformed)
 from jquant._src.packing import is_packed
-from jquant._src.qarray import QArray, quantize
-from jquant._src.spec import QuantSpec, unrotated
+from jquant._src.qarray import QArray, quantize, to_stored_basis
+from jquant._src.spec import QuantSpec, untransformed
 from jquant._src.ste import fake_quant
 
 
@@ -101,19 +103,25 @@ class _QuantOp:
         return quantize(lhs, self.act, scale=self.act_scale, zero_point=self.act_zero_point), rhs
 
     def in_rotated_basis(self, lhs, rhs, dimension_numbers):
-        """QAT with a rotated weight spec whose rotation axis is contracted: (this op with the
-        rotation taken off its weight spec, x·R, Rᵀ·W) — the served numbers' basis (module
-        docstring); None otherwise (a rotation on a free axis fake-quantizes as R·fq(Rᵀ·W))."""
-        if self.weight is None or self.weight.rotation is None or isinstance(rhs, QArray):
+        """QAT with a rotated or equalized weight spec whose transform axis is contracted: (this op
+        with the transforms taken off its weight spec, x·r·R, Rᵀ·(W / r)) — the served numbers'
+        basis (module docstring), r from W and given no gradient (as `fake_quant`); None otherwise
+        (a transform on a free axis fake-quantizes as r·R·fq(Rᵀ·(W / r)))."""
+        if self.weight is None or not transformed(self.weight) or isinstance(rhs, QArray):
             return None
         (lc, rc), _ = dimension_numbers
         pair = rotated_pair(jnp.shape(rhs), self.weight, rc, lc)
         if pair is None:
             return None
-        rot = self.weight.rotation
-        op = dataclasses.replace(self, weight=unrotated(self.weight))
-        lhs = rotation.to_rotated(lhs, rot, pair[1]).astype(jnp.result_type(lhs))
-        return op, lhs, rotation.to_rotated(rhs, rot, pair[0]).astype(jnp.result_type(rhs))
+        lay = numerics.layout(tuple(jnp.shape(rhs)), self.weight)
+        eq_scale = None
+        if self.weight.equalization is not None:
+            eq_scale = lax.stop_gradient(equalization.scales(rhs, self.weight.equalization, lay))
+            if eq_scale.size != jnp.shape(rhs)[pair[0]]:
+                return None  # r varies along more than the contracted axis (a stack): fake-quantized whole
+        op = dataclasses.replace(self, weight=untransformed(self.weight))
+        stored, _ = to_stored_basis(rhs, self.weight, lay, eq_scale)
+        return op, onto_other(lhs, self.weight, eq_scale, pair[1]), stored.astype(jnp.result_type(rhs))
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -191,7 +199,7 @@ class QuantEinsum(_QuantOp):
     def __call__(self, subscripts, lhs, rhs, precision=None, preferred_element_type=None, **unused):
         if not isinstance(rhs, QArray):
             rotated = self.in_rotated_basis(lhs, rhs, einsum_dimension_numbers(subscripts)[0]) \
-                if self.weight is not None and self.weight.rotation is not None else None
+                if self.weight is not None and transformed(self.weight) else None
             op, lhs, rhs = (self, lhs, rhs) if rotated is None else rotated
             lhs, rhs = op.fake_quant_inputs(op.observed(lhs), rhs)
             return jnp.einsum(subscripts, lhs, rhs, precision=precision, preferred_element_type=preferred_element_type)

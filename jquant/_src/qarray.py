@@ -11,9 +11,10 @@ Scale and zero-point have shape `numerics.layout(shape, spec).scale_shape`: the 
 (with the group axis split) and 1 on every axis that shares a scale. For `method="kmeans"` the
 `scale` holds each group's sorted levels instead, shape `scale_shape + (2^bits,)`.
 
-Rotated specs (`QuantSpec(rotation=jquant.Hadamard())`): storage, scale and zero-point are those
-of Rᵀ·x (`in_stored_basis` is that QArray, same storage), and `dequantize` returns R·(its
-dequantization) (`jquant._src.rotation`).
+Rotated and equalized specs (`QuantSpec(rotation=jquant.Hadamard(), equalization=jquant.Equalize())`):
+storage, scale and zero-point are those of Rᵀ·(x / r) (`in_stored_basis` is that QArray, same
+storage), `eq_scale` holds r (`jquant._src.equalization`; None without an equalization), and
+`dequantize` returns r·R·(its dequantization) (`jquant._src.rotation`).
 """
 
 from __future__ import annotations
@@ -26,8 +27,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jquant._src import numerics, packing, rotation
-from jquant._src.spec import QuantSpec, unrotated, unstacked
+from jquant._src import equalization, numerics, packing, rotation
+from jquant._src.spec import QuantSpec, untransformed, unstacked
 
 
 # What converting a QArray to an array says (NumPy and jax.numpy ask through __array__ and
@@ -42,8 +43,8 @@ class QArray:
     """A quantized tensor: integer storage, scale, zero-point, and static metadata.
 
     Children (arrays, so `jit`, `tree_map`, `device_put` and sharding see them): `value`, `scale`,
-    `zero_point` (None when symmetric). Static auxiliary data: `spec`, `shape`, `dtype` (the
-    original float dtype that `dequantize` returns).
+    `zero_point` (None when symmetric), `eq_scale` (an equalized spec's r, else None). Static
+    auxiliary data: `spec`, `shape`, `dtype` (the original float dtype that `dequantize` returns).
 
     `shape` is static, so a QArray made inside `jax.vmap` keeps the per-example shape while its
     leaves gain the batch axis: dequantize it inside the same `vmap` (or quantize the batch whole).
@@ -56,17 +57,19 @@ class QArray:
     quantized block, and one returned through `out_specs` is whole again.
     """
 
-    def __init__(self, value, scale, zero_point, *, spec: QuantSpec, shape: Tuple[int, ...], dtype):
+    def __init__(self, value, scale, zero_point, *, spec: QuantSpec, shape: Tuple[int, ...], dtype, eq_scale=None):
         self.value = value
         self.scale = scale
         self.zero_point = zero_point
+        self.eq_scale = eq_scale
         self.spec = spec
         self.shape = tuple(shape)
         self.dtype = jnp.dtype(dtype)
 
     def tree_flatten_with_keys(self):
         keys = jax.tree_util.GetAttrKey
-        children = ((keys("value"), self.value), (keys("scale"), self.scale), (keys("zero_point"), self.zero_point))
+        children = ((keys("value"), self.value), (keys("scale"), self.scale), (keys("zero_point"), self.zero_point),
+                    (keys("eq_scale"), self.eq_scale))
         return children, (self.spec, self.shape, self.dtype)
 
     @classmethod
@@ -75,8 +78,9 @@ class QArray:
         spec, shape = _layer_of_stack(spec, shape, children[0])
         block = _shape_of_storage(spec, shape, children[0])
         if spec.rotation is not None and block != shape:
-            _whole_rotation_axis(spec, shape, block)
-        return cls(*children, spec=spec, shape=block, dtype=dtype)
+            _whole_transform_axis(spec, shape, block)
+        value, scale, zero_point, eq_scale = children
+        return cls(value, scale, zero_point, spec=spec, shape=block, dtype=dtype, eq_scale=eq_scale)
 
     @property
     def ndim(self) -> int:
@@ -102,7 +106,8 @@ class QArray:
     def astype(self, dtype) -> "QArray":
         """The same storage dequantizing to `dtype` (a layer's compute dtype): what a float layer
         that casts its kernel to `dtype` before the dot gets from a quantized kernel."""
-        return QArray(self.value, self.scale, self.zero_point, spec=self.spec, shape=self.shape, dtype=dtype)
+        return QArray(self.value, self.scale, self.zero_point, spec=self.spec, shape=self.shape, dtype=dtype,
+                      eq_scale=self.eq_scale)
 
     def __getitem__(self, index):
         """`qa[...]` is `qa` (how NNX reads a Variable's value); other indexing is not defined on
@@ -119,17 +124,18 @@ class QArray:
 
     def dequantize(self):
         """x̂ = s · (q - z) (codebook methods: the indexed level) in the original shape and dtype;
-        R·(that) for a rotated spec. Eagerly one jitted program per (spec, shape, dtype), as
-        `quantize` (the same numbers as under jit, one compilation instead of one per operation)."""
-        if not any(isinstance(a, jax.core.Tracer) for a in (self.value, self.scale, self.zero_point)):
+        R·(that) for a rotated spec, times r for an equalized one. Eagerly one jitted program per
+        (spec, shape, dtype), as `quantize` (the same numbers as under jit, one compilation
+        instead of one per operation)."""
+        if not any(isinstance(a, jax.core.Tracer) for a in (self.value, self.scale, self.zero_point, self.eq_scale)):
             return _dequantize_eagerly(self)
-        return decode(self.q, self.scale, self.zero_point, self.spec, self.shape, self.dtype)
+        return decode(self.q, self.scale, self.zero_point, self.spec, self.shape, self.dtype, eq_scale=self.eq_scale)
 
     @property
     def nbytes(self) -> int:
-        """True storage bytes: integer storage + scales + zero-points."""
+        """True storage bytes: integer storage + scales + zero-points (+ an equalization's r)."""
         return sum(int(np.prod(a.shape)) * jnp.dtype(a.dtype).itemsize
-                   for a in (self.value, self.scale, self.zero_point) if a is not None)
+                   for a in (self.value, self.scale, self.zero_point, self.eq_scale) if a is not None)
 
     @property
     def bits_per_weight(self) -> float:
@@ -143,29 +149,50 @@ class QArray:
 
 @jax.jit
 def _dequantize_eagerly(qa: QArray):
-    return decode(qa.q, qa.scale, qa.zero_point, qa.spec, qa.shape, qa.dtype)
+    return decode(qa.q, qa.scale, qa.zero_point, qa.spec, qa.shape, qa.dtype, eq_scale=qa.eq_scale)
 
 
-def decode(q, scale, zero_point, spec: QuantSpec, shape, dtype, *, saturate: bool = True):
+def decode(q, scale, zero_point, spec: QuantSpec, shape, dtype, *, saturate: bool = True, eq_scale=None):
     """`QArray.dequantize` of unpacked integers `q` of `shape` (for callers that unpack storage
     piecewise, e.g. the weight-only dot's bit planes); `saturate=False` where the format's
     `saturates(scale, zero_point, spec)` is False (it then skips a per-element clip). A rotated spec's values
-    are rotated back (R·, in float32) before the cast to `dtype`."""
+    are rotated back (R·, in float32) and an equalized one's multiplied by `eq_scale` (r) before the
+    cast to `dtype`."""
     lay = numerics.layout(tuple(shape), spec)
     values = (spec.method.decode(q, scale, zero_point, spec, lay) if saturate
               else spec.method.decode(q, scale, zero_point, spec, lay, saturate=False))
+    return numerics.cast_saturating(from_stored_basis(values, spec, lay, eq_scale), dtype)
+
+
+def to_stored_basis(x, spec: QuantSpec, lay: numerics.Layout, eq_scale=None):
+    """(Rᵀ·(x / r), r) for a rotated and/or equalized spec (r: `eq_scale`, or computed from x; None
+    without an equalization), in x's compute dtype; (x, None) for a spec with neither. What such a
+    spec quantizes with its transforms taken off (`untransformed`)."""
+    if spec.equalization is not None:
+        if eq_scale is None:
+            eq_scale = equalization.scales(x, spec.equalization, lay)
+        x = numerics.divide(jnp.asarray(x, eq_scale.dtype), eq_scale)
     if spec.rotation is not None:
-        values = rotation.from_rotated(values, spec.rotation, lay.rotation_axis)
-    return numerics.cast_saturating(values, dtype)
+        x = rotation.to_rotated(x, spec.rotation, lay.transform_axis)
+    return x, eq_scale
+
+
+def from_stored_basis(values, spec: QuantSpec, lay: numerics.Layout, eq_scale):
+    """r·R·values: the inverse of `to_stored_basis` (dequantization), in the compute dtype."""
+    if spec.rotation is not None:
+        values = rotation.from_rotated(values, spec.rotation, lay.transform_axis)
+    if spec.equalization is not None:
+        values = values * eq_scale
+    return values
 
 
 def in_stored_basis(qa: QArray) -> QArray:
-    """A rotated QArray (Q(Rᵀ·x), dequantizing to R·Q(Rᵀ·x)) as the plain QArray of Q(Rᵀ·x): the
-    same storage, scale and zero-point under the spec without its rotation; `qa` itself if it has
-    no rotation."""
-    if qa.spec.rotation is None:
+    """A rotated or equalized QArray (Q(Rᵀ·(x / r)), dequantizing to r·R·Q(…)) as the plain QArray
+    of Q(Rᵀ·(x / r)): the same storage, scale and zero-point under the spec without its rotation
+    and equalization; `qa` itself if it has neither."""
+    if qa.spec.rotation is None and qa.spec.equalization is None:
         return qa
-    return QArray(qa.value, qa.scale, qa.zero_point, spec=unrotated(qa.spec),
+    return QArray(qa.value, qa.scale, qa.zero_point, spec=untransformed(qa.spec),
                   shape=qa.shape, dtype=qa.dtype)
 
 
@@ -182,14 +209,14 @@ def _layer_of_stack(spec: QuantSpec, shape, value):
     return (spec, shape) if layer is None else (layer, tuple(shape[layers:]))
 
 
-def _whole_rotation_axis(spec: QuantSpec, shape, block) -> None:
+def _whole_transform_axis(spec: QuantSpec, shape, block) -> None:
     """Refuse a block of a rotated QArray (or a whole made of blocks) that splits the rotated axis:
     R spans the whole axis, so no block can be dequantized or multiplied on its own.
 
     Raises:
       ValueError: the rotated axis differs between `shape` and `block`.
     """
-    axis = numerics.layout(shape, spec).rotation_axis
+    axis = numerics.layout(shape, spec).transform_axis
     if block[axis] != shape[axis]:
         raise ValueError(f"a QArray of shape {tuple(shape)} rotated along axis {axis} ({spec.rotation!r}) was split into "
                          f"blocks of shape {tuple(block)} (jax.shard_map in_specs/out_specs): the rotation spans the "
@@ -246,10 +273,11 @@ def quantize(x, spec: QuantSpec, *, scale=None, zero_point=None) -> QArray:
 
 
 def _quantize(x, spec, lay, scale, zero_point):
-    if spec.rotation is not None:
-        rotated = rotation.to_rotated(x, spec.rotation, lay.rotation_axis)
-        stored = quantize(rotated, unrotated(spec), scale=scale, zero_point=zero_point)
-        return QArray(stored.value, stored.scale, stored.zero_point, spec=spec, shape=x.shape, dtype=x.dtype)
+    if spec.rotation is not None or spec.equalization is not None:
+        stored, eq_scale = to_stored_basis(x, spec, lay)
+        stored = quantize(stored, untransformed(spec), scale=scale, zero_point=zero_point)
+        return QArray(stored.value, stored.scale, stored.zero_point, spec=spec, shape=x.shape, dtype=x.dtype,
+                      eq_scale=eq_scale)
     fmt = spec.method
     fixed = scale is not None
     scale, zero_point = fmt.params(x, spec, lay, scale, zero_point)

@@ -2,7 +2,7 @@
 its fast transform.
 
 A rotated spec stores W' = Rᵀ·W quantized, R orthogonal along one axis of W of size n (the
-contraction axis: `numerics.Layout.rotation_axis`), and dequantizes to R·Q(Rᵀ·W) ≈ W. Since
+contraction axis: `numerics.Layout.transform_axis`), and dequantizes to R·Q(Rᵀ·W) ≈ W. Since
 x·W = (x·R)·(Rᵀ·W), a dot can instead rotate the activation along its contracted axis: x·R is
 Rᵀ applied to each row of x, so one operation, v ↦ Rᵀv along an axis (`to_rotated`), serves
 the weight and the activation; its inverse v ↦ Rv (`from_rotated`) dequantizes.

@@ -2,7 +2,7 @@
 outside JAX read (`safetensors.numpy.load_file` needs no jquant), and back.
 
 Tensor names are the leaf paths (`jquant._src.paths`, "/"-joined keys): a float or other array
-leaf is the tensor `<path>`; a QArray at `<path>` is up to three tensors, its storage as it is in
+leaf is the tensor `<path>`; a QArray at `<path>` is up to four tensors, its storage as it is in
 memory:
 
 * `<path>/value`: int8 q in the tensor's shape (5..8 bits), or for 1..4 bits uint8 codes packed
@@ -10,9 +10,12 @@ memory:
 * `<path>/scale`: float32 scales of shape `numerics.layout(shape, spec).scale_shape` (the shape
   with the group axis split, 1 on every axis that shares a scale; codebook formats: the levels,
   one more trailing axis of 2^bits);
-* `<path>/zero_point`: int8 zero-points of the scale's shape (asymmetric specs only).
+* `<path>/zero_point`: int8 zero-points of the scale's shape (asymmetric specs only);
+* `<path>/eq_scale`: float32 r of an equalized spec (`jquant._src.equalization`), the tensor's
+  shape with 1 on the axes its norms average over.
 
-x̂ = scale · (q − zero_point) group by group. The file's metadata (`__metadata__`, str → str) has
+x̂ = scale · (q − zero_point) group by group (then R· for a rotated spec, whose seed is in the
+spec, and · eq_scale for an equalized one). The file's metadata (`__metadata__`, str → str) has
 "format": "jquant-safetensors", "version": "1" and "qarrays": a JSON object mapping each
 QArray's path to `{"spec": spec_json, "shape", "dtype"}` (`jquant._src.spec_json`).
 
@@ -43,7 +46,7 @@ from jquant._src.spec_json import spec_from_json, spec_to_json
 
 FORMAT = "jquant-safetensors"
 VERSION = 1
-_QARRAY_ARRAYS = ("value", "scale", "zero_point")
+_QARRAY_ARRAYS = ("value", "scale", "zero_point", "eq_scale")
 
 
 def export_safetensors(path, tree) -> None:
@@ -128,12 +131,13 @@ def import_safetensors(path):
         except (TypeError, ValueError) as err:
             raise ValueError(f"{path}: the QArray at {where!r} has spec {q['spec']} which this jquant cannot "
                              f"build: {err}") from None
-        missing = [n for n in ("value", "scale") if f"{where}/{n}" not in tensors]
+        missing = [n for n in ("value", "scale") + (("eq_scale",) if spec.equalization is not None else ())
+                   if f"{where}/{n}" not in tensors]
         if missing:
             raise ValueError(f"{path} is corrupt: the QArray at {where!r} has no tensor {where}/{missing[0]}")
-        arrays = [tensors.pop(f"{where}/{n}", None) for n in _QARRAY_ARRAYS]
-        arrays = [None if a is None else jnp.asarray(a) for a in arrays]
-        nest(tree, where, QArray(*arrays, spec=spec, shape=tuple(q["shape"]), dtype=jnp.dtype(q["dtype"])))
+        arrays = {n: tensors.pop(f"{where}/{n}", None) for n in _QARRAY_ARRAYS}
+        arrays = {n: None if a is None else jnp.asarray(a) for n, a in arrays.items()}
+        nest(tree, where, QArray(**arrays, spec=spec, shape=tuple(q["shape"]), dtype=jnp.dtype(q["dtype"])))
     for name, a in tensors.items():
         nest(tree, name, jnp.asarray(a) if jax.dtypes.canonicalize_dtype(a.dtype) == a.dtype else a)
     return tree

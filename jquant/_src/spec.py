@@ -7,6 +7,7 @@ from typing import Optional, Tuple, Union
 
 from jquant._src import formats
 from jquant._src.calibration import CALIBRATIONS, Calibration, MinMax
+from jquant._src.equalization import Equalize
 from jquant._src.formats import Format
 from jquant._src.rotation import Hadamard
 
@@ -53,6 +54,11 @@ class QuantSpec:
         `channel_axes` (or a group) to pin it. Its size n must have a Hadamard matrix (`Hadamard`
         says which; else a ValueError names n and what is allowed). A dot with a rotated weight
         rotates the activation instead (`dot_general`); one rotated along a free axis dequantizes.
+      equalization: None (default), or `jquant.Equalize(alpha=...)`: the tensor is stored as
+        Q(x / r) with r one data-free scale per index of the same axis a rotation rotates, from
+        the tensor's own norms, and dequantizes to r·Q(x / r) (`jquant._src.equalization`); with
+        a rotation, R acts after the division: stored Q(Rᵀ·(x / r)), dequantized r·R·Q(…). A
+        dot with an equalized weight scales the activation by r instead (then rotates it).
 
     Raises:
       TypeError: a field of the wrong type. ValueError: a value the format does not allow; both
@@ -68,6 +74,7 @@ class QuantSpec:
     method: Format = formats.FORMATS["uniform"]
     calibration: Calibration = MinMax()
     rotation: Optional[Hadamard] = None
+    equalization: Optional[Equalize] = None
 
     def __post_init__(self):
         axes = self.channel_axes
@@ -96,6 +103,9 @@ class QuantSpec:
         if self.rotation is not None and not isinstance(self.rotation, Hadamard):
             raise TypeError(f"QuantSpec.rotation={self.rotation!r} is not a rotation; allowed: None, "
                             "jquant.Hadamard(seed=..., block=...)")
+        if self.equalization is not None and not isinstance(self.equalization, Equalize):
+            raise TypeError(f"QuantSpec.equalization={self.equalization!r} is not an equalization; allowed: None, "
+                            "jquant.Equalize(alpha=...)")
         self.method.validate(self)
 
         if self.group_size is not None:
@@ -154,12 +164,15 @@ class QuantSpec:
             parts.append(f"calibration={self.calibration!r}")
         if self.rotation is not None:
             parts.append(f"rotation={self.rotation!r}")
+        if self.equalization is not None:
+            parts.append(f"equalization={self.equalization!r}")
         return f"QuantSpec({', '.join(parts)})"
 
 
-def unrotated(spec: QuantSpec) -> QuantSpec:
-    """The spec of a rotated spec's stored values, Q(Rᵀ·x): the same spec without its rotation."""
-    return dataclasses.replace(spec, rotation=None)
+def untransformed(spec: QuantSpec) -> QuantSpec:
+    """The spec of a rotated or equalized spec's stored values, Q(Rᵀ·(x / r)): the same spec
+    without its rotation and equalization."""
+    return dataclasses.replace(spec, rotation=None, equalization=None)
 
 
 def stacked(spec: QuantSpec, layers: int) -> QuantSpec:

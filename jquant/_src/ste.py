@@ -12,9 +12,9 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from jquant._src import numerics, rotation
-from jquant._src.qarray import check_float_input
-from jquant._src.spec import QuantSpec, unrotated
+from jquant._src import equalization, numerics
+from jquant._src.qarray import check_float_input, from_stored_basis, to_stored_basis
+from jquant._src.spec import QuantSpec, untransformed
 
 
 @jax.custom_jvp
@@ -43,7 +43,9 @@ def fake_quant(x, spec: QuantSpec, *, scale=None, zero_point=None):
     scale and zero-point receive no gradient (a learned step size is a separate estimator,
     `jquant.learned`). Sign and codebook formats have no clip: their gradient is the identity
     (BinaryConnect STE). A rotated spec computes R·fq(Rᵀ·x), the rotations ordinary linear maps:
-    the gradient is R·(mask ⊙ Rᵀ·g), the mask taken in the rotated basis.
+    the gradient is R·(mask ⊙ Rᵀ·g), the mask taken in the rotated basis. An equalized spec
+    computes r·fq(x / r) (with a rotation r·R·fq(Rᵀ·(x / r))), r from x and, like the scale, given
+    no gradient: the gradient is r·(mask ⊙ g / r).
 
     Args:
       x: float array; spec: the QuantSpec; scale, zero_point: as in `jquant.quantize`.
@@ -56,10 +58,13 @@ def fake_quant(x, spec: QuantSpec, *, scale=None, zero_point=None):
     """
     x = check_float_input(x, spec, "fake_quant")
     lay = numerics.layout(x.shape, spec)
-    if spec.rotation is not None:
-        rotated = rotation.to_rotated(x, spec.rotation, lay.rotation_axis)
-        x_hat = fake_quant(rotated, unrotated(spec), scale=scale, zero_point=zero_point)
-        return numerics.cast_saturating(rotation.from_rotated(x_hat, spec.rotation, lay.rotation_axis), x.dtype)
+    if spec.rotation is not None or spec.equalization is not None:
+        eq_scale = None
+        if spec.equalization is not None:
+            eq_scale = jax.lax.stop_gradient(equalization.scales(x, spec.equalization, lay))
+        stored, _ = to_stored_basis(x, spec, lay, eq_scale)
+        x_hat = fake_quant(stored, untransformed(spec), scale=scale, zero_point=zero_point)
+        return numerics.cast_saturating(from_stored_basis(x_hat, spec, lay, eq_scale), x.dtype)
     fixed = scale is not None
     scale, zero_point = spec.method.params(jax.lax.stop_gradient(x), spec, lay, scale, zero_point)
     scale = jax.lax.stop_gradient(scale)

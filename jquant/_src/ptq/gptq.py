@@ -27,7 +27,9 @@ is the upper Cholesky factor of H⁻¹ (H⁻¹ = UᵀU). Conventions:
 * Rotated specs (`QuantSpec(rotation=...)`, R along a contracted axis): GPTQ runs on W' = Rᵀ·W
   with the Hessian of the rotated inputs X·R, H' = Rᵀ·H·R (R acting on its axis of K), and
   the QArray stores Q(W') as `jquant.quantize` would; both errors are measured in the original
-  basis (against rotated round-to-nearest).
+  basis (against rotated round-to-nearest). An equalized spec (`QuantSpec(equalization=...)`)
+  likewise: W' = W / r with r from the weight (from W* with a float target) and H' = r·H·r (r
+  along its axis of K), before any rotation: W' = Rᵀ·(W / r), H' = Rᵀ·(r·H·r)·R.
 """
 
 from __future__ import annotations
@@ -41,8 +43,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from jquant._src import numerics, rotation
-from jquant._src.qarray import QArray, quantize
-from jquant._src.spec import QuantSpec, unrotated
+from jquant._src.qarray import QArray, quantize, to_stored_basis
+from jquant._src.spec import QuantSpec, untransformed
 
 
 class LayerError(NamedTuple):
@@ -79,7 +81,7 @@ def gptq_weight(w, xtx, rows: int, spec: QuantSpec, order: Tuple[int, ...], *, d
       (the QArray, its LayerError).
 
     Raises:
-      ValueError: `damp` ≤ 0; a rotated spec whose rotation axis is not in `order`.
+      ValueError: `damp` ≤ 0; a rotated or equalized spec whose transform axis is not in `order`.
     """
     if not damp > 0:
         raise ValueError(f"gptq damp={damp} must be > 0")
@@ -92,19 +94,25 @@ def gptq_weight(w, xtx, rows: int, spec: QuantSpec, order: Tuple[int, ...], *, d
         to_rows, from_rows = matrix_view(w.shape, order)
         rows_w = to_rows(target)
         target = from_rows(rows_w + jnp.linalg.solve(_damped(hessian, damp), (cross - hessian) @ rows_w))
-    stored_spec, target_hessian = spec, hessian
-    if spec.rotation is not None:  # GPTQ of W' = RᵀW under H' = RᵀHR (module docstring)
-        axis = numerics.layout(w.shape, spec).rotation_axis
+    stored_spec, target_hessian, eq_scale = spec, hessian, None
+    if spec.rotation is not None or spec.equalization is not None:  # GPTQ of W' under H' (module docstring)
+        lay = numerics.layout(w.shape, spec)
+        axis = lay.transform_axis
         if axis not in order:
-            raise ValueError(f"gptq: {spec!r} rotates axis {axis} of the weight of shape {w.shape}, which its inputs "
-                             f"do not contract (contracted axes {order}); rotate a contracted axis")
-        stored_spec = unrotated(spec)
-        target = rotation.to_rotated(target, spec.rotation, axis)
-        target_hessian = _rotated_hessian(hessian, tuple(w.shape[a] for a in order), order.index(axis), spec.rotation)
+            raise ValueError(f"gptq: {spec!r} rotates or equalizes axis {axis} of the weight of shape {w.shape}, "
+                             f"which its inputs do not contract (contracted axes {order}); give a contracted axis")
+        stored_spec = untransformed(spec)
+        sizes, position = tuple(w.shape[a] for a in order), order.index(axis)
+        target, eq_scale = to_stored_basis(target, spec, lay)
+        if eq_scale is not None:
+            target_hessian = _scaled_hessian(target_hessian, sizes, position, eq_scale, w.shape[axis])
+        if spec.rotation is not None:
+            target_hessian = _rotated_hessian(target_hessian, sizes, position, spec.rotation)
     values, grid = _run(target, target_hessian, stored_spec, order, float(damp), bool(act_order))
-    values = values if spec.rotation is not None else values.astype(w.dtype)
+    values = values if stored_spec is not spec else values.astype(w.dtype)
     stored = quantize(values, stored_spec, scale=grid[0], zero_point=grid[1])
-    qarray = QArray(stored.value, stored.scale, stored.zero_point, spec=spec, shape=w.shape, dtype=w.dtype)
+    qarray = QArray(stored.value, stored.scale, stored.zero_point, spec=spec, shape=w.shape, dtype=w.dtype,
+                    eq_scale=eq_scale)
     rtn = quantize(w, spec).dequantize()
     if reference is None:
         return qarray, LayerError(_relative_error(w, qarray.dequantize(), hessian, order),
@@ -125,6 +133,21 @@ def _float_target_error(w, w_hat, hessian, cross, reference_xtx, order):
     reference = jnp.sum(w * (reference_xtx @ w))
     num = jnp.sum(w_hat * (hessian @ w_hat)) - 2 * jnp.sum(w_hat * (cross @ w)) + reference
     return float(jnp.maximum(num, 0.0) / jnp.where(reference == 0, 1.0, reference))
+
+
+def _scaled_hessian(hessian, sizes, position, eq_scale, n):
+    """r·H·r for H over K = the product of `sizes` (row-major), r (n values, `eq_scale`) along K's
+    axis `position`.
+
+    Raises:
+      ValueError: r varies along more than that axis (a stacked weight)."""
+    if eq_scale.size != n:
+        raise ValueError(f"gptq: an equalization scale of shape {eq_scale.shape} varies along more than the "
+                         "contracted axis (a stack of layers); quantize each layer's weight on its own")
+    shape = [1] * len(sizes)
+    shape[position] = n
+    d = jnp.reshape(jnp.broadcast_to(jnp.reshape(eq_scale.astype(hessian.dtype), shape), sizes), (-1,))
+    return d[:, None] * hessian * d[None, :]
 
 
 def _rotated_hessian(hessian, sizes, position, rot):

@@ -32,7 +32,7 @@ from jquant._src.paths import leaves_with_paths
 from jquant._src.policy import Policy, matches
 from jquant._src.ptq.folding import fold_groups
 from jquant._src.ptq.layerwise import calibration_batches, matched_targets
-from jquant._src.spec import unrotated
+from jquant._src.spec import untransformed
 
 _WHERE = "fold_rotations"
 
@@ -84,7 +84,7 @@ def fold_rotations(fn, params, policy: Policy, batches) -> Folded:
         for (leaf, _), name in zip(group.weights, names):
             folded[name] = tuple(leaf_paths[producer] for producer, _ in group.folds)
             rule = policy.rules[rule_index[leaf]]
-            extra_rules.append(dataclasses.replace(rule, pattern=re.escape(name), spec=unrotated(rule.spec)))
+            extra_rules.append(dataclasses.replace(rule, pattern=re.escape(name), spec=untransformed(rule.spec)))
             touched.add(rule_index[leaf])
     skipped += [f"{t.path} (contracted over several axes or inside a nested call)"
                 for leaf, t in targets.items() if leaf not in grouped]
@@ -103,6 +103,9 @@ def _rotation_problem(group, targets, leaves) -> str:
         return "the weights reading this input are not rotated alike: " + ", ".join(
             f"{targets[leaf].path}: {targets[leaf].spec.rotation!r}" for leaf, _ in group.weights)
     for (leaf, axis), spec in zip(group.weights, specs):
-        if numerics.layout(leaves[leaf].shape, spec).rotation_axis != axis:
+        if spec.equalization is not None:
+            return (f"{targets[leaf].path} is equalized ({spec.equalization!r}): its r scales the input before the "
+                    "rotation, so the rotation cannot be folded without it")
+        if numerics.layout(leaves[leaf].shape, spec).transform_axis != axis:
             return f"{targets[leaf].path} is rotated along another axis than the one it is contracted over"
     return ""
