@@ -85,8 +85,9 @@ def linear(x, p):
     return x @ p["kernel"] + p["bias"]
 
 
-def forward(params, tokens, mask):
-    """Last hidden states (batch, time, 384) of BERT for int token ids and a 0/1 padding mask."""
+def forward(params, tokens, mask, taps=None):
+    """Last hidden states (batch, time, 384) of BERT for int token ids and a 0/1 padding mask;
+    `taps`, a list, gets each layer's (input hidden states, attention probabilities)."""
     e = params["embed"]
     t = tokens.shape[1]
     x = layer_norm(e["word"][tokens] + e["position"][:t] + e["type"][0], e["ln"])
@@ -96,7 +97,10 @@ def forward(params, tokens, mask):
         split = lambda y: y.reshape(*y.shape[:2], HEADS, -1)
         q, k, v = (split(linear(x, p[name])) for name in ("query", "key", "value"))
         scores = jnp.einsum("bqhc,bkhc->bhqk", q, k) / np.sqrt(q.shape[-1]) + bias
-        attn = jnp.einsum("bhqk,bkhc->bqhc", jax.nn.softmax(scores, -1), v).reshape(x.shape)
+        probs = jax.nn.softmax(scores, -1)
+        if taps is not None:
+            taps.append((x, probs))
+        attn = jnp.einsum("bhqk,bkhc->bqhc", probs, v).reshape(x.shape)
         x = layer_norm(x + linear(attn, p["out"]), p["ln_attn"])
         x = layer_norm(x + linear(jax.nn.gelu(linear(x, p["up"]), approximate=False), p["down"]), p["ln_mlp"])
     return x
@@ -142,6 +146,27 @@ def metrics(h_float, h_quant, mask):
     return sqnr, float(np.mean(1 - cos))
 
 
+def attention_sink(params, tokens, mask) -> str:
+    """Per layer: the attention the real tokens pay to [CLS] (position 0), [CLS]'s largest |x|
+    and its channel against the other tokens' largest |x| (median), and the value kernel's row
+    for that channel against its median row (RMS norms) — why rounding error on small value
+    rows costs more than their size says (README, "Rotations (Hadamard), equalization and HQQ")."""
+    taps = []
+    forward(params, tokens, mask, taps)
+    real = mask.astype(bool)
+    lines = ["| layer | attention on [CLS] | [CLS] max abs x (channel) | other tokens' max abs x, median "
+             "| value row of that channel / median row |", "|---|---|---|---|---|"]
+    for i, (x, probs) in enumerate(taps):
+        x, probs = np.asarray(x), np.asarray(probs)
+        on_cls = probs[:, :, :, 0].transpose(0, 2, 1)[real].mean()
+        channel = int(np.bincount(np.abs(x[:, 0]).argmax(-1)).argmax())
+        others = np.abs(x[:, 1:])[real[:, 1:]].max(-1)
+        rows = np.sqrt(np.mean(np.asarray(params[f"layer_{i}"]["value"]["kernel"]) ** 2, axis=1))
+        lines.append(f"| {i} | {on_cls:.2f} | {np.abs(x[:, 0, channel]).mean():.1f} ({channel}) | "
+                     f"{np.median(others):.1f} | {rows[channel] / np.median(rows):.2f} |")
+    return "\n".join(lines)
+
+
 def kernel_policy(spec):
     return Policy([Rule(r".*/kernel", spec)])
 
@@ -183,6 +208,8 @@ def main(argv=None):
     parser.add_argument("--only", default=None, help="regex: run only the rows whose label it matches")
     parser.add_argument("--eval", type=int, default=512, help="evaluation sentences")
     parser.add_argument("--calib", type=int, default=256, help="calibration sentences (GPTQ)")
+    parser.add_argument("--attention-sink", action="store_true",
+                        help="print what the value projections meet at [CLS] (attention_sink) and stop")
     parser.add_argument("--search-batches", type=int, default=2,
                         help="calibration batches of 32 that choose where to rotate (search_policy)")
     args = parser.parse_args(argv)
@@ -191,6 +218,9 @@ def main(argv=None):
     params = load_params(directory)
     calib, evaluation = sentences()
     tokens, mask = encode(directory, evaluation[:args.eval])
+    if args.attention_sink:
+        print(attention_sink(params, tokens[:64], mask[:64]))
+        return
     calib_batches = batched(*encode(directory, calib[:args.calib]), 32)
     print(f"all-MiniLM-L6-v2: {len(evaluation[:args.eval])} evaluation and {len(calib[:args.calib])} calibration "
           f"docstrings from the standard library, 64 tokens each; 36 kernels quantized\n")

@@ -227,7 +227,8 @@ def onto_other(b, spec: QuantSpec, eq_scale, axis: int):
     dtype = jnp.result_type(b)
     if eq_scale is not None:
         r = jnp.reshape(eq_scale, (-1,) + (1,) * (jnp.ndim(b) - axis - 1))
-        b = jnp.asarray(b, jnp.promote_types(dtype, r.dtype)) * r
+        compute = numerics.compute_dtype(dtype)
+        b = jnp.asarray(b, compute) * r.astype(compute)
     if spec.rotation is not None:
         b = rotation.to_rotated(b, spec.rotation, axis)
     return jnp.asarray(b).astype(dtype)

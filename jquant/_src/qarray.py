@@ -171,7 +171,8 @@ def to_stored_basis(x, spec: QuantSpec, lay: numerics.Layout, eq_scale=None):
     if spec.equalization is not None:
         if eq_scale is None:
             eq_scale = equalization.scales(x, spec.equalization, lay)
-        x = numerics.divide(jnp.asarray(x, eq_scale.dtype), eq_scale)
+        dtype = numerics.compute_dtype(jnp.result_type(x))
+        x = numerics.divide(jnp.asarray(x, dtype), eq_scale.astype(dtype))
     if spec.rotation is not None:
         x = rotation.to_rotated(x, spec.rotation, lay.transform_axis)
     return x, eq_scale
@@ -182,7 +183,7 @@ def from_stored_basis(values, spec: QuantSpec, lay: numerics.Layout, eq_scale):
     if spec.rotation is not None:
         values = rotation.from_rotated(values, spec.rotation, lay.transform_axis)
     if spec.equalization is not None:
-        values = values * eq_scale
+        values = values * eq_scale.astype(values.dtype)
     return values
 
 

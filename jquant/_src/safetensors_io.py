@@ -11,7 +11,7 @@ memory:
   with the group axis split, 1 on every axis that shares a scale; codebook formats: the levels,
   one more trailing axis of 2^bits);
 * `<path>/zero_point`: int8 zero-points of the scale's shape (asymmetric specs only);
-* `<path>/eq_scale`: float32 r of an equalized spec (`jquant._src.equalization`), the tensor's
+* `<path>/eq_scale`: bfloat16 r of an equalized spec (`jquant._src.equalization`), the tensor's
   shape with 1 on the axes its norms average over.
 
 x̂ = scale · (q − zero_point) group by group (then R· for a rotated spec, whose seed is in the
