@@ -184,6 +184,9 @@ ROWS = [(f"int{bits} g128 asym {label}", bits, options, algorithm)
             ("RTN + Hadamard where it helps", {"rotation": lambda: jquant.Hadamard()}, "search"),
             ("GPTQ", {}, "gptq"),
             ("GPTQ + Hadamard", {"rotation": lambda: jquant.Hadamard()}, "gptq"),
+            ("GPTQ + equalization", {"equalization": lambda: jquant.Equalize()}, "gptq"),
+            ("GPTQ + Hadamard + equalization",
+             {"rotation": lambda: jquant.Hadamard(), "equalization": lambda: jquant.Equalize()}, "gptq"),
             ("GPTQ (act-order, float target) + Hadamard", {"rotation": lambda: jquant.Hadamard()}, "gptq-ft")]]
 
 

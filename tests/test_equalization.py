@@ -142,6 +142,17 @@ def test_qat_quantdot_matches_serving_and_the_gradient_is_the_ste_of_the_served_
                                atol=2e-3 * float(jnp.abs(gw).max()))
 
 
+def test_quant_conv_serves_the_dequantized_kernel_that_qat_fake_quantizes():
+    img, kernel = normal(23, (2, 6, 6, 32)), _rows_of_different_norms(24, (3, 3, 32, 8))
+    kspec = QuantSpec(4, channel_axes=(3,), equalization=EQ)  # r along I, the norms over H, W, O
+    qk = jit_quantize(kernel, kspec)
+    assert qk.eq_scale.shape == (1, 1, 32, 1)
+    for act in (None, QuantSpec(8)):
+        conv = jax.jit(lambda a, k: jquant.QuantConv(weight=kspec, act=act)(
+            a, k, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC")))
+        np.testing.assert_allclose(conv(img, qk), conv(img, kernel), atol=1e-4)
+
+
 def test_flax_linen_stack_served_equals_the_dequantized_model():
     import flax.linen as nn
 
@@ -213,3 +224,9 @@ def test_config_repr_and_errors():
         jquant.learned.lsq_fake_quant(normal(20, (64, 8)), jnp.ones((1, 8)),
                                       dataclasses.replace(INT4, group_size=None, equalization=EQ))
     assert numerics.layout((64, 8), dataclasses.replace(INT4, group_size=None, equalization=EQ)).transform_axis == 0
+    policy = jquant.Policy([jquant.Rule(r".*kernel", QuantSpec(4, channel_axes=(1,), equalization=EQ))])
+    with pytest.raises(ValueError, match="^dense/kernel: LSQ .* equalization"):
+        jquant.learned.init({"dense": {"kernel": normal(21, (128, 8))}}, policy)
+    with pytest.raises(ValueError, match="dense/kernel.*nothing to take a norm over"):
+        jquant.quantize_params({"dense": {"kernel": normal(22, (8, 128))}},
+                               jquant.Policy([jquant.Rule(r".*kernel", QuantSpec(4, channel_axes=(0,), equalization=EQ))]))

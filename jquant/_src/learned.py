@@ -85,7 +85,8 @@ def lsq_fake_quant(x, step, spec: QuantSpec, *, grad_scale: Optional[float] = No
       float array of x's shape and dtype; gradients as in the module docstring.
 
     Raises:
-      ValueError: a non-uniform method, or a step that does not broadcast to the scale shape.
+      ValueError: a non-uniform method or an equalized spec, or a step that does not broadcast to the
+        scale shape.
     """
     x = jnp.asarray(x)
     step = jnp.asarray(step)
@@ -253,7 +254,10 @@ def init(params, policy: Policy, *, step_init: str = "lsq", clip: float = 6.0,
                          selects=lambda rule: rule.spec is not None or rule.act is not None):
         rule, key = match.rule, match.path
         if rule.spec is not None and rule.spec.method.ranged:  # sign/codebooks keep their own scales
-            nest(steps, key, lsq_init_step(match.leaf, rule.spec, init=step_init))
+            try:
+                nest(steps, key, lsq_init_step(match.leaf, rule.spec, init=step_init))
+            except ValueError as err:
+                raise ValueError(f"{key}: {err}") from None
         if rule.act is not None:
             _check_pact_spec(rule.act)
             lo, hi = ranges.get(key, (None, None))
