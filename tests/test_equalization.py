@@ -63,6 +63,25 @@ def test_r_matches_the_float64_reference_and_the_stored_values_are_w_over_r(alph
     assert np.all(np.asarray(zero.eq_scale) == 1) and not np.any(np.asarray(zero.dequantize()))
 
 
+@pytest.mark.parametrize("bad", [np.nan, np.inf])
+def test_nan_and_inf_stay_visible_at_4096_squared_and_change_no_other_row(bad):
+    w = normal(25, (4096, 4096), scale=0.02)
+    spec = dataclasses.replace(INT4, equalization=EQ)
+    clean = jit_quantize(w, spec)
+    got = jit_quantize(w.at[100, 7].set(bad), spec)
+    d = np.asarray(got.dequantize())
+    others = np.ones(4096, bool)
+    others[100] = False
+    np.testing.assert_array_equal(np.asarray(got.eq_scale)[others], np.asarray(clean.eq_scale)[others])
+    assert np.isnan(d[100, 7])
+    if np.isnan(bad):  # its group, as without equalization
+        assert np.isnan(d[:128, 7]).all() and np.isfinite(np.delete(d[100], 7)).all()
+    else:  # r = Inf: its whole row
+        assert not np.isfinite(d[100]).any()
+    # other groups (rows 128…) are untouched; rows 0…127 share row 100's changed value in each group
+    np.testing.assert_array_equal(d[128:], np.asarray(clean.dequantize())[128:])
+
+
 def test_stacked_layers_get_their_own_r_and_bf16_dequantizes_to_bf16():
     w = jnp.stack([_rows_of_different_norms(s, (256, 64)) for s in (1, 2, 3)]).astype(jnp.bfloat16)
     spec = QuantSpec(4, channel_axes=(0, 2), group_size=128, equalization=EQ)  # Rule(stacked=1)'s spec

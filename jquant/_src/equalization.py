@@ -17,8 +17,10 @@ own r); r is the QArray's `eq_scale`, x's shape with 1 on the averaged axes, com
 float32 (float64 for float64 input) and rounded to bfloat16, which is what is stored and what
 the weight is divided by (16 bits per row: 0.004 bits per weight of a 4096-wide output; on
 all-MiniLM-L6-v2 int3/int4 RTN a bfloat16 r measured within 0.1 dB of a float32 one, where a
-power-of-two r, 8 bits, lost 0.7–0.9 dB without a rotation). NaN or Inf in x reach the stored W / r (and an
-Inf makes r Inf or NaN), so the tensor dequantizes to NaN/Inf there: corruption stays visible.
+power-of-two r, 8 bits, lost 0.7–0.9 dB without a rotation). NaN and Inf stay visible: a row
+with a NaN gets r = 1 and its group dequantizes to NaN, as without equalization
+(`jquant._src.numerics`); a row with an Inf gets r = Inf and dequantizes to NaN/Inf along its
+whole length (its group too); G is taken over the finite rows, so no other row's r changes.
 
 Why: rounding to nearest gives every element of a group about the same absolute error, while a
 trained layer's small input rows (small m_k) often meet its largest activations (a model learns
@@ -69,8 +71,9 @@ def scales(x, equalization: Equalize, lay: numerics.Layout):
     """r for x (module docstring), x's shape with 1 on the averaged axes, in bfloat16."""
     x = jnp.asarray(x, numerics.compute_dtype(x.dtype))
     m = jnp.sqrt(jnp.mean(jnp.square(x), axis=lay.averaged_axes, keepdims=True))
-    nonzero = m > 0
-    log_m = jnp.where(nonzero, jnp.log(jnp.where(nonzero, m, 1)), 0)
-    count = jnp.sum(nonzero, axis=lay.transform_axis, keepdims=True)
-    log_g = jnp.sum(log_m, axis=lay.transform_axis, keepdims=True) / jnp.maximum(count, 1)
+    nonzero = m > 0  # False for NaN
+    log_m = jnp.log(jnp.where(nonzero, m, 1))  # +inf for an Inf row
+    counted = nonzero & jnp.isfinite(m)  # G from the finite rows only: one Inf changes no other r
+    count = jnp.sum(counted, axis=lay.transform_axis, keepdims=True)
+    log_g = jnp.sum(jnp.where(counted, log_m, 0), axis=lay.transform_axis, keepdims=True) / jnp.maximum(count, 1)
     return jnp.where(nonzero, jnp.exp(equalization.alpha * (log_m - log_g)), jnp.ones_like(m)).astype(jnp.bfloat16)
