@@ -66,8 +66,8 @@ anything else (GPU/TPU, which fuse the dequantization into the dot themselves; b
 other layouts) dequantizes whole. Measured ratios: benchmarks/RESULTS.md ("Weight-only
 inference", "LM decoding").
 
-Rotated operands (`QuantSpec(rotation=...)`: a QArray storing Q(Rᵀ·W), dequantizing to
-R·Q(Rᵀ·W); `jquant._src.rotation`), decided in one place, `rotated_operands`, before anything
+Rotated and equalized operands (`QuantSpec(rotation=...)`: a QArray storing Q(Rᵀ·W), dequantizing to
+R·Q(Rᵀ·W); `jquant._src.rotation`), decided in one place, `transformed_operands`, before anything
 above: since x·(R·W') = (x·R)·W' (R along a contracted axis, x·R = Rᵀ applied to x along the
 paired axis), a float operand is rotated online and the QArray taken in its stored basis
 (`qarray.in_stored_basis`) — the rotated weight never becomes a float matrix, and its dot is any
@@ -153,9 +153,10 @@ def dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_element_t
     """`lax.dot_general` for quantized operands; a drop-in for `nn.Dense(dot_general=...)`.
 
     Operands may be QArrays or float arrays. A float operand with a spec is quantized on the fly
-    (dynamic quantization: its scale comes from this call's values). A rotated QArray
-    (`QuantSpec(rotation=...)`) rotates the other operand online (module docstring, "Rotated
-    operands"); the other's spec then quantizes the rotated operand (W4A8, W4A4 with rotation).
+    (dynamic quantization: its scale comes from this call's values). A rotated or equalized
+    QArray (`QuantSpec(rotation=..., equalization=...)`) rotates and scales the other operand
+    online (module docstring, "Rotated and equalized operands"); the other's spec then quantizes
+    that operand (W4A8, W4A4 with rotation).
     * QArray × QArray → the exact integer path (`int_dot_general`), then one multiply by s_l·s_r.
       With floating-point elements (FP8, MX, NVFP4) → `jquant._src.float_dot` instead.
     * QArray × float (no spec) → weight-only: the QArray is dequantized and a float dot runs.
@@ -171,12 +172,12 @@ def dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_element_t
     Returns:
       float array shaped like `lax.dot_general`'s output.
     """
-    # A rotated spec quantizes first (its QArray is resolved with the others); a plain spec
-    # quantizes what `rotated_operands` leaves, i.e. the rotated activation.
+    # A rotated or equalized spec quantizes first (its QArray is resolved with the others); a
+    # plain spec quantizes what `transformed_operands` leaves, i.e. the scaled, rotated activation.
     first = lambda x, spec: spec is not None and (transformed(spec) or isinstance(x, QArray))  # noqa: E731
     lhs, lhs_spec = (quantize_operand(lhs, lhs_spec, "lhs"), None) if first(lhs, lhs_spec) else (lhs, lhs_spec)
     rhs, rhs_spec = (quantize_operand(rhs, rhs_spec, "rhs"), None) if first(rhs, rhs_spec) else (rhs, rhs_spec)
-    lhs, rhs = rotated_operands(lhs, rhs, dimension_numbers)
+    lhs, rhs = transformed_operands(lhs, rhs, dimension_numbers)
     lhs = quantize_operand(lhs, lhs_spec, "lhs")
     rhs = quantize_operand(rhs, rhs_spec, "rhs")
     out_dtype = preferred_element_type or jnp.result_type(lhs.dtype, rhs.dtype)
@@ -200,9 +201,9 @@ def transformed(spec: QuantSpec) -> bool:
     return spec.rotation is not None or spec.equalization is not None
 
 
-def rotated_operands(lhs, rhs, dimension_numbers):
+def transformed_operands(lhs, rhs, dimension_numbers):
     """(lhs, rhs) for the same product with no rotated or equalized QArray left (module
-    docstring, "Rotated operands"): such a QArray whose transform axis is contracted moves its
+    docstring, "Rotated and equalized operands"): such a QArray whose transform axis is contracted moves its
     transform onto the other operand — a float one is scaled by r and rotated (`onto_other`),
     one rotated alike (neither equalized) loses its rotation too — and is taken in its stored
     basis; any other is dequantized."""
@@ -212,7 +213,7 @@ def rotated_operands(lhs, rhs, dimension_numbers):
     return lhs, rhs
 
 
-def rotated_pair(a_shape, spec: QuantSpec, a_contract, b_contract):
+def transformed_pair(a_shape, spec: QuantSpec, a_contract, b_contract):
     """(a's transform axis, the paired axis of the other operand) for an operand of `a_shape`
     quantized with the rotated or equalized `spec`, or None when that axis is not contracted."""
     axis = numerics.layout(tuple(a_shape), spec).transform_axis
@@ -237,7 +238,7 @@ def onto_other(b, spec: QuantSpec, eq_scale, axis: int):
 def _move_transform(a, b, a_contract, b_contract):
     if not isinstance(a, QArray) or not transformed(a.spec):
         return a, b
-    pair = rotated_pair(a.shape, a.spec, a_contract, b_contract)
+    pair = transformed_pair(a.shape, a.spec, a_contract, b_contract)
     if pair is None or (a.eq_scale is not None and a.eq_scale.size != a.shape[pair[0]]):
         return a.dequantize(), b  # not contracted, or r varies along more (a stack not sliced)
     paired = pair[1] % b.ndim
@@ -401,8 +402,8 @@ def int_dot_general(lhs: QArray, rhs: QArray, dimension_numbers) -> Accumulator:
     """The exact integer dot of two QArrays: int32 bracket (see module docstring) and s_l·s_r.
 
     Two operands rotated alike along a contracted pair multiply their stored integers (module
-    docstring, "Rotated operands"); another rotated operand is an error (`jquant.dot_general`
-    rotates a float operand online instead).
+    docstring, "Rotated and equalized operands"); another rotated or an equalized operand is an
+    error (`jquant.dot_general` rotates and scales a float operand online instead).
 
     Raises:
       TypeError: an operand is not a QArray.
@@ -410,7 +411,7 @@ def int_dot_general(lhs: QArray, rhs: QArray, dimension_numbers) -> Accumulator:
     """
     require_qarrays("int_dot_general", lhs, rhs)
     if lhs.spec.rotation is not None and rhs.spec.rotation == lhs.spec.rotation:
-        alike = rotated_operands(lhs, rhs, dimension_numbers)
+        alike = transformed_operands(lhs, rhs, dimension_numbers)
         lhs, rhs = alike if all(isinstance(a, QArray) for a in alike) else (lhs, rhs)
     problem, plan = _plan(lhs, rhs, dimension_numbers)
     if problem is not None:

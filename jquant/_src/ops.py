@@ -18,7 +18,7 @@ One object serves both phases of a weight's life:
 Both phases compute the same x̂·ŵ, so served outputs equal QAT outputs up to float rounding.
 A rotated weight spec (`QuantSpec(rotation=...)`, R along a contracted axis) works in the
 rotated basis in both phases — y = fq_act(x·R)·fq(Rᵀ·W) in QAT, the rotated QArray with the
-activation rotated online when served (`dot.rotated_operands`) — so the activation spec
+activation rotated online when served (`dot.transformed_operands`) — so the activation spec
 quantizes x·R in both, and a static activation range is a range of x·R. An equalized weight
 spec (`QuantSpec(equalization=...)`) likewise scales the activation by r first (x·r·R).
 `QuantConv` has no online rotation: a rotated or equalized kernel is dequantized (r·R·Q) when
@@ -45,8 +45,8 @@ from jax import lax
 
 from jquant._src import equalization, float_dot, numerics
 from jquant._src.conv import conv_general_dilated, integer_conv_problem, runs_on_integers
-from jquant._src.dot import (Operand, dot_general, integer_dot_problem, onto_other, rotated_operands, rotated_pair,
-                             transformed)
+from jquant._src.dot import (Operand, dot_general, integer_dot_problem, onto_other, transformed, transformed_operands,
+                             transformed_pair)
 from jquant._src.packing import is_packed
 from jquant._src.qarray import QArray, quantize, to_stored_basis
 from jquant._src.spec import QuantSpec, untransformed
@@ -88,12 +88,12 @@ class _QuantOp:
 
     def served_operands(self, lhs, rhs: QArray, dimension_numbers):
         """Serving: (activation, weight) for `jquant.dot_general`. A rotated weight first rotates
-        the activation (`dot.rotated_operands`). With an integer-grid weight the activation
+        the activation (`dot.transformed_operands`). With an integer-grid weight the activation
         becomes a QArray (the integer path); a codebook weight has no integer grid, so the
         activation is fake-quantized and the weight dequantized (the same numbers as QAT).
         Floating-point formats (FP8, MX, NVFP4) quantize the activation for their own dot
         (`jquant._src.float_dot`)."""
-        lhs, rhs = rotated_operands(lhs, rhs, dimension_numbers)
+        lhs, rhs = transformed_operands(lhs, rhs, dimension_numbers)
         if self.act is None:
             return lhs, rhs
         lhs = self.observed(lhs)
@@ -102,7 +102,7 @@ class _QuantOp:
             return self.fake_quant_inputs(lhs, rhs)[0], rhs if not isinstance(rhs, QArray) else rhs.dequantize()
         return quantize(lhs, self.act, scale=self.act_scale, zero_point=self.act_zero_point), rhs
 
-    def in_rotated_basis(self, lhs, rhs, dimension_numbers):
+    def in_transformed_basis(self, lhs, rhs, dimension_numbers):
         """QAT with a rotated or equalized weight spec whose transform axis is contracted: (this op
         with the transforms taken off its weight spec, x·r·R, Rᵀ·(W / r)) — the served numbers'
         basis (module docstring), r from W and given no gradient (as `fake_quant`); None otherwise
@@ -110,7 +110,7 @@ class _QuantOp:
         if self.weight is None or not transformed(self.weight) or isinstance(rhs, QArray):
             return None
         (lc, rc), _ = dimension_numbers
-        pair = rotated_pair(jnp.shape(rhs), self.weight, rc, lc)
+        pair = transformed_pair(jnp.shape(rhs), self.weight, rc, lc)
         if pair is None:
             return None
         lay = numerics.layout(tuple(jnp.shape(rhs)), self.weight)
@@ -139,7 +139,7 @@ class QuantDot(_QuantOp):
         if isinstance(rhs, QArray):
             return dot_general(*self.served_operands(lhs, rhs, dimension_numbers), dimension_numbers, precision,
                                preferred_element_type)
-        rotated = self.in_rotated_basis(lhs, rhs, dimension_numbers)
+        rotated = self.in_transformed_basis(lhs, rhs, dimension_numbers)
         if rotated is not None:
             op, lhs, rhs = rotated
             return op(lhs, rhs, dimension_numbers, precision, preferred_element_type)
@@ -198,7 +198,7 @@ class QuantEinsum(_QuantOp):
 
     def __call__(self, subscripts, lhs, rhs, precision=None, preferred_element_type=None, **unused):
         if not isinstance(rhs, QArray):
-            rotated = self.in_rotated_basis(lhs, rhs, einsum_dimension_numbers(subscripts)[0]) \
+            rotated = self.in_transformed_basis(lhs, rhs, einsum_dimension_numbers(subscripts)[0]) \
                 if self.weight is not None and transformed(self.weight) else None
             op, lhs, rhs = (self, lhs, rhs) if rotated is None else rotated
             lhs, rhs = op.fake_quant_inputs(op.observed(lhs), rhs)
