@@ -196,6 +196,23 @@ def test_flax_linen_stack_served_equals_the_dequantized_model():
     assert sqnr_db(want.astype(jnp.float32), got.astype(jnp.float32)) > 30
 
 
+def test_flax_attention_kernels_served_equal_the_dequantized_model():
+    import flax.linen as nn
+    model = nn.MultiHeadDotProductAttention(num_heads=4, qkv_features=256, dtype=jnp.bfloat16)
+    x = normal(26, (2, 16, 256))
+    params = model.init(jax.random.key(1), x)
+    qkv = QuantSpec(4, symmetric=False, channel_axes=(1, 2), group_size=128, equalization=EQ)  # (in, heads, dim)
+    out = QuantSpec(4, symmetric=False, channel_axes=(2,), equalization=EQ, rotation=Hadamard())  # (heads, dim, out)
+    policy = jquant.Policy([jquant.Rule(r".*(query|key|value)/kernel", qkv), jquant.Rule(r".*out/kernel", out)])
+    served = jquant.quantize_params(params, policy)
+    assert served["params"]["query"]["kernel"].eq_scale.shape == (256, 1, 1)
+    assert served["params"]["out"]["kernel"].eq_scale.shape == (1, 64, 1)  # head_dim, the larger shared axis
+    got = jax.jit(jquant.flax.quantize(model, policy).apply)(served, x)
+    want = jax.jit(model.apply)(jquant.dequantize_params(served), x)
+    assert got.dtype == want.dtype == jnp.bfloat16
+    assert sqnr_db(want.astype(jnp.float32), got.astype(jnp.float32)) > 30
+
+
 def test_gptq_runs_on_w_over_r_under_r_h_r_and_beats_equalized_rtn():
     w = _rows_of_different_norms(15, (256, 32))
     (x,) = correlated_batches(16, 1, 1024, 256)[0]
