@@ -8,7 +8,7 @@ contracted axis (`jquant.dot_general` does; with a rotation too, the activation 
 first, then rotated: x·diag(r)·R, the weight stored as Q(Rᵀ·W/r)).
 
     r_k = (m_k / G)^α,   m_k = sqrt(mean of W² over the other axes at index k),
-    G = the geometric mean of the nonzero m_k (so the r_k have geometric mean 1),
+    G = the geometric mean of the finite nonzero m_k (so those r_k have geometric mean 1),
 
 r_k = 1 where m_k = 0 (an all-zero slice: 0 / 1 is stored exactly) and everywhere when every
 m_k is 0. The "other axes" are every axis except the contraction axis and the channel axes
@@ -26,9 +26,8 @@ Why: rounding to nearest gives every element of a group about the same absolute 
 trained layer's small input rows (small m_k) often meet its largest activations (a model learns
 to damp channels that carry outlier activations: in all-MiniLM-L6-v2 the value projections' rows
 for the [CLS] token's outlier channel are 5–10× smaller than the median, `python
-examples/minilm_check.py --attention-sink`). Dividing by r makes the
-stored rows comparable, and multiplying back scales each row's error by r_k: small rows keep a
-small error. It is a data-free stand-in for AWQ's activation-aware scales (α as AWQ's exponent),
+examples/minilm_check.py --attention-sink`). Dividing by r makes the stored rows comparable,
+and multiplying back scales each row's error by r_k: small rows keep a small error. It is a data-free stand-in for AWQ's activation-aware scales (α as AWQ's exponent),
 and it is what makes a Hadamard rotation pay off where the smallest rows matter most (a rotation
 alone gives every row the same error). Measured (`examples/minilm_check.py`,
 `examples/char_lm.py`, whose tables have the rows): see the README.
