@@ -91,6 +91,7 @@ from jax import lax
 from jquant._src import numerics
 from jquant._src.dot import Accumulator, quantize_operand, require_qarrays
 from jquant._src.qarray import QArray
+from jquant._src.spec import transformed
 
 _INT32_LIMIT = 2 ** 31
 _FLOAT32_EXACT = 2 ** 24  # integers up to here are exact in float32, so are sums that stay below it
@@ -392,7 +393,7 @@ def integer_conv_problem(lhs, rhs, dimension_numbers=None, feature_group_count=1
         problem = op.spec.method.integer_problem(op.spec)
         if problem is not None:
             return f"int_conv_general_dilated: {name} {problem}"
-        if op.spec.rotation is not None or op.spec.equalization is not None:  # only r·R·Q convolves
+        if transformed(op.spec):  # only r·R·Q convolves
             return (f"int_conv_general_dilated: {name} is rotated or equalized ({op.spec!r}); no integer convolution "
                     "rotates or scales its input")
     if len(lhs.shape) != len(rhs.shape) or len(lhs.shape) < 3:

@@ -93,7 +93,7 @@ from jax import lax
 
 from jquant._src import float_dot, numerics, packing, rotation
 from jquant._src.qarray import QArray, decode, in_stored_basis, quantize
-from jquant._src.spec import QuantSpec
+from jquant._src.spec import QuantSpec, transformed
 
 _INT32_LIMIT = 2 ** 31
 # Chunk lengths for splitting a single row's contraction (module docstring, "M = 1").
@@ -194,11 +194,6 @@ def dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_element_t
     rhs = rhs.dequantize() if isinstance(rhs, QArray) else rhs
     return lax.dot_general(lhs, rhs, dimension_numbers, precision=precision,
                            preferred_element_type=preferred_element_type)
-
-
-def transformed(spec: QuantSpec) -> bool:
-    """Whether `spec` rotates or equalizes (stores its tensor in another basis)."""
-    return spec.rotation is not None or spec.equalization is not None
 
 
 def transformed_operands(lhs, rhs, dimension_numbers):

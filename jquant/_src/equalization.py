@@ -38,6 +38,7 @@ from __future__ import annotations
 import dataclasses
 import math
 
+import jax
 import jax.numpy as jnp
 
 from jquant._src import numerics
@@ -67,8 +68,9 @@ class Equalize:
 
 
 def scales(x, equalization: Equalize, lay: numerics.Layout):
-    """r for x (module docstring), x's shape with 1 on the averaged axes, in bfloat16."""
-    x = jnp.asarray(x, numerics.compute_dtype(x.dtype))
+    """r for x (module docstring), x's shape with 1 on the averaged axes, in bfloat16; a constant
+    to differentiation (like a scale: `fake_quant`'s STE and QAT hold r fixed)."""
+    x = jax.lax.stop_gradient(jnp.asarray(x, numerics.compute_dtype(x.dtype)))
     m = jnp.sqrt(jnp.mean(jnp.square(x), axis=lay.averaged_axes, keepdims=True))
     nonzero = m > 0  # False for NaN
     log_m = jnp.log(jnp.where(nonzero, m, 1))  # +inf for an Inf row

@@ -43,13 +43,13 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from jquant._src import equalization, float_dot, numerics
+from jquant._src import float_dot, numerics
 from jquant._src.conv import conv_general_dilated, integer_conv_problem, runs_on_integers
-from jquant._src.dot import (Operand, dot_general, integer_dot_problem, onto_other, transformed, transformed_operands,
+from jquant._src.dot import (Operand, dot_general, integer_dot_problem, onto_other, transformed_operands,
                              transformed_pair)
 from jquant._src.packing import is_packed
 from jquant._src.qarray import QArray, quantize, to_stored_basis
-from jquant._src.spec import QuantSpec, untransformed
+from jquant._src.spec import QuantSpec, transformed, untransformed
 from jquant._src.ste import fake_quant
 
 
@@ -113,14 +113,10 @@ class _QuantOp:
         pair = transformed_pair(jnp.shape(rhs), self.weight, rc, lc)
         if pair is None:
             return None
-        lay = numerics.layout(tuple(jnp.shape(rhs)), self.weight)
-        eq_scale = None
-        if self.weight.equalization is not None:
-            eq_scale = lax.stop_gradient(equalization.scales(rhs, self.weight.equalization, lay))
-            if eq_scale.size != jnp.shape(rhs)[pair[0]]:
-                return None  # r varies along more than the contracted axis (a stack): fake-quantized whole
+        stored, eq_scale = to_stored_basis(rhs, self.weight, numerics.layout(tuple(jnp.shape(rhs)), self.weight))
+        if eq_scale is not None and eq_scale.size != jnp.shape(rhs)[pair[0]]:
+            return None  # r varies along more than the contracted axis (a stack): fake-quantized whole
         op = dataclasses.replace(self, weight=untransformed(self.weight))
-        stored, _ = to_stored_basis(rhs, self.weight, lay, eq_scale)
         return op, onto_other(lhs, self.weight, eq_scale, pair[1]), stored.astype(jnp.result_type(rhs))
 
 

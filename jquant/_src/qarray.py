@@ -28,7 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jquant._src import equalization, numerics, packing, rotation
-from jquant._src.spec import QuantSpec, untransformed, unstacked
+from jquant._src.spec import QuantSpec, transformed, untransformed, unstacked
 
 
 # What converting a QArray to an array says (NumPy and jax.numpy ask through __array__ and
@@ -78,7 +78,7 @@ class QArray:
         spec, shape = _layer_of_stack(spec, shape, children[0])
         block = _shape_of_storage(spec, shape, children[0])
         if spec.rotation is not None and block != shape:
-            _whole_transform_axis(spec, shape, block)
+            _whole_rotation_axis(spec, shape, block)
         value, scale, zero_point, eq_scale = children
         return cls(value, scale, zero_point, spec=spec, shape=block, dtype=dtype, eq_scale=eq_scale)
 
@@ -191,7 +191,7 @@ def in_stored_basis(qa: QArray) -> QArray:
     """A rotated or equalized QArray (Q(Rᵀ·(x / r)), dequantizing to r·R·Q(…)) as the plain QArray
     of Q(Rᵀ·(x / r)): the same storage, scale and zero-point under the spec without its rotation
     and equalization; `qa` itself if it has neither."""
-    if qa.spec.rotation is None and qa.spec.equalization is None:
+    if not transformed(qa.spec):
         return qa
     return QArray(qa.value, qa.scale, qa.zero_point, spec=untransformed(qa.spec),
                   shape=qa.shape, dtype=qa.dtype)
@@ -210,7 +210,7 @@ def _layer_of_stack(spec: QuantSpec, shape, value):
     return (spec, shape) if layer is None else (layer, tuple(shape[layers:]))
 
 
-def _whole_transform_axis(spec: QuantSpec, shape, block) -> None:
+def _whole_rotation_axis(spec: QuantSpec, shape, block) -> None:
     """Refuse a block of a rotated QArray (or a whole made of blocks) that splits the rotated axis:
     R spans the whole axis, so no block can be dequantized or multiplied on its own.
 
@@ -274,7 +274,7 @@ def quantize(x, spec: QuantSpec, *, scale=None, zero_point=None) -> QArray:
 
 
 def _quantize(x, spec, lay, scale, zero_point):
-    if spec.rotation is not None or spec.equalization is not None:
+    if transformed(spec):
         stored, eq_scale = to_stored_basis(x, spec, lay)
         stored = quantize(stored, untransformed(spec), scale=scale, zero_point=zero_point)
         return QArray(stored.value, stored.scale, stored.zero_point, spec=spec, shape=x.shape, dtype=x.dtype,

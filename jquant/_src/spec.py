@@ -169,6 +169,11 @@ class QuantSpec:
         return f"QuantSpec({', '.join(parts)})"
 
 
+def transformed(spec: QuantSpec) -> bool:
+    """Whether `spec` rotates or equalizes (stores its tensor in another basis)."""
+    return spec.rotation is not None or spec.equalization is not None
+
+
 def untransformed(spec: QuantSpec) -> QuantSpec:
     """The spec of a rotated or equalized spec's stored values, Q(Rᵀ·(x / r)): the same spec
     without its rotation and equalization."""

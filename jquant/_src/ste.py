@@ -12,9 +12,9 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from jquant._src import equalization, numerics
+from jquant._src import numerics
 from jquant._src.qarray import check_float_input, from_stored_basis, to_stored_basis
-from jquant._src.spec import QuantSpec, untransformed
+from jquant._src.spec import QuantSpec, transformed, untransformed
 
 
 @jax.custom_jvp
@@ -58,11 +58,8 @@ def fake_quant(x, spec: QuantSpec, *, scale=None, zero_point=None):
     """
     x = check_float_input(x, spec, "fake_quant")
     lay = numerics.layout(x.shape, spec)
-    if spec.rotation is not None or spec.equalization is not None:
-        eq_scale = None
-        if spec.equalization is not None:
-            eq_scale = jax.lax.stop_gradient(equalization.scales(x, spec.equalization, lay))
-        stored, _ = to_stored_basis(x, spec, lay, eq_scale)
+    if transformed(spec):
+        stored, eq_scale = to_stored_basis(x, spec, lay)
         x_hat = fake_quant(stored, untransformed(spec), scale=scale, zero_point=zero_point)
         return numerics.cast_saturating(from_stored_basis(x_hat, spec, lay, eq_scale), x.dtype)
     fixed = scale is not None

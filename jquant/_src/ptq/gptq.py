@@ -44,7 +44,7 @@ import numpy as np
 
 from jquant._src import numerics, rotation
 from jquant._src.qarray import QArray, quantize, to_stored_basis
-from jquant._src.spec import QuantSpec, untransformed
+from jquant._src.spec import QuantSpec, transformed, untransformed
 
 
 class LayerError(NamedTuple):
@@ -95,7 +95,7 @@ def gptq_weight(w, xtx, rows: int, spec: QuantSpec, order: Tuple[int, ...], *, d
         rows_w = to_rows(target)
         target = from_rows(rows_w + jnp.linalg.solve(_damped(hessian, damp), (cross - hessian) @ rows_w))
     stored_spec, target_hessian, eq_scale = spec, hessian, None
-    if spec.rotation is not None or spec.equalization is not None:  # GPTQ of W' under H' (module docstring)
+    if transformed(spec):  # GPTQ of W' under H' (module docstring)
         lay = numerics.layout(w.shape, spec)
         axis = lay.transform_axis
         if axis not in order:
@@ -109,7 +109,7 @@ def gptq_weight(w, xtx, rows: int, spec: QuantSpec, order: Tuple[int, ...], *, d
         if spec.rotation is not None:
             target_hessian = _rotated_hessian(target_hessian, sizes, position, spec.rotation)
     values, grid = _run(target, target_hessian, stored_spec, order, float(damp), bool(act_order))
-    values = values if stored_spec is not spec else values.astype(w.dtype)
+    values = values if transformed(spec) else values.astype(w.dtype)
     stored = quantize(values, stored_spec, scale=grid[0], zero_point=grid[1])
     qarray = QArray(stored.value, stored.scale, stored.zero_point, spec=spec, shape=w.shape, dtype=w.dtype,
                     eq_scale=eq_scale)
