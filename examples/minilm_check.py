@@ -22,6 +22,8 @@ evaluation sentences:
 `jquant.ptq.search_policy` measures to distort the output less on the first 64 calibration
 sentences (the row names the kernels left unrotated). "GPTQ (act-order, float target)" fits each
 kernel to the float model's output (`jquant.ptq.gptq(..., act_order=True, float_target=True)`).
+"HQQ, the hqq package" runs the HQQ authors' own code for comparison (`hqq_package`; needs
+`pip install hqq`, which brings PyTorch; without it the row says so).
 """
 
 from __future__ import annotations
@@ -181,6 +183,9 @@ ROWS = [(f"int{bits} g128 asym {label}", bits, options, algorithm)
             ("RTN + Hadamard + equalization",
              {"rotation": lambda: jquant.Hadamard(), "equalization": lambda: jquant.Equalize()}, "rtn"),
             ("HQQ", {"calibration": lambda: jquant.HQQ()}, "rtn"),
+            ("HQQ + equalization", {"calibration": lambda: jquant.HQQ(), "equalization": lambda: jquant.Equalize()},
+             "rtn"),
+            ("HQQ, the hqq package (float zero-points)", {}, "hqq-package"),
             ("RTN + Hadamard where it helps", {"rotation": lambda: jquant.Hadamard()}, "search"),
             ("GPTQ", {}, "gptq"),
             ("GPTQ + Hadamard", {"rotation": lambda: jquant.Hadamard()}, "gptq"),
@@ -193,6 +198,30 @@ ROWS = [(f"int{bits} g128 asym {label}", bits, options, algorithm)
 def row_spec(bits, options):
     return QuantSpec(bits, symmetric=False, channel_axes=(1,), group_size=128,
                      **{name: make() for name, make in options.items()})
+
+
+def hqq_package(params, bits: int):
+    """`params` with every kernel quantized and dequantized by the `hqq` package (the HQQ authors'
+    own code: `pip install hqq`, which brings PyTorch) at its defaults: g128 along K (its axis=1 on
+    PyTorch's (out, in) weight, jquant's groups), float zero-points (rounded to an integer first
+    only at 4 bits, as its `BaseQuantizeConfig` does), the min/max scale kept and the zero-point
+    fitted by its half-quadratic optimizer; computed in float32. jquant's zero-points are integers
+    (0.0 exact, the integer dot's correction), so this is a reference, not a jquant spec.
+    Returns None where the package is not installed."""
+    try:
+        import torch
+        from hqq.core.quantize import Quantizer
+    except ImportError:
+        return None
+
+    def fake_quant(kernel):
+        w = torch.from_numpy(np.asarray(kernel, np.float32).T.copy())
+        q, meta = Quantizer.quantize(w, nbits=bits, group_size=128, round_zero=bits == 4, axis=1, bitpack=False,
+                                     compute_dtype=torch.float32, device="cpu")
+        return jnp.asarray(Quantizer.dequantize(q, meta).numpy().T)
+
+    return jax.tree_util.tree_map_with_path(
+        lambda path, v: fake_quant(v) if path[-1].key == "kernel" else v, params)
 
 
 def rotated_where_it_helps(params, bits, options, batches):
@@ -239,12 +268,18 @@ def main(argv=None):
         if algorithm in ("gptq", "gptq-ft"):
             fit = dict(act_order=True, float_target=True) if algorithm == "gptq-ft" else {}
             qparams = jquant.ptq.gptq(forward, params, policy, calib_batches, progress=False, **fit).params
+        elif algorithm == "hqq-package":
+            qparams = hqq_package(params, bits)
+            if qparams is None:
+                lines.append(f"| {label} | not run: pip install hqq | |")
+                print(lines[-1], flush=True)
+                continue
         elif algorithm == "search":
             qparams, note = rotated_where_it_helps(params, bits, options, calib_batches[:args.search_batches])
             label = f"{label} ({note})"
         else:
             qparams = jquant.quantize_params(params, policy)
-        h = np.asarray(run(jquant.dequantize_params(qparams), tokens, mask))
+        h = np.asarray(run(jquant.dequantize_params(qparams), tokens, mask))  # a float tree passes through
         sqnr, dist = metrics(h_float, h, mask)
         lines.append(f"| {label} | {sqnr:.2f} | {dist:.5f} |")
         print(f"{lines[-1]}  [{time.perf_counter() - start:.1f} s]", flush=True)
