@@ -56,6 +56,7 @@ KMEANS3 = QuantSpec(3, method="kmeans", channel_axes=(1,))
 KMEANS2 = QuantSpec(2, method="kmeans", channel_axes=(1,))
 INT2_G128 = g128(2)
 INT2_G64 = QuantSpec(2, symmetric=False, channel_axes=(1,), group_size=64)
+INT3_G64 = QuantSpec(3, symmetric=False, channel_axes=(1,), group_size=64)
 
 
 A8, A4 = (QuantSpec(bits, symmetric=False, channel_axes=(0, 1)) for bits in (8, 4))  # per token
@@ -118,8 +119,15 @@ ROWS = [Row(*row) for row in [
     ("3-bit g128 HQQ + equalization", equalized(hqq(INT3_G128)), "rtn"),
     ("2-bit g128 HQQ + equalization", equalized(hqq(INT2_G128)), "rtn"),
     ("3-bit g128 GPTQ + Hadamard", rotated(INT3_G128), "gptq"),
+    ("3-bit g64 RTN", INT3_G64, "rtn"),
+    ("3-bit g64 GPTQ", INT3_G64, "gptq"),
+    ("3-bit g64 RTN + Hadamard", rotated(INT3_G64), "rtn"),
+    ("3-bit g64 GPTQ + Hadamard", rotated(INT3_G64), "gptq"),
     ("3-bit g128 GPTQ (act-order, float target)", INT3_G128, "gptq-ft"),
     ("3-bit g128 GPTQ (act-order, float target) + Hadamard", rotated(INT3_G128), "gptq-ft"),
+    ("2-bit g128 GPTQ", INT2_G128, "gptq"),
+    ("2-bit g128 RTN + Hadamard", rotated(INT2_G128), "rtn"),
+    ("2-bit g128 GPTQ + Hadamard", rotated(INT2_G128), "gptq"),
     ("2-bit g64 GPTQ", INT2_G64, "gptq"),
     ("2-bit g64 RTN + Hadamard", rotated(INT2_G64), "rtn"),
     ("2-bit g64 GPTQ + Hadamard", rotated(INT2_G64), "gptq"),
