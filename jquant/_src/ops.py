@@ -64,13 +64,18 @@ path from `PACKED_WEIGHT_MACS_FACTOR × INTEGER_QAT_MIN_MACS` multiply-adds."""
 class _QuantOp:
     """What the three ops share: the weight and activation specs, and an optional static
     (calibrated) activation scale/zero-point; without one the activation is quantized per call.
-    `observe` (calibration only): called with each activation the op quantizes (module docstring)."""
+    `observe` (calibration only): called with each activation the op quantizes (module docstring).
+    `cast_weight` (what `jquant.flax` sets): the weight arrives in its stored dtype and the op casts
+    it, once quantized (fake-quantized, or a QArray's dequantization dtype), to the activation's
+    dtype — a Flax layer's compute dtype — so a bfloat16 layer quantizes its float32 kernel in QAT
+    as `quantize_params` does for serving (`jquant/flax/_dtypes.py`)."""
 
     weight: Optional[QuantSpec] = None
     act: Optional[QuantSpec] = None
     act_scale: Optional[object] = None
     act_zero_point: Optional[object] = None
     observe: Optional[Callable] = None
+    cast_weight: bool = False
 
     def observed(self, lhs):
         """`lhs`, after handing it to `observe` (if set, and if this op quantizes activations)."""
@@ -84,7 +89,12 @@ class _QuantOp:
             lhs = fake_quant(lhs, self.act, scale=self.act_scale, zero_point=self.act_zero_point)
         if self.weight is not None and not isinstance(rhs, QArray):
             rhs = fake_quant(rhs, self.weight)
-        return lhs, rhs
+        return lhs, self.in_compute_dtype(lhs, rhs)
+
+    def in_compute_dtype(self, lhs, weight):
+        """The quantized `weight` (an array or a QArray) in the activation's dtype under
+        `cast_weight`; as it is otherwise."""
+        return weight.astype(jnp.result_type(lhs)) if self.cast_weight else weight
 
     def served_operands(self, lhs, rhs: QArray, dimension_numbers):
         """Serving: (activation, weight) for `jquant.dot_general`. A rotated weight first rotates
@@ -133,8 +143,8 @@ class QuantDot(_QuantOp):
 
     def __call__(self, lhs, rhs, dimension_numbers, precision=None, preferred_element_type=None, **unused):
         if isinstance(rhs, QArray):
-            return dot_general(*self.served_operands(lhs, rhs, dimension_numbers), dimension_numbers, precision,
-                               preferred_element_type)
+            return dot_general(*self.served_operands(lhs, self.in_compute_dtype(lhs, rhs), dimension_numbers),
+                               dimension_numbers, precision, preferred_element_type)
         rotated = self.in_transformed_basis(lhs, rhs, dimension_numbers)
         if rotated is not None:
             op, lhs, rhs = rotated
@@ -169,7 +179,8 @@ class QuantDot(_QuantOp):
 
 @functools.partial(jax.custom_jvp, nondiff_argnums=(0, 1, 2, 3))
 def _integer_qat_dot(op, dimension_numbers, precision, preferred_element_type, lhs, rhs, act_scale, act_zero_point):
-    served = quantize(lhs, op.act, scale=act_scale, zero_point=act_zero_point), quantize(rhs, op.weight)
+    served = (quantize(lhs, op.act, scale=act_scale, zero_point=act_zero_point),
+              op.in_compute_dtype(lhs, quantize(rhs, op.weight)))
     return dot_general(*served, dimension_numbers, precision, preferred_element_type)
 
 
@@ -200,8 +211,8 @@ class QuantEinsum(_QuantOp):
             lhs, rhs = op.fake_quant_inputs(op.observed(lhs), rhs)
             return jnp.einsum(subscripts, lhs, rhs, precision=precision, preferred_element_type=preferred_element_type)
         dimension_numbers, out_order = einsum_dimension_numbers(subscripts)
-        y = dot_general(*self.served_operands(lhs, rhs, dimension_numbers), dimension_numbers, precision,
-                        preferred_element_type)
+        y = dot_general(*self.served_operands(lhs, self.in_compute_dtype(lhs, rhs), dimension_numbers),
+                        dimension_numbers, precision, preferred_element_type)
         return jnp.transpose(y, out_order)
 
 
@@ -272,6 +283,7 @@ class QuantConv(_QuantOp):
                 preferred_element_type)
         lhs = self.observed(lhs)
         if isinstance(rhs, QArray):
+            rhs = self.in_compute_dtype(lhs, rhs)
             if self.act is not None and self._integer_operands(lhs, rhs, args):
                 lhs = quantize(lhs, self.act, scale=self.act_scale, zero_point=self.act_zero_point)
             else:
@@ -321,7 +333,8 @@ def _hashable(a):
 
 @functools.partial(jax.custom_jvp, nondiff_argnums=(0, 1))
 def _integer_qat_conv(op, args, lhs, rhs, act_scale, act_zero_point):
-    served = quantize(lhs, op.act, scale=act_scale, zero_point=act_zero_point), quantize(rhs, op.weight)
+    served = (quantize(lhs, op.act, scale=act_scale, zero_point=act_zero_point),
+              op.in_compute_dtype(lhs, quantize(rhs, op.weight)))
     return conv_general_dilated(*served, *args)
 
 

@@ -7,7 +7,9 @@ layer's kernel (`params/<module path>/kernel`, its path in the variables that `i
 `quantize_params(variables, policy)` and `Policy.explain(variables)` see it), the call runs on a
 clone of the layer whose `dot_general` (or `conv_general_dilated`) is a `QuantDot` (`QuantConv`) built from the rule — for `nn.Einsum`, which
 calls `jnp.einsum` itself, its `promote_dtype` hook quantizes the operands — reading the same
-variables. Nothing in JAX or Flax is patched.
+variables. The clone's `promote_dtype` casts the input and bias only: the op quantizes the kernel
+as stored and casts it to the compute dtype after (`jquant/flax/_dtypes.py`). Nothing in JAX or
+Flax is patched.
 
 * Float params → QAT: kernel fake-quantized by `rule.spec`, input by `rule.act` (dynamic, per
   call), straight-through gradients; optax trains the float params as usual.
@@ -44,6 +46,7 @@ from flax import linen as nn
 from jquant._src import learned
 from jquant._src import lora as lora_lib
 from jquant.flax import _observers as observers
+from jquant.flax._dtypes import promote_dtype_linen
 from jquant._src.ops import QuantConv, QuantDot
 from jquant._src.paths import at_path, leaves_with_paths, nest
 from jquant._src.policy import Policy, check_policy, check_stack, matches
@@ -214,7 +217,7 @@ def _intercept(policy, next_fun, args, kwargs, context):
     if seen is not None:
         observers.require_static(rule.act, _CALIBRATION.get(), "/".join(module.path))
     activation = {"observe": seen.append} if seen is not None else _static_activation(module, rule)
-    op = op_class(rule.spec, rule.act, **activation)
+    op = op_class(rule.spec, rule.act, cast_weight=True, **activation)
     if isinstance(kernel, QArray):
         # Flax checks a stored param's shape leaf by leaf against its initializer, which a packed
         # QArray cannot pass; the layer gets a same-shaped stand-in (a broadcast zero that XLA
@@ -226,7 +229,8 @@ def _intercept(policy, next_fun, args, kwargs, context):
     if adapters is not None:
         _lora_inputs(module)
         op = lora_lib.WithAdapters(op, adapters[lora_lib.A], adapters[lora_lib.B], rule.lora.scale)
-    variant = module.clone(parent=None, **{attribute: op}, **{name: None for name in cleared})
+    promote = {} if attribute == "promote_dtype" else {"promote_dtype": promote_dtype_linen}  # the kernel as stored
+    variant = module.clone(parent=None, **{attribute: op}, **promote, **{name: None for name in cleared})
     token = _INSIDE.set(True)
     try:
         out = variant.apply(variables, *args, **kwargs)
@@ -307,8 +311,8 @@ class _QuantizedPromote(QuantDot):
     runs `jnp.einsum`, so it has no integer path)."""
 
     def __call__(self, inputs, kernel, bias, dtype=None, inexact=True):
-        inputs, kernel, bias = nn.dtypes.promote_dtype(inputs, kernel, bias, dtype=dtype, inexact=inexact)
-        inputs, kernel = self.fake_quant_inputs(self.observed(inputs), kernel)
+        inputs, _, bias = promote_dtype_linen(inputs, kernel, bias, dtype=dtype, inexact=inexact)
+        inputs, kernel = self.fake_quant_inputs(self.observed(inputs), kernel)  # quantized as stored, then cast
         return inputs, kernel, bias
 
 
@@ -322,5 +326,5 @@ class _WithWeight:
     def __call__(self, lhs, stand_in, *args, **kwargs):
         if isinstance(self.op, _QuantizedPromote):  # (inputs, kernel, bias): serve the dequantized weight
             inputs, _, bias = self.op(lhs, stand_in, *args, **kwargs)
-            return inputs, self.weight.dequantize().astype(stand_in.dtype), bias
-        return self.op(lhs, self.weight.astype(stand_in.dtype), *args, **kwargs)  # the layer's compute dtype
+            return inputs, self.weight.dequantize().astype(inputs.dtype), bias  # the layer's compute dtype
+        return self.op(lhs, self.weight, *args, **kwargs)  # the op casts it to the compute dtype

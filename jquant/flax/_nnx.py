@@ -4,8 +4,9 @@
 `nnx.Conv`; when a rule matches the layer's kernel path (`<graph path>/kernel`, as in
 `nnx.state(model)`), it sets the layer's injectable op (`dot_general`, `einsum_op`,
 `conv_general_dilated`) to a `QuantDot` / `QuantConv` built from the rule, and its
-`promote_dtype` to one that passes QArrays through. NNX modules are mutable Python objects, so
-this is done in place and the same model is returned.
+`promote_dtype` to one that hands the op the kernel as stored (a float kernel, or a QArray),
+which the op quantizes and then casts to the layer's compute dtype (`jquant/flax/_dtypes.py`).
+NNX modules are mutable Python objects, so this is done in place and the same model is returned.
 
 * Float kernels → QAT (fake quantization, straight-through gradients).
 * `nnx.update(model, quantize_params(nnx.state(model, nnx.Param), policy))` → serving with QArray
@@ -68,11 +69,11 @@ def quantize_nnx(model, policy: Policy, rngs=None):
         check_stack(kernel_path(path), node.kernel.get_value().ndim, _layer_rank(node), rule)
         node.promote_dtype = promote_dtype_nnx
         if isinstance(node, nnx.Conv):
-            node.conv_general_dilated = QuantConv(rule.spec, rule.act)
+            node.conv_general_dilated = QuantConv(rule.spec, rule.act, cast_weight=True)
         elif isinstance(node, nnx.Einsum):
-            node.einsum_op = QuantEinsum(rule.spec, rule.act)
+            node.einsum_op = QuantEinsum(rule.spec, rule.act, cast_weight=True)
         else:
-            node.dot_general = QuantDot(rule.spec, rule.act)
+            node.dot_general = QuantDot(rule.spec, rule.act, cast_weight=True)
             if getattr(node, "dot_general_cls", None) is not None:
                 node.dot_general_cls = None
         if rule.lora is not None:
