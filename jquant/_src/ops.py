@@ -97,13 +97,14 @@ class _QuantOp:
         return weight.astype(jnp.result_type(lhs)) if self.cast_weight else weight
 
     def served_operands(self, lhs, rhs: QArray, dimension_numbers):
-        """Serving: (activation, weight) for `jquant.dot_general`. A rotated weight first rotates
-        the activation (`dot.transformed_operands`). With an integer-grid weight the activation
+        """Serving: (activation, weight) for `jquant.dot_general`, the weight dequantizing to the
+        compute dtype under `cast_weight`. A rotated weight first rotates the activation
+        (`dot.transformed_operands`). With an integer-grid weight the activation
         becomes a QArray (the integer path); a codebook weight has no integer grid, so the
         activation is fake-quantized and the weight dequantized (the same numbers as QAT).
         Floating-point formats (FP8, MX, NVFP4) quantize the activation for their own dot
         (`jquant._src.float_dot`)."""
-        lhs, rhs = transformed_operands(lhs, rhs, dimension_numbers)
+        lhs, rhs = transformed_operands(lhs, self.in_compute_dtype(lhs, rhs), dimension_numbers)
         if self.act is None:
             return lhs, rhs
         lhs = self.observed(lhs)
@@ -143,8 +144,8 @@ class QuantDot(_QuantOp):
 
     def __call__(self, lhs, rhs, dimension_numbers, precision=None, preferred_element_type=None, **unused):
         if isinstance(rhs, QArray):
-            return dot_general(*self.served_operands(lhs, self.in_compute_dtype(lhs, rhs), dimension_numbers),
-                               dimension_numbers, precision, preferred_element_type)
+            return dot_general(*self.served_operands(lhs, rhs, dimension_numbers), dimension_numbers, precision,
+                               preferred_element_type)
         rotated = self.in_transformed_basis(lhs, rhs, dimension_numbers)
         if rotated is not None:
             op, lhs, rhs = rotated
@@ -211,8 +212,8 @@ class QuantEinsum(_QuantOp):
             lhs, rhs = op.fake_quant_inputs(op.observed(lhs), rhs)
             return jnp.einsum(subscripts, lhs, rhs, precision=precision, preferred_element_type=preferred_element_type)
         dimension_numbers, out_order = einsum_dimension_numbers(subscripts)
-        y = dot_general(*self.served_operands(lhs, self.in_compute_dtype(lhs, rhs), dimension_numbers),
-                        dimension_numbers, precision, preferred_element_type)
+        y = dot_general(*self.served_operands(lhs, rhs, dimension_numbers), dimension_numbers, precision,
+                        preferred_element_type)
         return jnp.transpose(y, out_order)
 
 
